@@ -1,0 +1,223 @@
+"""Building the frozen CLIP backbone on open_clip, and loading its weights.
+
+Why this does not simply call ``open_clip.create_model(name, pretrained=...)``:
+- OpenAI weights need QuickGELU; the plain ``ViT-L-14-336`` config builds ``nn.GELU`` and only
+  warns, which silently changes every feature. We map the name / force QuickGELU.
+- The original code cached OpenAI's TorchScript archive (``ViT-L-14-336px.pt``), which open_clip
+  refuses to read with ``weights_only=True``; we detect it and read its state dict.
+- Offline, a hub download retries DNS for about a minute; we look in the cache first and probe the
+  network with a short timeout, then fail with a message that says how to get the weights.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import warnings
+import zipfile
+from copy import deepcopy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+import open_clip
+
+TINY_BACKBONE = "tiny"
+_HUB_HOST = "huggingface.co"
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """The requested pretrained weights are neither cached nor downloadable."""
+
+
+def _packaged_config(name: str) -> dict[str, Any]:
+    text = resources.files("glocalclip").joinpath("model_configs", f"{name}.json").read_text()
+    return json.loads(text)
+
+
+def resolve_model_config(backbone: str, pretrained: Optional[str]) -> tuple[dict[str, Any], str]:
+    """Return (open_clip model config dict, canonical model name).
+
+    ``backbone`` is ``"tiny"`` (the packaged test config), a path to an open_clip model-config
+    JSON (either the bare config or ``{"model_cfg": ...}``), or an open_clip model name. For
+    built-in names loaded with OpenAI weights (the tag ``openai`` or a local file), QuickGELU is
+    forced, because that is the activation those weights were trained with.
+    """
+    if backbone == TINY_BACKBONE:
+        return _packaged_config(TINY_BACKBONE), TINY_BACKBONE
+    if backbone.endswith(".json") or os.path.sep in backbone:
+        path = Path(backbone)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"backbone config {path} does not exist; pass an open_clip model name such as "
+                f"'ViT-L-14-336' or the path of an existing open_clip model-config JSON")
+        cfg = json.loads(path.read_text())
+        cfg = cfg.get("model_cfg", cfg)
+        if "vision_cfg" not in cfg or "text_cfg" not in cfg:
+            raise ValueError(f"{path} is not an open_clip model config (needs vision_cfg and text_cfg)")
+        return cfg, str(path)
+
+    name = backbone.replace("/", "-")
+    if pretrained is not None and not name.endswith("-quickgelu"):
+        quick = open_clip.get_model_config(name + "-quickgelu")
+        if quick is not None:
+            name = name + "-quickgelu"
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(
+            f"unknown backbone {backbone!r}: not an open_clip model name "
+            f"(e.g. 'ViT-L-14-336', see open_clip.list_models()), not 'tiny', and not a .json path")
+    cfg = deepcopy(cfg)
+    if pretrained is not None:
+        cfg["quick_gelu"] = True
+    return cfg, name
+
+
+def build_clip(model_cfg: dict[str, Any]) -> nn.Module:
+    """Instantiate an open_clip ``CLIP`` with random weights from a config dict."""
+    cfg = deepcopy(model_cfg)
+    for key in ("custom_text", "multimodal_cfg"):
+        if cfg.get(key):
+            raise ValueError(f"backbone configs with {key!r} are not supported (CLIP ViT models only)")
+        cfg.pop(key, None)
+    if "timm_model_name" in cfg.get("vision_cfg", {}):
+        raise ValueError("timm vision towers are not supported; use an open_clip ViT config")
+    return open_clip.model.CLIP(**cfg)
+
+
+# --------------------------------------------------------------------------- weight files
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
+
+
+def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read CLIP weights from a file: OpenAI TorchScript archive, plain state dict (OpenAI or
+    open_clip key names — they coincide for ViT models), ``{"state_dict": ...}``, or safetensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path), device="cpu")
+    elif _is_torchscript_archive(path):
+        with warnings.catch_warnings():  # torch deprecates jit.load; the archive format is fixed
+            warnings.simplefilter("ignore")
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+            sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path} does not hold a CLIP state dict")
+    sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    # scalars of OpenAI's archive, and a buffer that open_clip rebuilds rather than stores
+    for key in ("input_resolution", "context_length", "vocab_size", "attn_mask"):
+        sd.pop(key, None)
+    return sd
+
+
+def load_clip_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Copy weights into ``model`` (fp32), refusing missing/unexpected keys or shape mismatches."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    bad_shape = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or bad_shape:
+        raise ValueError(
+            f"weights in {source} do not fit the backbone: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}, shape mismatch {bad_shape[:5]}. Check that --backbone names the "
+            f"architecture these weights belong to.")
+    # logit_scale may be stored 0-dim or 1-dim; shapes already match here.
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+
+
+def _network_reachable(host: str, timeout: float) -> bool:
+    """True if ``host:443`` accepts a TCP connection within ``timeout`` seconds (DNS included)."""
+    def connect() -> bool:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return pool.submit(connect).result(timeout=timeout)
+    except Exception:
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _offline_message(name: str, tag: str, detail: str) -> str:
+    return (
+        f"cannot get the {tag!r} weights for {name}: {detail}.\n"
+        f"Two ways to get them:\n"
+        f"  1. run once with network access: open_clip downloads them into its cache "
+        f"(~/.cache/huggingface), and later runs work offline;\n"
+        f"  2. pass a local file: --pretrained /path/to/ViT-L-14-336px.pt (OpenAI's archive, as cached "
+        f"by the original code in ~/.cache/clip) or a state dict in OpenAI/open_clip key names.")
+
+
+def fetch_pretrained(name: str, tag: str, probe_timeout: float = 4.0) -> str:
+    """Return a local path of open_clip's pretrained weights ``tag`` for model ``name``.
+
+    Looks in the hub cache first (no network), then probes the network briefly before letting
+    open_clip download, so that offline use fails in seconds with a useful message.
+    """
+    pcfg = open_clip.get_pretrained_cfg(name, tag)
+    if not pcfg:
+        known = open_clip.list_pretrained_tags_by_model(name)
+        raise ValueError(f"{tag!r} is neither an existing file nor a pretrained tag of {name} "
+                         f"(known tags: {known})")
+    hub = pcfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            repo, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
+            candidates = [filename] if filename else [
+                "open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+            for fn in candidates:
+                try:
+                    return hf_hub_download(repo_id=repo, filename=fn, local_files_only=True)
+                except Exception:
+                    continue
+        except ImportError:
+            pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise PretrainedWeightsUnavailable(
+            _offline_message(name, tag, "they are not in the local cache and HF_HUB_OFFLINE is set"))
+    if not _network_reachable(_HUB_HOST, probe_timeout):
+        raise PretrainedWeightsUnavailable(
+            _offline_message(name, tag, "they are not in the local cache and the network is unreachable"))
+    try:
+        return open_clip.download_pretrained(pcfg)
+    except Exception as e:  # network dropped mid-way, hub error, ...
+        raise PretrainedWeightsUnavailable(_offline_message(name, tag, f"download failed ({e})")) from e
+
+
+def create_backbone(backbone: str, pretrained: Optional[str]) -> nn.Module:
+    """Build the frozen fp32 CLIP backbone: architecture from ``backbone``, weights from
+    ``pretrained`` (an open_clip tag, a local weights file, or None for random init)."""
+    cfg, name = resolve_model_config(backbone, pretrained)
+    path = source = None
+    if pretrained is not None:  # find the weights before spending time on building the model
+        if os.path.isfile(pretrained):
+            path, source = pretrained, pretrained
+        else:
+            path = fetch_pretrained(name, pretrained)
+            source = f"{name}:{pretrained} ({path})"
+    model = build_clip(cfg)
+    if path is not None:
+        load_clip_weights(model, read_clip_state_dict(path), source)
+    model = model.float().eval()
+    model.requires_grad_(False)
+    return model

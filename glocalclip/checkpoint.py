@@ -1,0 +1,107 @@
+"""Checkpoint files: ours (config + prompts + training state) and the original code's.
+
+Ours: ``{"format": "glocalclip", "version", "config", "prompt_learner", "epoch", "optimizer",
+...}``, written atomically (temp file, then rename) so an interrupted save never leaves a broken
+file. The original GlocalCLIP / AnomalyCLIP code saved ``{"prompt_learner": state_dict}`` with
+contexts of shape [1, 1, n, W], deep tokens ``compound_prompts_text.{i}`` [t, W], and unused
+projection weights and buffers, which we drop.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+FORMAT = "glocalclip"
+GLOCAL_KEYS = ("ctx_global_pos", "ctx_global_neg", "ctx_local_pos", "ctx_local_neg")
+ANOMALYCLIP_KEYS = ("ctx_pos", "ctx_neg")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def read_checkpoint(source: str | os.PathLike | dict) -> dict:
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def is_ours(ckpt: dict) -> bool:
+    return ckpt.get("format") == FORMAT
+
+
+def prompt_style_of(state: dict) -> str:
+    if all(k in state for k in GLOCAL_KEYS):
+        return "glocal"
+    if all(k in state for k in ANOMALYCLIP_KEYS):
+        return "anomalyclip"
+    raise ValueError(f"prompt state holds neither GlocalCLIP contexts {GLOCAL_KEYS} nor AnomalyCLIP "
+                     f"contexts {ANOMALYCLIP_KEYS}; keys: {sorted(state)[:8]}...")
+
+
+def normalise_prompt_state(state: dict) -> dict[str, torch.Tensor]:
+    """Keep only the learnable tensors, contexts flattened to [rows, W], deep tokens [t, W]."""
+    style = prompt_style_of(state)
+    keys = GLOCAL_KEYS if style == "glocal" else ANOMALYCLIP_KEYS
+    out: dict[str, torch.Tensor] = {}
+    for k in keys:
+        t = state[k]
+        out[k] = t.reshape(-1, t.shape[-1]).float()
+    deep = sorted((k for k in state if k.startswith("compound_prompts_text.")),
+                  key=lambda k: int(k.rsplit(".", 1)[1]))
+    for k in deep:
+        out[k] = state[k].reshape(-1, state[k].shape[-1]).float()
+    return out
+
+
+def infer_prompt_shape(state: dict) -> dict[str, Any]:
+    """n_ctx, ab_ctx, depth, t_n_ctx and prompt_style from a prompt state's tensor shapes."""
+    s = normalise_prompt_state(state)
+    style = prompt_style_of(s)
+    deep = [k for k in s if k.startswith("compound_prompts_text.")]
+    t = s[deep[0]].shape[0] if deep else None
+    if style == "glocal":
+        n, a = s["ctx_global_pos"].shape[0], s["ctx_global_neg"].shape[0]
+    else:
+        n = a = s["ctx_pos"].shape[0]
+    shape = {"prompt_style": style, "n_ctx": n, "ab_ctx": a, "depth": len(deep) + 1}
+    if t is not None:
+        shape["t_n_ctx"] = t
+    return shape
+
+
+def prompt_state_of(ckpt: dict) -> dict[str, torch.Tensor]:
+    if "prompt_learner" not in ckpt:
+        raise ValueError("not a GlocalCLIP/AnomalyCLIP checkpoint: it has no 'prompt_learner' entry "
+                         f"(keys: {sorted(ckpt)[:8]})")
+    return normalise_prompt_state(ckpt["prompt_learner"])
+
+
+def make_checkpoint(config: dict, prompt_state: dict, epoch: int, optimizer: Optional[dict] = None,
+                    **extra: Any) -> dict:
+    from . import __version__
+
+    return {"format": FORMAT, "version": __version__, "config": config,
+            "prompt_learner": {k: v.detach().cpu() for k, v in prompt_state.items()},
+            "epoch": epoch, "optimizer": optimizer, **extra}

@@ -1,0 +1,199 @@
+"""GlocalCLIP: a frozen CLIP with V-V attention surgery and trainable global/local prompts.
+
+Public API (DESIGN.md §1): ``encode_image``, ``encode_text``, ``forward``, ``losses``,
+``load_prompts``. Training on cached image features goes through ``losses_from_features``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint as ckpt_io
+from .backbone import create_backbone
+from .config import GlocalCLIPConfig
+from .losses import glocal_contrastive_loss, local_loss
+from .prompts import GlocalPromptLearner
+from .scoring import anomaly_map, fuse_image_score, image_logits, layer_probability_maps
+from .text_encoder import DeepPromptTextEncoder
+from .vv_attention import DualPathVisionEncoder
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class GlocalCLIP(nn.Module):
+    """``GlocalCLIP(cfg)`` builds the backbone from ``cfg``; pass ``clip`` to reuse one you built."""
+
+    def __init__(self, cfg: Optional[GlocalCLIPConfig] = None, clip: Optional[nn.Module] = None):
+        super().__init__()
+        cfg = cfg if cfg is not None else GlocalCLIPConfig()
+        cfg.validate()
+        self.cfg = cfg
+        clip = clip if clip is not None else create_backbone(cfg.backbone, cfg.pretrained)
+        clip.requires_grad_(False)
+        clip.eval()
+        self.clip = clip
+        self.visual = DualPathVisionEncoder(clip.visual, cfg.features_list, cfg.dpam_layer,
+                                            cfg.multilayer, cfg.cls_ln_post)
+        self.text_encoder = DeepPromptTextEncoder(clip, cfg.depth, cfg.t_n_ctx)
+        self.prompt_learner = GlocalPromptLearner(
+            clip.token_embedding, open_clip.tokenize, cfg.n_ctx, cfg.ab_ctx, cfg.depth, cfg.t_n_ctx,
+            style=cfg.prompt_style, context_length=int(clip.positional_embedding.shape[0]))
+        if cfg.image_size < self.visual.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} is smaller than one patch ({self.visual.patch_size})")
+
+    # ------------------------------------------------------------------ plumbing
+    def train(self, mode: bool = True) -> "GlocalCLIP":
+        """Only the prompt learner changes mode: the frozen CLIP stays in eval."""
+        self.training = mode
+        self.prompt_learner.train(mode)
+        self.clip.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.prompt_learner.token_prefix.device
+
+    def _autocast(self, device: torch.device):
+        dtype = _AUTOCAST_DTYPES.get(self.cfg.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        return list(self.prompt_learner.parameters())
+
+    # ------------------------------------------------------------------ encoders
+    def encode_image(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Global image feature [B, E] (not normalised) and per selected layer the patch features
+        [B, N, E] with the class row. Runs without autograd: CLIP is frozen."""
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected an image batch [B, 3, H, W], got shape {tuple(x.shape)}")
+        with torch.no_grad(), self._autocast(x.device):
+            g, patches = self.visual(x)
+        out = {}
+        return g.float(), [out.setdefault(id(p), p.float()) for p in patches]
+
+    def encode_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised text features from the current prompts: global [2, E] and local [2, E],
+        row 0 normal, row 1 anomalous. Differentiable w.r.t. the prompt parameters."""
+        prompts, eot, deep = self.prompt_learner()
+        with self._autocast(prompts.device):
+            feats = self.text_encoder(prompts, eot, deep)
+        feats = feats.float()
+        if self.cfg.prompt_style == "anomalyclip":
+            return feats, feats
+        return feats[:2], feats[2:]
+
+    # ------------------------------------------------------------------ scoring
+    def score_features(self, image_features: torch.Tensor, patch_feats: list[torch.Tensor],
+                       text: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+        """Image score [B] and unsmoothed anomaly map [B, H, W] from encoded features."""
+        g_text, l_text = text if text is not None else self.encode_text()
+        prob = image_logits(image_features, g_text, self.cfg.temperature).softmax(dim=-1)[:, 1]
+        maps = layer_probability_maps(patch_feats, l_text, self.cfg.image_size, self.cfg.temperature)
+        amap = anomaly_map(maps)
+        score = fuse_image_score(prob, amap) if self.cfg.image_score == "global+max" else prob
+        return {"image_score": score, "anomaly_map": amap}
+
+    def forward(self, x: torch.Tensor, text: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> dict[str, torch.Tensor]:
+        """``{"image_score": [B], "anomaly_map": [B, H, W]}`` (map unsmoothed). Pass ``text`` (from
+        ``encode_text``) to reuse text features across batches."""
+        self._check_size(x)
+        img, patches = self.encode_image(x)
+        return self.score_features(img, patches, text)
+
+    def _check_size(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or tuple(x.shape[-2:]) != (self.cfg.image_size, self.cfg.image_size):
+            raise ValueError(f"expected images [B, 3, {self.cfg.image_size}, {self.cfg.image_size}] "
+                             f"(the config's image_size), got {tuple(x.shape)}")
+
+    # ------------------------------------------------------------------ training
+    def losses(self, x: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
+               margin: float = 0.0, mask_valid: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """``{"global", "local", "contrastive", "total"}`` for one batch (DESIGN.md §5).
+
+        ``mask_valid`` [B] (bool, optional) marks images whose mask is known; the local loss skips
+        the others (e.g. anomalous images of a folder dataset without masks). Default: all valid.
+        """
+        self._check_size(x)
+        img, patches = self.encode_image(x)
+        return self.losses_from_features(img, patches, masks, labels, alpha, margin, mask_valid)
+
+    def losses_from_features(self, image_features: torch.Tensor, patch_feats: list[torch.Tensor],
+                             masks: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
+                             margin: float = 0.0, mask_valid: Optional[torch.Tensor] = None
+                             ) -> dict[str, torch.Tensor]:
+        """Losses from (possibly cached) image features; the text side is recomputed."""
+        g_text, l_text = self.encode_text()
+        labels = labels.to(image_features.device).long()
+        masks = masks.to(image_features.device).float()
+        glob = F.cross_entropy(image_logits(image_features, g_text, self.cfg.temperature), labels)
+        if mask_valid is not None and not bool(mask_valid.all()):
+            keep = mask_valid.to(image_features.device).bool()
+            patch_feats = _select_rows(patch_feats, keep)
+            masks = masks[keep]
+        if masks.shape[0] > 0:
+            maps = layer_probability_maps(patch_feats, l_text, self.cfg.image_size, self.cfg.temperature)
+            loc = local_loss(maps, masks)
+        else:
+            loc = g_text.new_zeros(())
+        con = glocal_contrastive_loss(g_text, l_text, margin)
+        total = loc + glob + alpha * con
+        return {"global": glob, "local": loc, "contrastive": con, "total": total}
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_prompts(self, source: str | os.PathLike | dict) -> dict:
+        """Load prompts from our checkpoint or the original code's ``{"prompt_learner": ...}``
+        (GlocalCLIP or AnomalyCLIP). Returns the checkpoint dict. Shapes must fit this model."""
+        ckpt = ckpt_io.read_checkpoint(source)
+        state = ckpt_io.prompt_state_of(ckpt)
+        found = ckpt_io.infer_prompt_shape(state)
+        want = {"prompt_style": self.cfg.prompt_style, "n_ctx": self.cfg.n_ctx,
+                "ab_ctx": self.cfg.ab_ctx if self.cfg.prompt_style == "glocal" else self.cfg.n_ctx,
+                "depth": self.cfg.depth, "t_n_ctx": self.cfg.t_n_ctx}
+        diff = {k: (found[k], want[k]) for k in found if found[k] != want[k]}
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diff.items())
+            raise ValueError(f"the checkpoint's prompts do not fit this model ({detail}); build the "
+                             f"model with the checkpoint's settings (e.g. --n_ctx/--ab_ctx/--depth/--t_n_ctx)")
+        own = self.prompt_learner.state_dict()
+        width = next(iter(own.values())).shape[-1]
+        bad = [k for k, v in state.items() if v.shape[-1] != width]
+        if bad:
+            raise ValueError(f"checkpoint prompt width {state[bad[0]].shape[-1]} != text width {width}: "
+                             f"it was trained on another backbone")
+        self.prompt_learner.load_state_dict({k: v.to(own[k].device) for k, v in state.items()}, strict=True)
+        return ckpt
+
+    def checkpoint(self, epoch: int, optimizer: Optional[dict] = None, **extra) -> dict:
+        """A checkpoint dict in our format (config inside)."""
+        return ckpt_io.make_checkpoint(self.cfg.to_dict(), self.prompt_learner.state_dict(), epoch,
+                                       optimizer, **extra)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike | dict, clip: Optional[nn.Module] = None,
+                        **overrides) -> "GlocalCLIP":
+        """Rebuild the model stored in one of our checkpoints (``overrides`` change config fields,
+        e.g. ``pretrained`` pointing at a local weights file)."""
+        ckpt = ckpt_io.read_checkpoint(path)
+        if not ckpt_io.is_ours(ckpt):
+            raise ValueError(f"{path} is not a glocalclip checkpoint (original-format checkpoints carry "
+                             f"no config: build GlocalCLIP(cfg) and call load_prompts, or convert it "
+                             f"with `glocalclip convert`)")
+        cfg = GlocalCLIPConfig.from_dict({**ckpt["config"], **overrides})
+        model = cls(cfg, clip=clip)
+        model.load_prompts(ckpt)
+        return model
+
+
+def _select_rows(patch_feats: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
+    """Row-select each distinct tensor once, keeping shared objects shared."""
+    done: dict[int, torch.Tensor] = {}
+    return [done.setdefault(id(p), p[keep]) for p in patch_feats]

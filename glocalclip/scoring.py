@@ -1,0 +1,98 @@
+"""From features to scores: image score, per-layer probability maps, the anomaly map, and the
+Gaussian smoothing of the test protocol (DESIGN.md §4)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def image_probabilities(image_features: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax([f̂·t_normal, f̂·t_anomalous] / τ) -> [B, 2]; f̂ is the normalised image feature."""
+    return (image_logits(image_features, text, temperature)).softmax(dim=-1)
+
+
+def image_logits(image_features: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
+    f = image_features.float()
+    f = f / f.norm(dim=-1, keepdim=True)
+    return f @ text.float().t() / temperature
+
+
+def patch_probabilities(patch_tokens: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per patch softmax over [normal, anomalous], class row dropped -> [B, 2, G, G]."""
+    p = patch_tokens.float()
+    p = p / p.norm(dim=-1, keepdim=True)
+    probs = (p @ text.float().t() / temperature).softmax(dim=-1)[:, 1:]
+    b, n, _ = probs.shape
+    side = int(math.isqrt(n))
+    if side * side != n:
+        raise ValueError(f"{n} patch tokens do not form a square grid")
+    return probs.reshape(b, side, side, 2).permute(0, 3, 1, 2)
+
+
+def layer_probability_maps(patch_feats: list[torch.Tensor], text: torch.Tensor, image_size: int,
+                           temperature: float) -> list[torch.Tensor]:
+    """Per selected layer, the class probabilities upsampled bilinearly to the image: [B, 2, H, W].
+
+    Layers that share one tensor (``multilayer="reference"``) share one result object, so the
+    work is done once; summing them gives the same numbers as computing each.
+    """
+    done: dict[int, torch.Tensor] = {}
+    maps = []
+    for tokens in patch_feats:
+        key = id(tokens)
+        if key not in done:
+            probs = patch_probabilities(tokens, text, temperature)
+            done[key] = F.interpolate(probs, size=(image_size, image_size), mode="bilinear",
+                                      align_corners=False)
+        maps.append(done[key])
+    return maps
+
+
+def anomaly_map(prob_maps: list[torch.Tensor]) -> torch.Tensor:
+    """Σ_layers (p_anomalous + 1 − p_normal) / 2 -> [B, H, W] (unsmoothed)."""
+    per_object: dict[int, torch.Tensor] = {}
+    total = None
+    for m in prob_maps:
+        if id(m) not in per_object:
+            per_object[id(m)] = (m[:, 1] + 1 - m[:, 0]) / 2
+        total = per_object[id(m)] if total is None else total + per_object[id(m)]
+    return total
+
+
+def fuse_image_score(global_probability: torch.Tensor, amap: torch.Tensor) -> torch.Tensor:
+    """``image_score="global+max"``: the global probability plus the map's maximum (opt-in)."""
+    return global_probability + amap.flatten(1).max(dim=1).values
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """scipy.ndimage's Gaussian weights: radius int(truncate·σ + 0.5), normalised to sum 1."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    w = torch.exp(-0.5 * (x / float(sigma)) ** 2)
+    return (w / w.sum()).to(device=device, dtype=dtype)
+
+
+def _symmetric_index(n: int, radius: int, device) -> torch.Tensor:
+    """Indices padding a length-n axis by ``radius`` with scipy's "reflect" (d c b a | a b c d),
+    repeating for radii longer than the axis."""
+    i = torch.arange(-radius, n + radius, device=device) % (2 * n)
+    return torch.where(i < n, i, 2 * n - 1 - i)
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """Smooth each 2-D map of [..., H, W] like ``scipy.ndimage.gaussian_filter(m, sigma)`` (mode
+    "reflect" = half-sample symmetric, truncate 4.0), on the maps' device. σ <= 0 returns a copy."""
+    if sigma <= 0:
+        return maps.clone()
+    shape = maps.shape
+    h, w = shape[-2:]
+    x = maps.reshape(-1, 1, h, w).float()
+    k = gaussian_kernel1d(sigma, truncate, device=x.device)
+    r = (k.numel() - 1) // 2
+    x = x.index_select(2, _symmetric_index(h, r, x.device))
+    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    x = x.index_select(3, _symmetric_index(w, r, x.device))
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    return x.reshape(shape)

@@ -1,0 +1,192 @@
+"""V-V attention surgery on open_clip's vision tower ("DPAM", dual path), by composition.
+
+The last ``dpam_layer - 1`` blocks are wrapped, not edited: a :class:`DualPathBlock` holds the
+original open_clip block and reuses its LayerNorms, packed in-projection, out-projection and MLP.
+It runs the block exactly as CLIP does on the *original* stream ``o`` and, from the same
+LayerNorm'd input, a V-V attention (query and key replaced by the value) whose output is added
+to a second *V-V* stream ``v``. ``v`` never feeds an attention, LayerNorm or MLP, and skips the
+FFN (DESIGN.md §2.3). No pretrained tensor is written to.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class VVAttention(nn.Module):
+    """Both attentions of one block from its ``nn.MultiheadAttention`` weights.
+
+    Returns ``(y_ori, y_vv)``: standard softmax(QKᵀ·s)V and V-V softmax(VVᵀ·s)V, each through the
+    block's out-projection. Heads split as ``nn.MultiheadAttention`` does; no mask, no dropout.
+    """
+
+    def __init__(self, attn: nn.MultiheadAttention):
+        super().__init__()
+        if not getattr(attn, "_qkv_same_embed_dim", True) or attn.in_proj_weight is None:
+            raise ValueError("V-V attention needs a packed in-projection (CLIP's attention has one)")
+        self.attn = attn  # shared, frozen; we only read its parameters
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h``: LayerNorm'd tokens, batch-first [B, N, C]."""
+        attn = self.attn
+        b, n, c = h.shape
+        heads = attn.num_heads
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        # one fused call for both paths: rows [0, B) are Q·Kᵀ, rows [B, 2B) are V·Vᵀ
+        out = F.scaled_dot_product_attention(torch.cat([q, v]), torch.cat([k, v]), torch.cat([v, v]))
+        out = out.transpose(1, 2).reshape(2 * b, n, c)
+        out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+        return out[:b], out[b:]
+
+
+class DualPathBlock(nn.Module):
+    """One open_clip ``ResidualAttentionBlock`` run on two residual streams (see module doc)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        for name in ("ln_1", "attn", "ln_2", "mlp"):
+            if not hasattr(block, name):
+                raise TypeError(f"expected an open_clip ResidualAttentionBlock, {type(block).__name__} "
+                                f"has no {name!r}")
+        self.block = block
+        self.vv_attention = VVAttention(block.attn)
+
+    def forward(self, o: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        blk = self.block
+        y_ori, y_vv = self.vv_attention(blk.ln_1(o))
+        o = o + blk.ls_1(y_ori)
+        o = o + blk.ls_2(blk.mlp(blk.ln_2(o)))
+        # LayerScale is the identity in CLIP; applying it to the V-V path too keeps both paths the
+        # same function of the attention output for models that have one.
+        v = v + blk.ls_1(y_vv)
+        return o, v
+
+
+class PositionalEmbeddingCache(nn.Module):
+    """The positional table of a vision tower resized to a patch grid, computed once per
+    (grid, device, dtype). Bilinear, align_corners=False, no antialias, as the original code did;
+    the pretrained parameter itself is never written to."""
+
+    def __init__(self, positional_embedding: torch.Tensor):
+        super().__init__()
+        self.source = positional_embedding
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def forward(self, grid: tuple[int, int]) -> torch.Tensor:
+        src = self.source
+        key = (grid, src.device, src.dtype, src._version)
+        table = self._cache.get(key)
+        if table is None:
+            with torch.no_grad():
+                table = self._resize(src.detach(), grid)
+            self._cache = {key: table}
+        return table
+
+    @staticmethod
+    def _resize(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        n, c = table.shape
+        side = int(round((n - 1) ** 0.5))
+        if side * side != n - 1:
+            raise ValueError(f"positional table of {n} rows is not a square grid plus a class row")
+        if (side, side) == tuple(grid):
+            return table.clone()
+        patches = table[1:].reshape(1, side, side, c).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches, size=tuple(grid), mode="bilinear", align_corners=False)
+        patches = patches[0].reshape(c, grid[0] * grid[1]).t()
+        return torch.cat([table[:1], patches], dim=0)
+
+
+class DualPathVisionEncoder(nn.Module):
+    """open_clip's ``VisionTransformer`` with the dual-path surgery and multi-layer patch outputs.
+
+    ``features_list`` and ``dpam_layer`` as in DESIGN.md §2.3–2.4. ``multilayer="reference"``
+    reproduces the original code, where every selected layer from the first modified block on
+    equals the V-V stream after the last block; ``"snapshot"`` takes each layer's own V-V stream.
+    """
+
+    def __init__(self, visual: nn.Module, features_list: tuple[int, ...], dpam_layer: int,
+                 multilayer: str = "reference", cls_ln_post: bool = False):
+        super().__init__()
+        blocks = visual.transformer.resblocks
+        n_blocks = len(blocks)
+        if not 1 <= dpam_layer <= n_blocks + 1:
+            raise ValueError(f"dpam_layer must lie in 1..{n_blocks + 1} for a vision tower of "
+                             f"{n_blocks} blocks (it modifies the last dpam_layer-1 blocks), got {dpam_layer}")
+        bad = [f for f in features_list if not 1 <= f <= n_blocks]
+        if bad:
+            raise ValueError(f"features_list {list(features_list)} names blocks {bad} outside the "
+                             f"vision tower's 1..{n_blocks}")
+        if getattr(visual, "attn_pool", None) is not None:
+            raise ValueError("vision towers with attentional pooling are not supported")
+        self.visual = visual
+        self.features_list = tuple(features_list)
+        self.multilayer = multilayer
+        self.cls_ln_post = cls_ln_post
+        self.first_dual = n_blocks - (dpam_layer - 1) + 1  # 1-based index of the first modified block
+        self.dual_blocks = nn.ModuleList(DualPathBlock(b) for b in blocks[self.first_dual - 1:])
+        self.pos_embed = PositionalEmbeddingCache(visual.positional_embedding)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.visual.conv1.kernel_size[0])
+
+    def grid_size(self, image_size: int) -> int:
+        return image_size // self.patch_size
+
+    def _run_standard(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.visual.transformer, "batch_first", True):
+            return block(x)
+        return block(x.transpose(0, 1)).transpose(0, 1)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + class token + resized positional table + ln_pre -> [B, N, C]."""
+        vis = self.visual
+        x = vis.conv1(images.to(vis.conv1.weight.dtype))
+        b, c, gh, gw = x.shape
+        x = x.reshape(b, c, gh * gw).permute(0, 2, 1)
+        cls = vis.class_embedding.to(x.dtype).view(1, 1, c).expand(b, 1, c)
+        x = torch.cat([cls, x], dim=1)
+        x = x + self.pos_embed((gh, gw)).to(x.dtype)
+        return vis.ln_pre(x)
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ln_post then the visual projection, on all tokens."""
+        return self.visual.ln_post(tokens) @ self.visual.proj
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Return the global image feature [B, E] (not normalised) and, per selected layer, the
+        projected patch tokens [B, N, E] including the class row."""
+        x = self.embed(images)
+        selected = set(self.features_list)
+        raw: dict[int, torch.Tensor] = {}  # 1-based block -> unprojected tokens of the local branch
+        blocks = self.visual.transformer.resblocks
+        for i in range(1, self.first_dual):
+            x = self._run_standard(blocks[i - 1], x)
+            if i in selected:
+                raw[i] = x
+        o, v = x, x
+        for j, dual in enumerate(self.dual_blocks):
+            o, v = dual(o, v)
+            layer = self.first_dual + j
+            if layer in selected and self.multilayer == "snapshot":
+                raw[layer] = v
+        late = [f for f in self.features_list if f >= self.first_dual]
+        if self.multilayer == "reference" and late:
+            for f in late:  # the original kept references to one tensor updated in place
+                raw[f] = v
+        projected: dict[int, torch.Tensor] = {}
+        by_tensor: dict[int, torch.Tensor] = {}
+        for f in self.features_list:
+            t = raw[f]
+            if id(t) not in by_tensor:  # project each distinct tensor once
+                by_tensor[id(t)] = self.project(t)
+            projected[f] = by_tensor[id(t)]
+        cls = o[:, 0]
+        if self.cls_ln_post:
+            cls = self.visual.ln_post(cls)
+        global_feature = cls @ self.visual.proj
+        return global_feature, [projected[f] for f in self.features_list]

@@ -1,0 +1,199 @@
+"""The V-V attention surgery and the vision encoder outputs (DESIGN.md §2.2–2.4)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glocalclip import GlocalCLIP
+from glocalclip.vv_attention import DualPathVisionEncoder, PositionalEmbeddingCache, VVAttention
+
+from conftest import TINY_SIZE, tiny_config
+
+NATIVE = 56  # the tiny config's native image size (4×4 grid)
+
+
+def _images(n: int = 2, size: int = TINY_SIZE, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+def test_global_stream_equals_open_clip_forward(tiny_clip):
+    """With ln_post applied, the original stream's class token is exactly open_clip's image feature."""
+    model = GlocalCLIP(tiny_config(image_size=NATIVE, cls_ln_post=True), clip=tiny_clip)
+    x = _images(3, NATIVE)
+    ours, _ = model.encode_image(x)
+    with torch.no_grad():
+        ref = tiny_clip.encode_image(x)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_global_feature_skips_ln_post_by_default(tiny_clip):
+    """Faithful quirk: o_last[CLS] · W_proj without ln_post, at a resized grid too."""
+    model = GlocalCLIP(tiny_config(), clip=tiny_clip)
+    x = _images(2)
+    ours, _ = model.encode_image(x)
+    vis = tiny_clip.visual
+    with torch.no_grad():
+        tokens = model.visual.embed(x)
+        tokens = vis.transformer(tokens)  # open_clip's own blocks: the original stream
+        ref = tokens[:, 0] @ vis.proj
+        with_ln = vis.ln_post(tokens[:, 0]) @ vis.proj
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours, with_ln, atol=1e-3)
+
+
+def test_vv_attention_matches_direct_per_head_computation(tiny_clip):
+    block = tiny_clip.visual.transformer.resblocks[5]
+    attn = block.attn
+    h = torch.randn(2, 17, attn.embed_dim)
+    y_ori, y_vv = VVAttention(attn)(h)
+
+    heads, c = attn.num_heads, attn.embed_dim
+    d = c // heads
+    w_q, w_k, w_v = attn.in_proj_weight.split(c)
+    b_q, b_k, b_v = attn.in_proj_bias.split(c)
+    q, k, v = h @ w_q.t() + b_q, h @ w_k.t() + b_k, h @ w_v.t() + b_v
+    outs_ori, outs_vv = [], []
+    for i in range(heads):
+        sl = slice(i * d, (i + 1) * d)
+        qi, ki, vi = q[..., sl], k[..., sl], v[..., sl]
+        a_ori = torch.softmax(qi @ ki.transpose(1, 2) * d ** -0.5, dim=-1)
+        a_vv = torch.softmax(vi @ vi.transpose(1, 2) * d ** -0.5, dim=-1)
+        outs_ori.append(a_ori @ vi)
+        outs_vv.append(a_vv @ vi)
+    ref_ori = torch.cat(outs_ori, -1) @ attn.out_proj.weight.t() + attn.out_proj.bias
+    ref_vv = torch.cat(outs_vv, -1) @ attn.out_proj.weight.t() + attn.out_proj.bias
+    torch.testing.assert_close(y_ori, ref_ori, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_vv, ref_vv, rtol=1e-5, atol=1e-5)
+    # the standard path is exactly nn.MultiheadAttention's
+    with torch.no_grad():
+        mha = attn(h, h, h, need_weights=False)[0]
+    torch.testing.assert_close(y_ori, mha, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y_ori, y_vv, atol=1e-3)
+
+
+def test_vv_stream_skips_ffn_and_never_feeds_the_original_stream(tiny_clip):
+    """Changing the last block's MLP changes the global feature but not the V-V patch tokens."""
+    clip2 = copy.deepcopy(tiny_clip)
+    with torch.no_grad():
+        clip2.visual.transformer.resblocks[-1].mlp.c_fc.weight.mul_(3.0)
+    cfg = tiny_config(multilayer="snapshot")
+    a, b = GlocalCLIP(cfg, clip=tiny_clip), GlocalCLIP(cfg, clip=clip2)
+    x = _images(2)
+    ga, pa = a.encode_image(x)
+    gb, pb = b.encode_image(x)
+    assert not torch.allclose(ga, gb, atol=1e-4)
+    torch.testing.assert_close(pa[-1], pb[-1], rtol=0, atol=0)
+
+
+def test_vv_stream_recurrence_matches_a_hand_loop(tiny_clip):
+    """v = x_{first-1} + Σ y_vv(LN1(o)) with o the plain CLIP stream; patches = ln_post(v)·proj."""
+    model = GlocalCLIP(tiny_config(multilayer="snapshot"), clip=tiny_clip)
+    x = _images(1)
+    _, patches = model.encode_image(x)
+    blocks = tiny_clip.visual.transformer.resblocks
+    first = model.visual.first_dual
+    with torch.no_grad():
+        o = model.visual.embed(x)
+        for blk in blocks[: first - 1]:
+            o = blk(o)
+        v = o.clone()
+        per_layer = {}
+        for i, blk in enumerate(blocks[first - 1:], start=first):
+            _, y_vv = VVAttention(blk.attn)(blk.ln_1(o))
+            v = v + y_vv
+            o = blk(o)
+            per_layer[i] = tiny_clip.visual.ln_post(v) @ tiny_clip.visual.proj
+    for f, p in zip(model.cfg.features_list, patches):
+        if f >= first:
+            torch.testing.assert_close(p, per_layer[f], rtol=1e-5, atol=1e-5)
+
+
+def test_reference_layers_identical_snapshot_layers_differ(tiny_clip):
+    x = _images(2)
+    ref = GlocalCLIP(tiny_config(multilayer="reference"), clip=tiny_clip)
+    snap = GlocalCLIP(tiny_config(multilayer="snapshot"), clip=tiny_clip)
+    _, pr = ref.encode_image(x)
+    _, ps = snap.encode_image(x)
+    first = ref.visual.first_dual  # features (2,4,6,8), first modified block 4
+    assert first == 4
+    late = [i for i, f in enumerate(ref.cfg.features_list) if f >= first]
+    for i in late:
+        torch.testing.assert_close(pr[i], pr[late[-1]], rtol=0, atol=0)
+    torch.testing.assert_close(pr[late[-1]], ps[late[-1]], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(ps[late[0]], ps[late[-1]], atol=1e-3)
+    # layer 2 precedes the surgery: a standard block's own output, the same in both modes
+    torch.testing.assert_close(pr[0], ps[0], rtol=0, atol=0)
+    assert not torch.allclose(pr[0], pr[late[-1]], atol=1e-3)
+    with torch.no_grad():
+        t = ref.visual.embed(x)
+        for blk in tiny_clip.visual.transformer.resblocks[:2]:
+            t = blk(t)
+        own = tiny_clip.visual.ln_post(t) @ tiny_clip.visual.proj
+    torch.testing.assert_close(pr[0], own, rtol=1e-5, atol=1e-5)
+
+
+def test_pretrained_weights_bitwise_unchanged_after_forwards(tiny_clip):
+    before = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
+    for size in (TINY_SIZE, 84):
+        model = GlocalCLIP(tiny_config(image_size=size), clip=tiny_clip)
+        out = model(_images(2, size))
+        assert out["anomaly_map"].shape == (2, size, size)
+        model.losses(_images(2, size), torch.zeros(2, size, size), torch.tensor([0, 1]))["total"].backward()
+    after = tiny_clip.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert tiny_clip.visual.positional_embedding.shape[0] == 17  # 4×4 + CLS, never resized in place
+
+
+def test_positional_table_resized_bilinearly_and_cached(tiny_clip):
+    pos = tiny_clip.visual.positional_embedding
+    cache = PositionalEmbeddingCache(pos)
+    t8 = cache((8, 8))
+    assert t8.shape == (65, pos.shape[1])
+    grid = pos[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2)
+    ref = F.interpolate(grid, size=(8, 8), mode="bilinear", align_corners=False)[0].reshape(pos.shape[1], 64).t()
+    torch.testing.assert_close(t8[1:], ref)
+    torch.testing.assert_close(t8[0], pos[0])
+    assert cache((8, 8)) is t8  # computed once per size
+    assert torch.equal(cache((4, 4)), pos)
+
+
+def test_sequence_first_blocks_give_the_same_result(tiny_clip):
+    """Older open_clip runs blocks sequence-first; the encoder must check, not assume."""
+    clip2 = copy.deepcopy(tiny_clip)
+    clip2.visual.transformer.batch_first = False
+    for blk in clip2.visual.transformer.resblocks:
+        blk.attn.batch_first = False
+    clip2.transformer.batch_first = False
+    for blk in clip2.transformer.resblocks:
+        blk.attn.batch_first = False
+    x = _images(2)
+    torch.manual_seed(0)
+    a = GlocalCLIP(tiny_config(), clip=tiny_clip)
+    torch.manual_seed(0)
+    b = GlocalCLIP(tiny_config(), clip=clip2)
+    oa, ob = a(x), b(x)
+    torch.testing.assert_close(oa["anomaly_map"], ob["anomaly_map"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(oa["image_score"], ob["image_score"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(features_list=(2, 9)), "outside the vision tower"),
+    (dict(dpam_layer=10), "dpam_layer"),
+    (dict(depth=5), "depth 5 exceeds"),
+])
+def test_out_of_range_layers_are_refused(tiny_clip, changes, message):
+    with pytest.raises(ValueError, match=message):
+        GlocalCLIP(tiny_config(**changes), clip=tiny_clip)
+
+
+def test_wrong_input_shape_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="image_size"):
+        tiny_model(_images(1, 84))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        tiny_model.encode_image(torch.zeros(3, TINY_SIZE, TINY_SIZE))
