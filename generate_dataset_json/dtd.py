@@ -1,0 +1,16 @@
+"""Write ROOT/meta.json for DTD-Synthetic (layout: docs/datasets.md).
+
+    python generate_dataset_json/dtd.py --root ROOT [--dry-run]
+"""
+
+import os
+import sys
+
+try:
+    from glocalclip.datasets.prepare import main
+except ImportError:  # run from a checkout without installing the package
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from glocalclip.datasets.prepare import main
+
+if __name__ == "__main__":
+    sys.exit(main(fixed_name="DTD", prog="generate_dataset_json/dtd.py"))

@@ -1,0 +1,14 @@
+"""Datasets: meta.json generators for every supported layout, and the reader (DESIGN sections 5 and 7)."""
+
+from .catalog import DATASET_CLASSES, DATASET_METRICS, DATASET_SCRIPTS, default_metrics, resolve_dataset_name
+from .errors import DatasetError
+from .meta import load_meta, write_meta
+from .generate import prepare_dataset
+from .preprocess import IMAGE_MEAN, IMAGE_STD, load_image, load_mask
+from .reader import AnomalyDataset
+
+__all__ = [
+    "DATASET_CLASSES", "DATASET_METRICS", "DATASET_SCRIPTS", "IMAGE_MEAN", "IMAGE_STD", "AnomalyDataset",
+    "DatasetError", "default_metrics", "load_image", "load_mask", "load_meta", "prepare_dataset",
+    "resolve_dataset_name", "write_meta",
+]

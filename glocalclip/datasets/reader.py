@@ -1,0 +1,105 @@
+"""The torch Dataset over a prepared dataset root (its meta.json)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import Dataset
+
+from .catalog import DATASET_CLASSES, resolve_dataset_name
+from .errors import DatasetError
+from .meta import load_meta, meta_path
+from .preprocess import decoded, image_to_tensor, mask_to_tensor, open_image
+from .scan import SPLITS
+
+
+class AnomalyDataset(Dataset):
+    """Images, masks and labels of one split of a prepared dataset.
+
+    ``classes``: None = every class with entries in the split (in DATASET_CLASSES order when
+    ``dataset`` is given, else sorted). ``dataset`` given: class names, requested or found in
+    meta.json, must belong to it. Items are dicts with "image" [3,S,S], "mask" [S,S] (zeros for
+    normal images and anomalous images without a mask), "label", "has_mask", "cls_name",
+    "img_path" (absolute) and "index".
+    """
+
+    def __init__(self, root, split: str = "test", image_size: int = 518, classes=None, dataset: str | None = None):
+        self.root = os.path.abspath(os.fspath(root))
+        if split not in SPLITS:
+            raise DatasetError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        self.split = split
+        self.image_size = int(image_size)
+        self.dataset = resolve_dataset_name(dataset) if dataset is not None else None
+        meta = load_meta(self.root, self.dataset)
+        available = {c: e for c, e in meta[split].items() if e}
+        if not available:
+            raise DatasetError(f"the {split} split of {meta_path(self.root)} has no images; "
+                               + ("training reads the test split of the auxiliary dataset; " if split == "train" else "")
+                               + "regenerate meta.json with generate_dataset_json or choose another split")
+        valid = DATASET_CLASSES[self.dataset] if self.dataset is not None else None
+        if valid is not None:
+            foreign = sorted(c for c in available if c not in valid)
+            if foreign:
+                raise DatasetError(
+                    f"{meta_path(self.root)} holds class(es) {', '.join(foreign)}, which are not classes of "
+                    f"{self.dataset} ({', '.join(valid)}); pass the dataset name matching the data, or none for "
+                    "custom data")
+        if classes is None:
+            names = [c for c in valid if c in available] if valid is not None else sorted(available)
+        else:
+            names = [classes] if isinstance(classes, str) else [str(c) for c in classes]
+            known = valid if valid is not None else tuple(sorted(available))
+            unknown = [c for c in names if c not in known]
+            if unknown:
+                raise DatasetError(f"unknown class name(s) {', '.join(map(repr, unknown))}"
+                                   f"{' for ' + self.dataset if self.dataset else ''}; valid: {', '.join(known)}")
+            empty = [c for c in names if c not in available]
+            if empty:
+                raise DatasetError(f"class(es) {', '.join(map(repr, empty))} have no images in the {split} split of "
+                                   f"{meta_path(self.root)}; classes with images: {', '.join(sorted(available))}")
+            if not names:
+                raise DatasetError("classes is an empty list; pass None for all classes")
+        self.classes: list[str] = names
+        self.entries: list[dict] = [e for c in names for e in available[c]]
+        self._check_files()
+
+    def _abs(self, rel: str) -> str:
+        return rel if os.path.isabs(rel) else os.path.join(self.root, *rel.split("/"))
+
+    def _check_files(self) -> None:
+        """Fail now, not hours into a run, when meta.json names files that are not there."""
+        missing = []
+        for e in self.entries:
+            for key in ("img_path", "mask_path"):
+                if e[key] and (key == "img_path" or e["anomaly"]) and not os.path.isfile(self._abs(e[key])):
+                    missing.append(self._abs(e[key]))
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise DatasetError(f"{len(missing)} file(s) listed in {meta_path(self.root)} do not exist: {shown}; "
+                               "restore them, or regenerate meta.json (python generate_dataset_json/<name>.py --root "
+                               f"{self.root})")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        e = self.entries[index]
+        img_path = self._abs(e["img_path"])
+        anomalous = int(e["anomaly"]) == 1
+        has_mask = (not anomalous) or bool(e["mask_path"])
+        S = self.image_size
+        with open_image(img_path, "image") as img:
+            if anomalous and e["mask_path"]:
+                mask_file = self._abs(e["mask_path"])
+                with open_image(mask_file, "mask") as m:
+                    if m.size != img.size:
+                        raise DatasetError(
+                            f"mask {mask_file} is {m.size[0]}x{m.size[1]} but its image {img_path} is "
+                            f"{img.size[0]}x{img.size[1]}; fix or replace the mask, or regenerate meta.json")
+                    mask = mask_to_tensor(decoded(m, "mask"), S)
+            else:
+                mask = torch.zeros(S, S, dtype=torch.float32)
+            image = image_to_tensor(decoded(img, "image"), S)
+        return {"image": image, "mask": mask, "label": 1 if anomalous else 0, "has_mask": has_mask,
+                "cls_name": e["cls_name"], "img_path": img_path, "index": index}
