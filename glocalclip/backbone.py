@@ -27,6 +27,7 @@ from torch import nn
 import open_clip
 
 TINY_BACKBONE = "tiny"
+RANDOM_INIT_SEED = 0
 _HUB_HOST = "huggingface.co"
 
 
@@ -206,7 +207,8 @@ def fetch_pretrained(name: str, tag: str, probe_timeout: float = 4.0) -> str:
 
 def create_backbone(backbone: str, pretrained: Optional[str]) -> nn.Module:
     """Build the frozen fp32 CLIP backbone: architecture from ``backbone``, weights from
-    ``pretrained`` (an open_clip tag, a local weights file, or None for random init)."""
+    ``pretrained`` (an open_clip tag, a local weights file, or None for a random init that is
+    the same on every call)."""
     cfg, name = resolve_model_config(backbone, pretrained)
     path = source = None
     if pretrained is not None:  # find the weights before spending time on building the model
@@ -215,7 +217,11 @@ def create_backbone(backbone: str, pretrained: Optional[str]) -> nn.Module:
         else:
             path = fetch_pretrained(name, pretrained)
             source = f"{name}:{pretrained} ({path})"
-    model = build_clip(cfg)
+    # Random init is seeded, and the caller's RNG left alone: a checkpoint trained on random
+    # weights (tests, the demo, benchmarks) then meets the same backbone when it is tested.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = build_clip(cfg)
     if path is not None:
         load_clip_weights(model, read_clip_state_dict(path), source)
     model = model.float().eval()

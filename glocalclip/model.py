@@ -79,10 +79,13 @@ class GlocalCLIP(nn.Module):
         out = {}
         return g.float(), [out.setdefault(id(p), p.float()) for p in patches]
 
-    def encode_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_text(self, prompt_output: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised text features from the current prompts: global [2, E] and local [2, E],
-        row 0 normal, row 1 anomalous. Differentiable w.r.t. the prompt parameters."""
-        prompts, eot, deep = self.prompt_learner()
+        row 0 normal, row 1 anomalous. Differentiable w.r.t. the prompt parameters.
+
+        ``prompt_output`` is the prompt learner's output when it was called through a wrapper
+        (DistributedDataParallel); by default the prompt learner is called here."""
+        prompts, eot, deep = prompt_output if prompt_output is not None else self.prompt_learner()
         with self._autocast(prompts.device):
             feats = self.text_encoder(prompts, eot, deep)
         feats = feats.float()
@@ -128,10 +131,12 @@ class GlocalCLIP(nn.Module):
 
     def losses_from_features(self, image_features: torch.Tensor, patch_feats: list[torch.Tensor],
                              masks: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
-                             margin: float = 0.0, mask_valid: Optional[torch.Tensor] = None
+                             margin: float = 0.0, mask_valid: Optional[torch.Tensor] = None,
+                             text: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                              ) -> dict[str, torch.Tensor]:
-        """Losses from (possibly cached) image features; the text side is recomputed."""
-        g_text, l_text = self.encode_text()
+        """Losses from (possibly cached) image features; the text side is recomputed unless
+        ``text`` (differentiable output of ``encode_text``) is given."""
+        g_text, l_text = text if text is not None else self.encode_text()
         labels = labels.to(image_features.device).long()
         masks = masks.to(image_features.device).float()
         glob = F.cross_entropy(image_logits(image_features, g_text, self.cfg.temperature), labels)
@@ -196,4 +201,7 @@ class GlocalCLIP(nn.Module):
 def _select_rows(patch_feats: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
     """Row-select each distinct tensor once, keeping shared objects shared."""
     done: dict[int, torch.Tensor] = {}
-    return [done.setdefault(id(p), p[keep]) for p in patch_feats]
+    for p in patch_feats:
+        if id(p) not in done:
+            done[id(p)] = p[keep]
+    return [done[id(p)] for p in patch_feats]

@@ -121,3 +121,32 @@ def write_mvtec_layout(root: str | Path, classes: Sequence[str] = SYNTHETIC_CLAS
                 Image.fromarray(img).save(d / f"{i:03d}.png")
                 Image.fromarray(m.astype(np.uint8) * 255).save(g / f"{i:03d}_mask.png")
     return root
+
+
+def synthetic_meta(root: str | Path) -> dict:
+    """meta.json contents for a tree written by :func:`write_mvtec_layout` (classes are the
+    synthetic ones, so the MVTec class list does not apply); masks paired by name."""
+    root = Path(root)
+    meta: dict = {"train": {}, "test": {}}
+    for cls_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for split in ("train", "test"):
+            entries = []
+            for img in sorted((cls_dir / split).glob("*/*.png")):
+                specie = img.parent.name
+                anomalous = specie != "good"
+                mask = cls_dir / "ground_truth" / specie / f"{img.stem}_mask.png"
+                entries.append({"img_path": img.relative_to(root).as_posix(),
+                                 "mask_path": mask.relative_to(root).as_posix() if anomalous else "",
+                                 "cls_name": cls_dir.name, "specie_name": specie, "anomaly": int(anomalous)})
+            if entries:
+                meta[split][cls_dir.name] = sorted(entries, key=lambda e: e["img_path"])
+    return meta
+
+
+def make_synthetic_dataset(root: str | Path, **kwargs) -> Path:
+    """Write the synthetic MVTec-layout tree and its meta.json; returns the root."""
+    from .datasets import write_meta
+
+    root = write_mvtec_layout(root, **kwargs)
+    write_meta(str(root), synthetic_meta(root))
+    return root

@@ -148,3 +148,15 @@ def test_openai_weights_offline_fail_fast_with_instructions(tmp_path, offline_en
     assert "--pretrained /path/to/ViT-L-14-336px.pt" in out.stdout
     assert "run once with network access" in out.stdout
     assert float(out.stdout.split()[1]) < 10
+
+
+def test_random_init_is_the_same_every_time_and_leaves_the_rng_alone():
+    torch.manual_seed(5)
+    expected_next = torch.rand(1)
+    torch.manual_seed(5)
+    a = create_backbone("tiny", None)
+    after = torch.rand(1)
+    b = create_backbone("tiny", None)
+    assert torch.equal(after, expected_next)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k

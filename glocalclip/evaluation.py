@@ -1,0 +1,222 @@
+"""Zero-shot testing (DESIGN.md §4, §6): score a dataset class by class and compute the metrics.
+
+Text features are computed once per checkpoint. Images are batched, loaded by worker processes,
+smoothed on the device, and one class's maps are kept (float32, exact) only until its metrics
+are computed. Under torchrun each process scores a shard of every class and rank 0 gathers the
+scores and maps for the metrics.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import metrics as M
+from .datasets import AnomalyDataset, default_metrics, load_meta
+from .distributed import DistContext
+from .model import GlocalCLIP
+from .scoring import fuse_image_score, gaussian_smooth
+
+METRIC_MODES = ("image-level", "pixel-level", "image-pixel-level")
+IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1max")
+PIXEL_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_aupro_exact", "pixel_f1max")
+
+
+@dataclass
+class ClassScores:
+    """Everything scored for one class, in dataset order."""
+
+    cls_name: str
+    img_paths: list[str]
+    labels: np.ndarray          # [N]
+    scores: np.ndarray          # [N]
+    maps: Optional[torch.Tensor] = None   # [N, H, W] float32 (smoothed), on the metrics device
+    masks: Optional[torch.Tensor] = None  # [N, H, W] uint8
+    extra: dict = field(default_factory=dict)
+
+
+def metric_keys(mode: str) -> tuple[str, ...]:
+    if mode not in METRIC_MODES:
+        raise ValueError(f"--metrics must be one of {METRIC_MODES}, got {mode!r}")
+    return {"image-level": IMAGE_KEYS, "pixel-level": PIXEL_KEYS,
+            "image-pixel-level": PIXEL_KEYS + IMAGE_KEYS}[mode]
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"index": torch.tensor([it["index"] for it in items]),
+            "image": torch.stack([it["image"] for it in items]),
+            "mask": torch.stack([it["mask"] for it in items]),
+            "label": torch.tensor([it["label"] for it in items]),
+            "img_path": [it["img_path"] for it in items]}
+
+
+class Evaluator:
+    """Scores classes of one dataset with one model."""
+
+    def __init__(self, model: GlocalCLIP, ctx: DistContext, sigma: float = 8.0, batch_size: int = 8,
+                 num_workers: int = 2, progress: bool = True):
+        self.model = model.eval()
+        self.ctx = ctx
+        self.sigma = sigma
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.progress = progress
+        with torch.no_grad():
+            self.text = model.encode_text()  # once per checkpoint
+
+    def _batches(self, dataset: AnomalyDataset, classes: list[str]) -> list[list[int]]:
+        """This rank's batches, class by class (a batch never mixes classes)."""
+        batches = []
+        for cls_name in classes:
+            idx = [i for i, e in enumerate(dataset.entries) if e["cls_name"] == cls_name]
+            mine = idx[self.ctx.rank::self.ctx.world_size]
+            batches += [mine[i:i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        return batches
+
+    def score_classes(self, dataset: AnomalyDataset, classes: list[str], keep_maps: bool
+                      ) -> Iterator[Optional[ClassScores]]:
+        """Score the classes in turn with one loader (its workers keep reading ahead while the
+        caller computes a finished class's metrics). Yields each class's gathered scores on
+        rank 0 (None on other ranks)."""
+        batches = self._batches(dataset, classes)
+        loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
+                                 collate_fn=_collate, pin_memory=self.model.device.type == "cuda"))
+        by_class: dict[str, int] = {c: 0 for c in classes}
+        for b in batches:
+            by_class[dataset.entries[b[0]]["cls_name"]] += 1
+        bar = tqdm(total=len(batches), desc="scoring", leave=False,
+                   disable=not (self.progress and self.ctx.is_main))
+        for cls_name in classes:
+            part = self._score_batches(loader, by_class[cls_name], keep_maps, bar)
+            yield self._gather(cls_name, part, keep_maps)
+        bar.close()
+
+    def score_class(self, dataset: AnomalyDataset, cls_name: str, keep_maps: bool) -> Optional[ClassScores]:
+        """Score one class (see :meth:`score_classes`)."""
+        return next(self.score_classes(dataset, [cls_name], keep_maps))
+
+    def _score_batches(self, loader, n_batches: int, keep_maps: bool, bar) -> dict:
+        dev = self.model.device
+        order, paths, labels, scores, maps, masks = [], [], [], [], [], []
+        with torch.no_grad():
+            for _ in range(n_batches):
+                batch = next(loader)
+                x = batch["image"].to(dev, non_blocking=True)
+                out = self.model(x, text=self.text)
+                amap = gaussian_smooth(out["anomaly_map"], self.sigma)
+                score = out["image_score"]
+                if self.model.cfg.image_score == "global+max":
+                    img_prob = score - out["anomaly_map"].flatten(1).max(1).values
+                    score = fuse_image_score(img_prob, amap)
+                order.append(batch["index"])
+                paths += batch["img_path"]
+                labels.append(batch["label"])
+                scores.append(score.float())  # on the device: no per-batch host round trip
+                if keep_maps:
+                    maps.append(amap)
+                    masks.append((batch["mask"] > 0.5).to(dev, torch.uint8, non_blocking=True))
+                bar.update(1)
+        return {"order": torch.cat(order) if order else torch.zeros(0, dtype=torch.long),
+                "paths": paths,
+                "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
+                "scores": torch.cat(scores).cpu() if scores else torch.zeros(0),
+                "maps": torch.cat(maps) if maps else None,
+                "masks": torch.cat(masks) if masks else None}
+
+    def _gather(self, cls_name: str, part: dict, keep_maps: bool) -> Optional[ClassScores]:
+        dev = self.model.device
+        if self.ctx.enabled:
+            for k in ("maps", "masks"):
+                if part[k] is not None:
+                    part[k] = part[k].cpu()
+            parts = self.ctx.gather_objects(part)
+            if not self.ctx.is_main:
+                return None
+        else:
+            parts = [part]
+        order = torch.cat([p["order"] for p in parts])
+        perm = torch.argsort(order)
+        paths_all = [p for part_ in parts for p in part_["paths"]]
+        out = ClassScores(cls_name=cls_name, img_paths=[paths_all[i] for i in perm.tolist()],
+                          labels=torch.cat([p["labels"] for p in parts])[perm].numpy(),
+                          scores=torch.cat([p["scores"] for p in parts])[perm].numpy())
+        if keep_maps:
+            out.maps = torch.cat([p["maps"].to(dev) for p in parts if p["maps"] is not None])[perm.to(dev)]
+            out.masks = torch.cat([p["masks"].to(dev) for p in parts if p["masks"] is not None])[perm.to(dev)]
+        return out
+
+
+def class_metrics(scores: ClassScores, mode: str) -> dict[str, float]:
+    """The metrics of ``mode`` for one class (NaN where a metric is not defined)."""
+    result: dict[str, float] = {}
+    if mode in ("image-level", "image-pixel-level"):
+        result.update(M.image_metrics(scores.labels, scores.scores))
+    if mode in ("pixel-level", "image-pixel-level"):
+        result.update(M.pixel_metrics(scores.masks, scores.maps))
+    return {k: float(result[k]) for k in metric_keys(mode)}
+
+
+def mean_metrics(per_class: dict[str, dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
+    """Unweighted mean over classes, skipping classes where a metric is not defined."""
+    out = {}
+    for k in keys:
+        vals = [v[k] for v in per_class.values() if not math.isnan(v[k])]
+        out[k] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
+def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> Optional[float]:
+    """The score threshold at which image-level F1 is highest (None if undefined)."""
+    if len(np.unique(labels)) < 2:
+        return None
+    from sklearn.metrics import precision_recall_curve
+
+    p, r, t = precision_recall_curve(labels, scores)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f1 = 2 * p * r / (p + r)
+    f1 = np.where(np.isfinite(f1), f1, -1)[:-1]
+    return float(t[int(np.argmax(f1))]) if len(t) else None
+
+
+def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: DistContext,
+             mode: Optional[str] = None, sigma: float = 8.0, batch_size: int = 8, num_workers: int = 2,
+             classes: Optional[list[str]] = None, vis_dir: Optional[Path] = None,
+             progress: bool = True) -> Optional[dict[str, Any]]:
+    """Score and measure every class; returns the results dict on rank 0, None elsewhere."""
+    t0 = time.time()
+    data = AnomalyDataset(data_path, split="test", image_size=model.cfg.image_size, classes=classes,
+                          dataset=dataset)
+    if mode is None:
+        mode = default_metrics(dataset, load_meta(data_path))
+    keys = metric_keys(mode)
+    keep_maps = mode != "image-level" or vis_dir is not None
+    ev = Evaluator(model, ctx, sigma, batch_size, num_workers, progress)
+    per_class: dict[str, dict[str, float]] = {}
+    pooled_labels, pooled_scores = [], []
+    for cls_name, cs in zip(data.classes, ev.score_classes(data, data.classes, keep_maps)):
+        if cs is None:
+            continue
+        per_class[cls_name] = class_metrics(cs, mode)
+        pooled_labels.append(cs.labels)
+        pooled_scores.append(cs.scores)
+        if vis_dir is not None:
+            from .visualize import save_class_visuals
+
+            save_class_visuals(vis_dir, cs)
+        del cs
+    if not ctx.is_main:
+        return None
+    labels = np.concatenate(pooled_labels)
+    scores = np.concatenate(pooled_scores)
+    return {"dataset": dataset, "data_path": str(data_path), "metrics_mode": mode, "sigma": sigma,
+            "metric_keys": list(keys), "classes": per_class, "mean": mean_metrics(per_class, keys),
+            "n_images": int(len(labels)), "image_threshold": f1_threshold(labels, scores),
+            "wall_time_s": time.time() - t0}
+

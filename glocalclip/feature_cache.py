@@ -1,0 +1,145 @@
+"""A store of encoded training images, so later epochs skip the frozen image encoder.
+
+CLIP is frozen and training has no augmentation: an image's global feature and patch tokens
+are the same every epoch, so caching them is exact (DESIGN.md §9). Only the distinct patch
+tensors are kept — with ``multilayer="reference"`` the four selected layers share one — plus
+the masks (as uint8) and labels. The store lives on the GPU when it fits, else in host memory,
+else in a disk memmap (``location="auto"``).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional
+
+import numpy as np
+import torch
+
+LOCATIONS = ("auto", "device", "host", "disk", "off")
+
+
+def _free_host_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def choose_location(requested: str, nbytes: int, device: torch.device) -> str:
+    """Resolve ``auto``: the device if the store takes under half its free memory, else host RAM
+    under half the free memory, else disk."""
+    if requested not in LOCATIONS:
+        raise ValueError(f"--feature_cache must be one of {LOCATIONS}, got {requested!r}")
+    if requested != "auto":
+        if requested == "device" and device.type == "cpu":
+            return "host"
+        return requested
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if nbytes < 0.5 * free:
+            return "device"
+    if nbytes < 0.5 * _free_host_bytes():
+        return "host"
+    return "disk"
+
+
+class FeatureCache:
+    """Features of ``n`` images, filled batch by batch, read back by dataset index.
+
+    ``layer_slots[i]`` says which stored patch tensor serves selected layer ``i``; layers that
+    share a slot come back as one shared tensor, as the encoder returns them.
+    """
+
+    def __init__(self, n: int, global_dim: int, tokens: int, width: int, layer_slots: list[int],
+                 mask_size: int, location: str, device: torch.device, disk_dir: Optional[str] = None):
+        self.n = n
+        self.layer_slots = layer_slots
+        self.location = location
+        self.device = device
+        n_slots = max(layer_slots) + 1
+        store = device if location == "device" else torch.device("cpu")
+        self._tmpdir = None
+        if location == "disk":
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="glocalclip_cache_", dir=disk_dir)
+            self.patches = [torch.from_numpy(np.lib.format.open_memmap(
+                os.path.join(self._tmpdir.name, f"patches_{s}.npy"), mode="w+", dtype=np.float32,
+                shape=(n, tokens, width))) for s in range(n_slots)]
+        else:
+            self.patches = [torch.empty(n, tokens, width, dtype=torch.float32, device=store)
+                            for _ in range(n_slots)]
+        self.global_features = torch.empty(n, global_dim, dtype=torch.float32, device=store)
+        self.masks = torch.empty(n, mask_size, mask_size, dtype=torch.uint8, device=store)
+        self.labels = torch.empty(n, dtype=torch.long, device=store)
+        self.mask_valid = torch.empty(n, dtype=torch.bool, device=store)
+        self.filled = torch.zeros(n, dtype=torch.bool)
+
+    @staticmethod
+    def nbytes(n: int, global_dim: int, tokens: int, width: int, n_slots: int, mask_size: int) -> int:
+        return n * (4 * (global_dim + n_slots * tokens * width) + mask_size * mask_size + 9)
+
+    @staticmethod
+    def slots_of(patch_feats: list[torch.Tensor]) -> list[int]:
+        """Map each layer to the index of its distinct tensor (by identity)."""
+        ids: dict[int, int] = {}
+        return [ids.setdefault(id(p), len(ids)) for p in patch_feats]
+
+    def distinct(self, patch_feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        out: list[Optional[torch.Tensor]] = [None] * len(self.patches)
+        for slot, p in zip(self.layer_slots, patch_feats):
+            out[slot] = p
+        return out  # type: ignore[return-value]
+
+    def has(self, indices: torch.Tensor) -> bool:
+        return bool(self.filled[indices.cpu()].all())
+
+    def put(self, indices: torch.Tensor, global_features: torch.Tensor, patch_feats: list[torch.Tensor],
+            masks: torch.Tensor, labels: torch.Tensor, mask_valid: torch.Tensor) -> None:
+        idx = indices.cpu()
+        store_idx = idx.to(self.global_features.device)
+        self.global_features[store_idx] = global_features.detach().to(self.global_features.device)
+        for slot, p in enumerate(self.distinct(patch_feats)):
+            dst = self.patches[slot]
+            if self.location == "disk":
+                dst[idx] = p.detach().cpu()
+            else:
+                dst[store_idx] = p.detach().to(dst.device)
+        self.masks[store_idx] = (masks > 0.5).to(torch.uint8).to(self.masks.device)
+        self.labels[store_idx] = labels.long().to(self.labels.device)
+        self.mask_valid[store_idx] = mask_valid.bool().to(self.mask_valid.device)
+        self.filled[idx] = True
+
+    def fields(self) -> list[torch.Tensor]:
+        """Every stored array, in a fixed order (for copying whole rows between processes)."""
+        return [self.global_features, *self.patches, self.masks, self.labels, self.mask_valid]
+
+    def read_rows(self, indices: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+        idx = indices.cpu()
+        return [f[idx if f.device.type == "cpu" else idx.to(f.device)].to(device) for f in self.fields()]
+
+    def write_rows(self, indices: torch.Tensor, rows: list[torch.Tensor]) -> None:
+        idx = indices.cpu()
+        for f, r in zip(self.fields(), rows):
+            f[idx if f.device.type == "cpu" else idx.to(f.device)] = r.to(f.device)
+        self.filled[idx] = True
+
+    def row_shapes(self, n_rows: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        return [((n_rows, *f.shape[1:]), f.dtype) for f in self.fields()]
+
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor,
+                                                  torch.Tensor, torch.Tensor]:
+        """(global features, per-layer patch features (shared per slot), masks float, labels,
+        mask_valid), all on the training device."""
+        idx = indices.cpu()
+        dev = self.device
+        store_idx = idx.to(self.global_features.device)
+        slots = [p[idx if self.location == "disk" else store_idx].to(dev, non_blocking=True)
+                 for p in self.patches]
+        return (self.global_features[store_idx].to(dev), [slots[s] for s in self.layer_slots],
+                self.masks[store_idx].to(dev).float(), self.labels[store_idx].to(dev),
+                self.mask_valid[store_idx].to(dev))
+
+    def close(self) -> None:
+        if self._tmpdir is not None:
+            self.patches = []
+            self._tmpdir.cleanup()
+            self._tmpdir = None

@@ -1,0 +1,339 @@
+"""Prompt training (DESIGN.md §5): Adam on the prompt learner over the auxiliary dataset's
+labelled *test* split, the protocol of this line of work.
+
+Exactness and speed: the image encoder is frozen and there is no augmentation, so images are
+encoded once (first epoch) into a :class:`FeatureCache` and later epochs read the cache. The
+batch order of every epoch is a permutation derived from (seed, epoch) alone, so a run resumed
+from a checkpoint, a run without the cache, and a run split over torchrun processes all see the
+same batches and end with the same prompts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .checkpoint import atomic_save, read_checkpoint, is_ours
+from .config import GlocalCLIPConfig
+from .datasets import AnomalyDataset
+from .distributed import DistContext, init_distributed
+from .feature_cache import FeatureCache, choose_location
+from .losses import glocal_contrastive_loss
+from .model import GlocalCLIP
+
+LOSS_TERMS = ("total", "local", "global", "contrastive")
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run that is not the model (the model is ``GlocalCLIPConfig``)."""
+
+    train_data_path: str = ""
+    dataset: Optional[str] = None
+    save_path: str = "./checkpoints"
+    batch_size: int = 8
+    epoch: int = 15
+    learning_rate: float = 1e-3
+    alpha: float = 1.0
+    margin: float = 0.0
+    seed: int = 111
+    print_freq: int = 1
+    save_freq: int = 1
+    device: Optional[str] = None
+    feature_cache: str = "auto"
+    num_workers: int = 2
+    resume: Optional[str] = None
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled sample order of one epoch, a function of (seed, epoch) only."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    order = epoch_order(n, seed, epoch)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def shard(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """This rank's contiguous part of a global batch (ranks may get unequal parts, or none)."""
+    return torch.tensor_split(batch, ctx.world_size)[ctx.rank]
+
+
+def _collate(items: list[dict]) -> dict:
+    return {"index": torch.tensor([it["index"] for it in items]),
+            "image": torch.stack([it["image"] for it in items]),
+            "mask": torch.stack([it["mask"] for it in items]),
+            "label": torch.tensor([it["label"] for it in items]),
+            "has_mask": torch.tensor([it["has_mask"] for it in items])}
+
+
+class _ListSampler(torch.utils.data.Sampler):
+    def __init__(self, batches: list[list[int]]):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def latest_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself if a file, else the highest ``epoch_N.pth`` inside the folder."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    found = sorted(p.glob("epoch_*.pth"), key=lambda q: int(q.stem.split("_")[1]) if q.stem.split("_")[1].isdigit() else -1)
+    if not found:
+        raise FileNotFoundError(f"--resume {path}: no epoch_N.pth checkpoint there")
+    return found[-1]
+
+
+class Trainer:
+    """One training run. ``run()`` returns the path of the last checkpoint written."""
+
+    def __init__(self, model_cfg: GlocalCLIPConfig, cfg: TrainConfig, ctx: Optional[DistContext] = None,
+                 clip: Optional[torch.nn.Module] = None):
+        if cfg.batch_size < 1 or cfg.epoch < 1:
+            raise ValueError("--batch_size and --epoch must be >= 1")
+        if not cfg.train_data_path:
+            raise ValueError("--train_data_path is required: the root of a dataset with a meta.json")
+        self.ctx = ctx or init_distributed(cfg.device)
+        self.cfg = cfg
+        self.start_epoch = 0
+        resume_ckpt = None
+        if cfg.resume:
+            resume_ckpt = read_checkpoint(latest_checkpoint(cfg.resume))
+            if not is_ours(resume_ckpt):
+                raise ValueError(f"--resume {cfg.resume}: not a glocalclip training checkpoint")
+            saved = GlocalCLIPConfig.from_dict(resume_ckpt["config"])
+            if saved != model_cfg:
+                diff = {k: (v, getattr(model_cfg, k)) for k, v in dataclasses.asdict(saved).items()
+                        if v != getattr(model_cfg, k) and k not in ("pretrained", "precision")}
+                if diff:
+                    raise ValueError(f"--resume: the checkpoint was trained with other model settings "
+                                     f"(checkpoint vs now): {diff}")
+            self.start_epoch = int(resume_ckpt["epoch"])
+        seed_everything(cfg.seed)
+        self.device = self.ctx.device
+        self.model = GlocalCLIP(model_cfg, clip=clip).to(self.device)
+        self.dataset = AnomalyDataset(cfg.train_data_path, split="test", image_size=model_cfg.image_size,
+                                      dataset=cfg.dataset)
+        self.optimizer = torch.optim.Adam(self.model.prompt_parameters(), lr=cfg.learning_rate,
+                                          betas=(0.5, 0.999))
+        if resume_ckpt is not None:
+            self.model.load_prompts(resume_ckpt)
+            if resume_ckpt.get("optimizer"):
+                self.optimizer.load_state_dict(resume_ckpt["optimizer"])
+        self.prompt_module: torch.nn.Module = self.model.prompt_learner
+        if self.ctx.enabled:
+            self.prompt_module = torch.nn.parallel.DistributedDataParallel(
+                self.model.prompt_learner, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.cache: Optional[FeatureCache] = None
+        self.save_dir = Path(cfg.save_path)
+        self.history: list[dict[str, float]] = []
+
+    # -------------------------------------------------------------- features
+    def _loader(self, batches: list[list[int]]) -> DataLoader:
+        return DataLoader(self.dataset, batch_sampler=_ListSampler(batches), num_workers=self.cfg.num_workers,
+                          collate_fn=_collate, pin_memory=self.device.type == "cuda")
+
+    def _encode(self, batch: dict) -> tuple:
+        x = batch["image"].to(self.device, non_blocking=True)
+        img, patches = self.model.encode_image(x)
+        return (img, patches, batch["mask"].to(self.device), batch["label"].to(self.device),
+                batch["has_mask"].to(self.device))
+
+    def _new_cache(self, img: torch.Tensor, patches: list[torch.Tensor]) -> FeatureCache:
+        slots = FeatureCache.slots_of(patches)
+        n = len(self.dataset)
+        tokens, width = patches[0].shape[1:]
+        size = self.model.cfg.image_size
+        nbytes = FeatureCache.nbytes(n, img.shape[1], tokens, width, max(slots) + 1, size)
+        where = choose_location(self.cfg.feature_cache, nbytes, self.device)
+        self.log(f"feature cache: {nbytes / 2**30:.2f} GiB in {where} memory")
+        return FeatureCache(n, img.shape[1], tokens, width, slots, size, where, self.device,
+                            disk_dir=str(self.save_dir))
+
+    def build_cache(self) -> FeatureCache:
+        """Encode every training image once, in dataset order (so the features never depend on
+        the epoch's batch order, and a resumed run sees bit-identical features). Under torchrun
+        each process encodes every K-th chunk, then the chunks are broadcast to all processes."""
+        n, bs, ctx = len(self.dataset), self.cfg.batch_size, self.ctx
+        chunks = [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]
+        mine = chunks[ctx.rank::ctx.world_size]
+        cache: Optional[FeatureCache] = None
+        bar = tqdm(self._loader(mine), total=len(mine), desc="encoding images", leave=False,
+                   disable=not (self.cfg.progress and ctx.is_main))
+        for batch in bar:
+            img, patches, masks, labels, valid = self._encode(batch)
+            if cache is None:
+                cache = self._new_cache(img, patches)
+            cache.put(batch["index"], img, patches, masks, labels, valid)
+        if ctx.enabled:
+            cache = self._share_chunks(cache, chunks)
+        return cache
+
+    def _share_chunks(self, cache: Optional[FeatureCache], chunks: list[list[int]]) -> FeatureCache:
+        """Broadcast each chunk from the process that encoded it to every other process."""
+        import torch.distributed as dist
+
+        ctx = self.ctx
+        comm = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        if cache is None:  # a process with no chunk of its own (more processes than chunks)
+            raise RuntimeError("more torchrun processes than training batches; use fewer processes")
+        for j, chunk in enumerate(chunks):
+            owner = j % ctx.world_size
+            idx = torch.tensor(chunk)
+            if ctx.rank == owner:
+                rows = cache.read_rows(idx, comm)
+            else:
+                rows = [torch.empty(shape, dtype=dt, device=comm) for shape, dt in cache.row_shapes(len(chunk))]
+            for r in rows:
+                dist.broadcast(r, src=owner)
+            if ctx.rank != owner:
+                cache.write_rows(idx, rows)
+        return cache
+
+    def _batches_with_features(self, local_batches: list[torch.Tensor]):
+        """Yield (global features, patch features, masks, labels, mask_valid) per batch: from the
+        cache, or (``--feature_cache off``) by loading and encoding the batch's images."""
+        if self.cache is not None:
+            for b in local_batches:
+                yield self.cache.get(b) if len(b) else (None,) * 5
+            return
+        need = [b.tolist() for b in local_batches if len(b)]
+        it = iter(self._loader(need)) if need else None
+        for b in local_batches:
+            if len(b) == 0:
+                yield (None,) * 5
+                continue
+            batch = next(it)
+            assert torch.equal(batch["index"], b)
+            yield self._encode(batch)
+
+    # -------------------------------------------------------------- steps
+    def _step(self, n_global: int, img, patches, masks, labels, valid) -> dict[str, float]:
+        model, cfg = self.model, self.cfg
+        text = model.encode_text(self.prompt_module())
+        if img is None:  # this rank has no sample in a short last batch: contrastive term only
+            g, l = text
+            con = glocal_contrastive_loss(g, l, cfg.margin)
+            zero = con.new_zeros(())
+            terms = {"global": zero, "local": zero, "contrastive": con}
+            weight = 0.0
+        else:
+            terms = model.losses_from_features(img, patches, masks, labels, cfg.alpha, cfg.margin,
+                                               mask_valid=valid, text=text)
+            weight = len(labels) / n_global
+        # per-image terms weighted by this rank's share, so DDP's gradient average equals the
+        # loss of the whole global batch whatever the split
+        scale = weight * self.ctx.world_size
+        loss = scale * (terms["local"] + terms["global"]) + cfg.alpha * terms["contrastive"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        stats = torch.tensor([weight * terms["local"].item(), weight * terms["global"].item(),
+                              terms["contrastive"].item() / self.ctx.world_size], dtype=torch.float64)
+        self.ctx.all_reduce_sum(stats)
+        local, glob, con = stats.tolist()
+        return {"local": local, "global": glob, "contrastive": con, "total": local + glob + cfg.alpha * con}
+
+    def log(self, msg: str) -> None:
+        if self.ctx.is_main:
+            tqdm.write(msg)
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.save_dir / "log.txt", "a") as f:
+                f.write(msg + "\n")
+
+    def _save(self, epoch: int, mean: dict[str, float]) -> Path:
+        path = self.save_dir / f"epoch_{epoch}.pth"
+        if self.ctx.is_main:
+            ckpt = self.model.checkpoint(epoch, self.optimizer.state_dict(), train_config=self.cfg.to_dict(),
+                                         losses=mean)
+            atomic_save(ckpt, path)
+        self.ctx.barrier()
+        return path
+
+    def run(self) -> Optional[Path]:
+        cfg = self.cfg
+        n = len(self.dataset)
+        self.model.train()
+        last: Optional[Path] = None
+        if self.start_epoch >= cfg.epoch:
+            self.log(f"nothing to do: the checkpoint is at epoch {self.start_epoch} of {cfg.epoch}")
+            return latest_checkpoint(cfg.resume) if cfg.resume else None
+        self.log(f"training on {n} images ({len(self.dataset.classes)} classes) of {cfg.train_data_path}, "
+                 f"epochs {self.start_epoch + 1}..{cfg.epoch}, batch {cfg.batch_size}, device {self.device}"
+                 + (f", {self.ctx.world_size} processes" if self.ctx.enabled else ""))
+        try:
+            if cfg.feature_cache != "off":
+                t0 = time.time()
+                self.cache = self.build_cache()
+                self.log(f"encoded {n} images once in {time.time() - t0:.1f}s; every epoch reads the cache")
+            for epoch in range(self.start_epoch, cfg.epoch):
+                t0 = time.time()
+                batches = global_batches(n, cfg.batch_size, cfg.seed, epoch)
+                local = [shard(b, self.ctx) for b in batches]
+                sums = {k: 0.0 for k in LOSS_TERMS}
+                bar = tqdm(zip(batches, self._batches_with_features(local)), total=len(batches),
+                           desc=f"epoch {epoch + 1}/{cfg.epoch}", leave=False,
+                           disable=not (cfg.progress and self.ctx.is_main))
+                for gb, (img, patches, masks, labels, valid) in bar:
+                    stats = self._step(len(gb), img, patches, masks, labels, valid)
+                    for k in LOSS_TERMS:
+                        sums[k] += stats[k]
+                    bar.set_postfix(loss=f"{stats['total']:.4f}")
+                mean = {k: v / len(batches) for k, v in sums.items()}
+                mean["seconds"] = time.time() - t0
+                self.history.append(mean)
+                if (epoch + 1) % max(cfg.print_freq, 1) == 0:
+                    self.log(f"epoch [{epoch + 1}/{cfg.epoch}] loss {mean['total']:.4f} "
+                             f"(local {mean['local']:.4f}, global {mean['global']:.4f}, "
+                             f"contrastive {mean['contrastive']:.4f}) {mean['seconds']:.1f}s")
+                if (epoch + 1) % max(cfg.save_freq, 1) == 0 or epoch + 1 == cfg.epoch:
+                    last = self._save(epoch + 1, mean)
+        except KeyboardInterrupt:
+            done = latest_checkpoint(self.save_dir) if any(self.save_dir.glob("epoch_*.pth")) else None
+            self.log(f"interrupted; the last finished checkpoint is {done}; continue with --resume "
+                     f"{self.save_dir}")
+            raise
+        finally:
+            if self.cache is not None:
+                self.cache.close()
+        if self.ctx.is_main:
+            with open(self.save_dir / "train_history.json", "w") as f:
+                json.dump({"model_config": self.model.cfg.to_dict(), "train_config": cfg.to_dict(),
+                           "epochs": self.history}, f, indent=2)
+        return last
+
+
+def train(model_cfg: GlocalCLIPConfig, cfg: TrainConfig, clip: Optional[torch.nn.Module] = None) -> Optional[Path]:
+    """Train prompts and return the last checkpoint path (see :class:`Trainer`)."""
+    ctx = init_distributed(cfg.device)
+    try:
+        return Trainer(model_cfg, cfg, ctx, clip=clip).run()
+    finally:
+        ctx.shutdown()

@@ -1,0 +1,232 @@
+"""Pictures of anomaly maps and curves.
+
+Overlays and the per-class grids need only OpenCV. ROC / PRO curve plots need matplotlib, an
+optional extra (``pip install glocalclip[plot]``), imported only inside :func:`plot_curves`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import cv2
+import numpy as np
+
+PLOT_EXTRA_HINT = "ROC / PRO plots need matplotlib: pip install 'glocalclip[plot]' (or pip install matplotlib)"
+CURVES_FILE = "curves.json"
+
+
+def _normalise(amap: np.ndarray) -> np.ndarray:
+    lo, hi = float(amap.min()), float(amap.max())
+    return (amap - lo) / (hi - lo) if hi > lo else np.zeros_like(amap)
+
+
+def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: Optional[np.ndarray] = None,
+            alpha: float = 0.5, value_range: Optional[tuple[float, float]] = None) -> np.ndarray:
+    """A JET colour map of ``amap`` blended over ``image_rgb`` (uint8 [H,W,3]); the ground-truth
+    ``mask`` (optional) drawn as a green contour. The map is resized to the image. The colours
+    span ``value_range`` (lo, hi) if given, else the map's own min..max."""
+    h, w = image_rgb.shape[:2]
+    amap = cv2.resize(amap.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    if value_range is not None:
+        lo, hi = value_range
+        norm = np.clip((amap - lo) / max(hi - lo, 1e-12), 0, 1)
+    else:
+        norm = _normalise(amap)
+    heat = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
+    out = (alpha * heat + (1 - alpha) * image_rgb.astype(np.float32)).astype(np.uint8)
+    if mask is not None and mask.any():
+        m = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, (0, 255, 0), max(1, round(min(h, w) / 128)))
+    return out
+
+
+def annotate(image_rgb: np.ndarray, text: str, color: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """``text`` written in the top-left corner (outlined so it reads on any background)."""
+    out = np.ascontiguousarray(image_rgb).copy()
+    if not text:
+        return out
+    scale = max(0.35, min(out.shape[:2]) / 400)
+    thick = max(1, round(scale * 1.5))
+    org = (4, 4 + int(18 * scale))
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
+    return out
+
+
+def read_rgb(path: str) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _tile(img: np.ndarray, size: int) -> np.ndarray:
+    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def image_grid(rows: Sequence[Sequence[np.ndarray]], tile: int = 160, pad: int = 4,
+               row_titles: Optional[Sequence[str]] = None) -> np.ndarray:
+    """Tiles [H,W,3] uint8 laid out in rows (each resized to ``tile``²) on a white background."""
+    n_cols = max((len(r) for r in rows), default=0)
+    title_h = 22 if row_titles else 0
+    h = len(rows) * (tile + pad + title_h) + pad
+    w = max(1, n_cols) * (tile + pad) + pad
+    grid = np.full((h, w, 3), 255, np.uint8)
+    y = pad
+    for r, row in enumerate(rows):
+        if row_titles:
+            cv2.putText(grid, row_titles[r], (pad, y + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+            y += title_h
+        for c, img in enumerate(row):
+            x = pad + c * (tile + pad)
+            grid[y:y + tile, x:x + tile] = _tile(img, tile)
+        y += tile + pad
+    return grid
+
+
+def class_grid(cs, k: int = 6, tile: int = 160) -> np.ndarray:
+    """The ``k`` highest- and ``k`` lowest-scoring images of a class (``ClassScores``), overlays on one
+    colour scale (the class's map range), ground truth as a green contour, score and label on each."""
+    scores = np.asarray(cs.scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    k = max(1, min(k, len(order)))
+    top = order[:k].tolist()
+    bottom = order[::-1][:k].tolist() if len(order) > k else []
+    maps = cs.maps.float() if cs.maps is not None else None
+    vr = (float(maps.min()), float(maps.max())) if maps is not None and maps.numel() else None
+
+    def tile_of(i: int) -> np.ndarray:
+        img = read_rgb(cs.img_paths[i])
+        if maps is not None:
+            mask = cs.masks[i].cpu().numpy() if cs.masks is not None else None
+            img = overlay(img, maps[i].cpu().numpy(), mask, value_range=vr)
+        img = _tile(img, tile)
+        lab = "anomalous" if int(cs.labels[i]) else "normal"
+        return annotate(img, f"{scores[i]:.3f} {lab}", (255, 80, 80) if int(cs.labels[i]) else (255, 255, 255))
+
+    rows = [[tile_of(i) for i in top]]
+    titles = [f"{cs.cls_name}: highest scores"]
+    if bottom:
+        rows.append([tile_of(i) for i in bottom])
+        titles.append(f"{cs.cls_name}: lowest scores")
+    return image_grid(rows, tile=tile, row_titles=titles)
+
+
+def save_class_visuals(out_dir: Path, cs, limit: Optional[int] = None, k: int = 6,
+                       per_image: bool = False) -> list[Path]:
+    """``test.py --save_vis``: per class, ``<cls>_grid.png`` (highest- and lowest-scoring images)
+    and the class's ROC / PRO curve points added to ``curves.json``; with matplotlib installed,
+    ``roc.png`` / ``pro.png`` of all classes so far are (re)drawn. ``per_image=True`` also writes
+    one overlay per image (the first ``limit``) under ``<cls>/``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = cs.cls_name.replace(" ", "_").replace("/", "_")
+    written = []
+    grid_path = out_dir / f"{name}_grid.png"
+    cv2.imwrite(str(grid_path), cv2.cvtColor(class_grid(cs, k=k), cv2.COLOR_RGB2BGR))
+    written.append(grid_path)
+    if per_image and cs.maps is not None:
+        d = out_dir / name
+        d.mkdir(parents=True, exist_ok=True)
+        maps = cs.maps.float().cpu().numpy()
+        masks = cs.masks.cpu().numpy() if cs.masks is not None else None
+        for i, path in enumerate(cs.img_paths[:limit]):
+            vis = overlay(read_rgb(path), maps[i], masks[i] if masks is not None else None)
+            p = d / f"{i:04d}_{Path(path).stem}_score{cs.scores[i]:.3f}.png"
+            cv2.imwrite(str(p), cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
+            written.append(p)
+    curves_path = out_dir / CURVES_FILE
+    curves = json.loads(curves_path.read_text()) if curves_path.is_file() else {}
+    curves[cs.cls_name] = class_curves(cs)
+    curves_path.write_text(json.dumps(curves))
+    written.append(curves_path)
+    try:
+        written += plot_curves(curves, out_dir)
+    except ImportError:
+        pass  # the optional extra is missing: curves.json holds the points
+    return written
+
+
+def _thin(x: np.ndarray, y: np.ndarray, n: int = 400) -> tuple[list[float], list[float]]:
+    """At most ``n`` points of a curve (end points kept), as lists for JSON."""
+    if len(x) > n:
+        idx = np.unique(np.linspace(0, len(x) - 1, n).round().astype(int))
+        x, y = x[idx], y[idx]
+    return [float(v) for v in x], [float(v) for v in y]
+
+
+def class_curves(cs) -> dict[str, Any]:
+    """Image ROC (FPR, TPR) and pixel PRO (FPR, PRO on the paper's 200-threshold grid) of one class;
+    a curve is missing where it is undefined (one label only, no masks)."""
+    out: dict[str, Any] = {}
+    labels = np.asarray(cs.labels)
+    if len(np.unique(labels)) == 2:
+        from sklearn.metrics import roc_auc_score, roc_curve
+
+        fpr, tpr, _ = roc_curve(labels, np.asarray(cs.scores))
+        fx, ty = _thin(fpr, tpr)
+        out["roc"] = {"fpr": fx, "tpr": ty, "auc": float(roc_auc_score(labels, np.asarray(cs.scores)))}
+    if cs.maps is not None and cs.masks is not None:
+        from . import metrics as M
+
+        # the metric's own curve (private helpers of metrics: the same thresholds as the AUPRO number)
+        px = M._prepare(cs.masks, cs.maps, None)
+        curve = M._paper_curve(px) if px is not None else None
+        if curve is not None:
+            fpr, pro = curve
+            order = np.argsort(fpr, kind="stable")
+            fx, py = _thin(fpr[order], pro[order])
+            aupro = M._paper_aupro(px)
+            out["pro"] = {"fpr": fx, "pro": py, "aupro": None if math.isnan(aupro) else float(aupro)}
+    return out
+
+
+def plot_curves(curves: dict[str, dict[str, Any]] | str | Path, out_dir: str | Path,
+                title: str = "") -> list[Path]:
+    """``roc.png`` (image-level ROC per class) and ``pro.png`` (PRO over FPR per class, FPR < 0.3
+    marked) in ``out_dir`` from ``class_curves`` results (a dict class -> curves, or a curves.json).
+    Needs matplotlib (``pip install glocalclip[plot]``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError(PLOT_EXTRA_HINT) from e
+    if not isinstance(curves, dict):
+        curves = json.loads(Path(curves).read_text())
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind, ykey, xlabel, ylabel, fname in (("roc", "tpr", "false positive rate", "true positive rate", "roc.png"),
+                                              ("pro", "pro", "false positive rate (pixels)", "per-region overlap",
+                                               "pro.png")):
+        have = {c: v[kind] for c, v in curves.items() if kind in v}
+        if not have:
+            continue
+        fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=100)
+        for cls_name, cv in have.items():
+            metric = cv.get("auc", cv.get("aupro"))
+            label = cls_name if metric is None or (isinstance(metric, float) and math.isnan(metric)) \
+                else f"{cls_name} ({100 * metric:.1f})"
+            ax.plot(cv["fpr"], cv[ykey], lw=1.2, label=label)
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=0.8)
+        else:
+            ax.axvline(0.3, ls=":", c="grey", lw=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title or ("image ROC (AUROC)" if kind == "roc" else "pixel PRO (AUPRO)"))
+        if len(have) <= 20:
+            ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / fname)
+        plt.close(fig)
+        written.append(out / fname)
+    return written

@@ -1,0 +1,151 @@
+"""train.py / test.py end to end on synthetic data, and the exactness claims of the fast paths:
+resume == uninterrupted, cache == no cache, test batch 1 == batch N, 1 == 2 gloo processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from glocalclip.cli import test_main as run_test, train_main
+from glocalclip.synthetic import make_synthetic_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_FLAGS = ["--backbone", "tiny", "--pretrained", "none", "--image_size", "56", "--features_list", "2", "4",
+              "6", "8", "--dpam", "6", "--n_ctx", "5", "--ab_ctx", "3", "--depth", "3", "--t_n_ctx", "2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    return make_synthetic_dataset(root, n_train=1, n_test_good=4, n_test_defect=4, size=64, seed=3)
+
+
+def _train(data: Path, save: Path, *extra: str) -> Path:
+    args = ["--train_data_path", str(data), "--save_path", str(save), "--epoch", "3", "--batch_size", "5",
+            "--num_workers", "0", "--no_progress", "--device", "cpu"] + TINY_FLAGS + list(extra)
+    assert train_main(args) == 0
+    return save
+
+
+def _prompts(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=False)["prompt_learner"]
+
+
+def _assert_same_prompts(a: Path, b: Path, atol: float) -> None:
+    pa, pb = _prompts(a), _prompts(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=atol, msg=k)
+
+
+def test_train_then_test_scripts_write_checkpoint_results_and_table(data, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "train.py"), "--train_data_path", str(data), "--save_path",
+                          str(tmp_path / "ck"), "--epoch", "2", "--batch_size", "4", "--num_workers", "1",
+                          "--no_progress"] + TINY_FLAGS, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "epoch [2/2] loss" in run.stdout and "contrastive" in run.stdout
+    ckpt_path = tmp_path / "ck" / "epoch_2.pth"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    assert ckpt["config"]["n_ctx"] == 5 and ckpt["epoch"] == 2 and ckpt["optimizer"] is not None
+    run = subprocess.run([sys.executable, str(REPO / "test.py"), "--data_path", str(data), "--checkpoint_path",
+                          str(ckpt_path), "--save_path", str(tmp_path / "res"), "--batch_size", "3",
+                          "--no_progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "pixel AUROC" in run.stdout and "mean" in run.stdout
+    res = json.loads((tmp_path / "res" / "results.json").read_text())
+    keys = {"pixel_auroc", "pixel_aupro", "pixel_aupro_exact", "pixel_f1max", "image_auroc", "image_ap", "image_f1max"}
+    assert set(res["mean"]) == keys
+    assert set(res["classes"]) == {"checker", "grain", "stripes"}
+    for m in res["classes"].values():
+        assert all(0.0 <= m[k] <= 1.0 for k in keys)
+    assert res["config"]["n_ctx"] == 5 and res["sigma"] == 8.0
+    csv_lines = (tmp_path / "res" / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("class,") and csv_lines[-1].startswith("mean,") and len(csv_lines) == 5
+    assert "threshold" in torch.load(ckpt_path, weights_only=False)
+
+
+def test_resume_equals_uninterrupted(data, tmp_path):
+    full = _train(data, tmp_path / "full")
+    part = _train(data, tmp_path / "part", "--epoch", "1")
+    assert not (part / "epoch_2.pth").exists()
+    _train(data, part, "--resume", str(part))  # picks epoch_1.pth, continues to epoch 3
+    _assert_same_prompts(full / "epoch_3.pth", part / "epoch_3.pth", atol=0)
+
+
+def test_feature_cache_gives_the_same_prompts(data, tmp_path):
+    cached = _train(data, tmp_path / "cached", "--feature_cache", "host")
+    disk = _train(data, tmp_path / "disk", "--feature_cache", "disk")
+    off = _train(data, tmp_path / "off", "--feature_cache", "off")
+    _assert_same_prompts(cached / "epoch_3.pth", off / "epoch_3.pth", atol=1e-5)
+    _assert_same_prompts(cached / "epoch_3.pth", disk / "epoch_3.pth", atol=0)
+    log = (cached / "log.txt").read_text()
+    assert "feature cache" in log and "host memory" in log
+
+
+def test_test_batch_size_does_not_change_metrics(data, tmp_path):
+    save = _train(data, tmp_path / "ck", "--epoch", "1")
+    results = {}
+    for bs in (1, 5):
+        out = tmp_path / f"bs{bs}"
+        assert run_test(["--data_path", str(data), "--checkpoint_path", str(save / "epoch_1.pth"), "--save_path",
+                          str(out), "--batch_size", str(bs), "--num_workers", "0", "--no_progress",
+                          "--device", "cpu"]) == 0
+        results[bs] = json.loads((out / "results.json").read_text())
+    for cls, m in results[1]["classes"].items():
+        for k, v in m.items():
+            assert abs(v - results[5]["classes"][cls][k]) <= 1e-4, (cls, k)
+
+
+def test_two_gloo_processes_train_and_test_like_one(data, tmp_path):
+    one = _train(data, tmp_path / "one", "--feature_cache", "off", "--batch_size", "23")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "train.py"), "--train_data_path", str(data), "--save_path", str(tmp_path / "two"),
+           "--epoch", "3", "--batch_size", "23", "--num_workers", "0", "--no_progress", "--device", "cpu",
+           "--feature_cache", "off"] + TINY_FLAGS
+    cached = cmd[:-len(TINY_FLAGS) - 2] + ["--feature_cache", "host"] + TINY_FLAGS
+    cached[cached.index(str(tmp_path / "two"))] = str(tmp_path / "two_cached")
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    # 24 images, batch 23: the last global batch has one image, so one rank gets none
+    _assert_same_prompts(one / "epoch_3.pth", tmp_path / "two" / "epoch_3.pth", atol=1e-5)
+    run = subprocess.run(cached, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    _assert_same_prompts(one / "epoch_3.pth", tmp_path / "two_cached" / "epoch_3.pth", atol=1e-5)
+
+    ckpt = one / "epoch_3.pth"
+    assert run_test(["--data_path", str(data), "--checkpoint_path", str(ckpt), "--save_path", str(tmp_path / "r1"),
+                      "--num_workers", "0", "--no_progress", "--device", "cpu"]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "test.py"), "--data_path", str(data), "--checkpoint_path", str(ckpt), "--save_path",
+           str(tmp_path / "r2"), "--num_workers", "0", "--no_progress", "--device", "cpu", "--batch_size", "3"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    r1 = json.loads((tmp_path / "r1" / "results.json").read_text())
+    r2 = json.loads((tmp_path / "r2" / "results.json").read_text())
+    assert r1["n_images"] == r2["n_images"] == 24
+    for cls, m in r1["classes"].items():
+        for k, v in m.items():
+            assert abs(v - r2["classes"][cls][k]) <= 1e-4, (cls, k)
+
+
+def test_bad_inputs_stop_with_messages(data, tmp_path, capsys):
+    from glocalclip.datasets import DatasetError
+
+    with pytest.raises(DatasetError, match="meta.json"):
+        _train(tmp_path, tmp_path / "x")
+    with pytest.raises(DatasetError, match="unknown dataset name"):
+        _train(data, tmp_path / "x", "--dataset", "imagenet")
+    with pytest.raises(ValueError, match="t_n_ctx"):
+        _train(data, tmp_path / "x", "--t_n_ctx", "9")
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        run_test(["--data_path", str(data), "--checkpoint_path", str(tmp_path / "none.pth")])
+    with pytest.raises(SystemExit):
+        train_main(["--train_data_path", str(data), "--feature_cache", "gpu"])
+    assert "invalid choice" in capsys.readouterr().err
