@@ -60,6 +60,17 @@ def _flag_given(argv: Sequence[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
+def model_overrides(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
+    """Config fields given on a command line whose model flags default to None (test, predict,
+    convert): the checkpoint's config is used for everything else. ``--pretrained none`` counts."""
+    overrides = _model_fields(args, defaults=False)
+    if _flag_given(argv, "--pretrained"):
+        overrides["pretrained"] = args.pretrained
+    if "features_list" in overrides:
+        overrides["features_list"] = tuple(overrides["features_list"])
+    return overrides
+
+
 # ---------------------------------------------------------------------------- train
 def train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="train.py", description="Train GlocalCLIP prompts on an auxiliary "
@@ -173,11 +184,7 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = test_parser().parse_args(argv)
-    overrides = _model_fields(args, defaults=False)
-    if _flag_given(argv, "--pretrained"):
-        overrides["pretrained"] = args.pretrained
-    if "features_list" in overrides:
-        overrides["features_list"] = tuple(overrides["features_list"])
+    overrides = model_overrides(args, argv)
     ctx = init_distributed(args.device)
     t0 = time.time()
     try:
@@ -190,6 +197,7 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
                            progress=not args.no_progress)
         if ctx.is_main:
             results.update({"checkpoint": str(args.checkpoint_path), "config": model.cfg.to_dict(),
+                            "train_config": ckpt.get("train_config"),
                             "versions": software_versions(), "total_wall_time_s": time.time() - t0})
             print(results_table(results, fmt="simple"))
             paths = write_results(results, out_dir)
@@ -197,7 +205,7 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
             thr = results.get("image_threshold")
             if thr is not None and is_ours(ckpt) and Path(args.checkpoint_path).is_file():
                 ckpt["threshold"] = {"image_score": thr, "dataset": results["dataset"],
-                                     "data_path": str(args.data_path)}
+                                     "data_path": str(args.data_path), "sigma": args.sigma}
                 atomic_save(ckpt, args.checkpoint_path)
     finally:
         ctx.shutdown()
@@ -209,8 +217,8 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
     """Synthetic data in the MVTec layout -> train the tiny backbone -> test -> table + overlays."""
     p = argparse.ArgumentParser(prog="glocalclip demo", description=demo_main.__doc__)
     p.add_argument("--out", default="./demo_out")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--image_size", type=int, default=112)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
     from .synthetic import make_synthetic_dataset
@@ -220,7 +228,7 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
     data = out / "data"
     if not (data / "meta.json").is_file():
         print(f"writing a synthetic dataset (MVTec layout) to {data}")
-        make_synthetic_dataset(data, n_train=2, n_test_good=10, n_test_defect=10, size=128, seed=0)
+        make_synthetic_dataset(data, n_train=2, n_test_good=16, n_test_defect=16, size=160, seed=0)
     model_flags = ["--backbone", "tiny", "--pretrained", "none", "--image_size", str(args.image_size),
                    "--features_list", "2", "4", "6", "8", "--dpam", "6", "--n_ctx", "5", "--ab_ctx", "3",
                    "--depth", "3", "--t_n_ctx", "2"]

@@ -63,12 +63,12 @@ def convert_checkpoint(source: Any, overrides: dict[str, Any]) -> tuple[dict, di
 
 
 def convert_main(argv: Optional[Sequence[str]] = None) -> int:
-    from .predict import _overrides
+    from .cli import model_overrides
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = convert_parser().parse_args(argv)
     try:
-        new, found, dropped = convert_checkpoint(args.source, _overrides(args, argv))
+        new, found, dropped = convert_checkpoint(args.source, model_overrides(args, argv))
     except (ValueError, FileNotFoundError) as e:
         print(f"convert: {e}", file=sys.stderr)
         return 2

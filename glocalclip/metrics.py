@@ -7,6 +7,7 @@ Public functions (a contract, called by test.py and outside tools)::
     aupro(masks, maps)             -> float   the paper's definition (200 thresholds, see below)
     aupro_exact(masks, maps)       -> float   the standard exact AUPRO (integrated to FPR 0.3, / 0.3)
     f1_max(labels, scores)         -> float   max finite F1 over the precision-recall curve
+    pro_curve(masks, maps)         -> (FPR, PRO) arrays behind aupro, or None
 
 Inputs are numpy arrays or torch tensors (CPU or CUDA). ``labels`` [N] and ``masks`` [N,H,W] are binary:
 values > 0.5 count as positive, so {0,1}, bool and {0,255} all work. ``scores`` [N] and ``maps`` [N,H,W]
@@ -447,6 +448,13 @@ def aupro(masks: Any, maps: Any, *, backend: str | None = None) -> float:
     thresholds, or all kept FPRs equal.
     """
     return _paper_aupro(_prepare(masks, maps, backend))
+
+
+def pro_curve(masks: Any, maps: Any, *, backend: str | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The curve behind :func:`aupro`: (FPR, PRO) at each threshold of the paper's 200-step grid
+    (all thresholds, before the FPR < 0.3 cut and the rescaling), or None where it is undefined."""
+    px = _prepare(masks, maps, backend)
+    return None if px is None else _paper_curve(px)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -257,17 +257,6 @@ def predict_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
-    from .cli import _flag_given, _model_fields
-
-    overrides = _model_fields(args, defaults=False)
-    if _flag_given(argv, "--pretrained"):
-        overrides["pretrained"] = args.pretrained
-    if "features_list" in overrides:
-        overrides["features_list"] = tuple(overrides["features_list"])
-    return overrides
-
-
 def _label_text(label: Optional[int]) -> str:
     return "" if label is None else ("anomalous" if label else "normal")
 
@@ -276,7 +265,8 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
     import cv2
     from tqdm import tqdm
 
-    from .visualize import overlay, annotate
+    from .cli import model_overrides
+    from .visualize import annotate, overlay
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = predict_parser().parse_args(argv)
@@ -288,7 +278,7 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, threshold=args.threshold,
                                           sigma=args.sigma, batch_size=args.batch_size,
-                                          **_overrides(args, argv))
+                                          **model_overrides(args, argv))
     out = Path(args.out)
     (out / "maps").mkdir(parents=True, exist_ok=True)
     if not args.no_overlays:

@@ -173,14 +173,13 @@ def class_curves(cs) -> dict[str, Any]:
     if cs.maps is not None and cs.masks is not None:
         from . import metrics as M
 
-        # the metric's own curve (private helpers of metrics: the same thresholds as the AUPRO number)
-        px = M._prepare(cs.masks, cs.maps, None)
-        curve = M._paper_curve(px) if px is not None else None
+        # the metric's own curve: the same thresholds as the AUPRO number
+        curve = M.pro_curve(cs.masks, cs.maps)
         if curve is not None:
             fpr, pro = curve
             order = np.argsort(fpr, kind="stable")
             fx, py = _thin(fpr[order], pro[order])
-            aupro = M._paper_aupro(px)
+            aupro = M.aupro(cs.masks, cs.maps)
             out["pro"] = {"fpr": fx, "pro": py, "aupro": None if math.isnan(aupro) else float(aupro)}
     return out
 

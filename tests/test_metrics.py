@@ -383,3 +383,21 @@ def test_bad_inputs_raise():
         metrics.image_metrics(np.array([0, 1, 1]), np.array([0.1, np.nan, 0.3]))
     with pytest.raises(ValueError, match="length"):
         metrics.image_metrics(np.array([0, 1, 1]), np.array([0.1, 0.2]))
+
+
+def test_pro_curve_is_the_curve_behind_aupro():
+    from sklearn.metrics import auc
+
+    rng = np.random.default_rng(42)
+    masks = np.zeros((3, 32, 32), dtype=np.uint8)
+    masks[0, 4:10, 4:12] = 1
+    masks[1, 20:28, 2:6] = 1
+    masks[2, 10:14, 10:30] = 1
+    maps = (rng.random(masks.shape) + masks * 0.6).astype(np.float32)
+    fpr, pro = metrics.pro_curve(masks, maps)
+    assert fpr.shape == pro.shape and fpr.shape[0] == 200
+    keep = fpr < 0.3
+    f = fpr[keep]
+    f = (f - f.min()) / (f.max() - f.min())
+    assert auc(f, pro[keep]) == pytest.approx(metrics.aupro(masks, maps), abs=1e-12)
+    assert metrics.pro_curve(np.zeros_like(masks), maps) is None

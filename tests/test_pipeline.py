@@ -149,3 +149,32 @@ def test_bad_inputs_stop_with_messages(data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_main(["--train_data_path", str(data), "--feature_cache", "gpu"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_last_checkpoint_and_resume_finishes_the_same(data, tmp_path):
+    """SIGINT in the middle of training: exit 130, the finished epochs' checkpoints load, and
+    --resume reaches the same final prompts as a run that was never stopped."""
+    import signal
+    import time
+
+    save = tmp_path / "stopped"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(REPO / "train.py"), "--train_data_path", str(data), "--save_path", str(save),
+           "--epoch", "400", "--batch_size", "5", "--num_workers", "0", "--no_progress", "--device", "cpu"] + TINY_FLAGS
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (save / "epoch_2.pth").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "interrupted" in out and "--resume" in out
+    done = sorted(int(p.stem.split("_")[1]) for p in save.glob("epoch_*.pth"))
+    assert done and done[-1] < 400 and not list(save.glob("*.tmp"))
+    last = torch.load(save / f"epoch_{done[-1]}.pth", weights_only=False)
+    assert last["epoch"] == done[-1]
+    # resume to a few epochs past the stop and compare with an uninterrupted run
+    target = str(done[-1] + 2)
+    _train(data, save, "--resume", str(save), "--epoch", target)
+    ref = _train(data, tmp_path / "ref", "--epoch", target)
+    _assert_same_prompts(ref / f"epoch_{target}.pth", save / f"epoch_{target}.pth", atol=0)
