@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -86,8 +87,9 @@ class Evaluator:
         caller computes a finished class's metrics). Yields each class's gathered scores on
         rank 0 (None on other ranks)."""
         batches = self._batches(dataset, classes)
+        extra = {"prefetch_factor": 4} if self.num_workers > 0 else {}
         loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
-                                 collate_fn=_collate, pin_memory=self.model.device.type == "cuda"))
+                                 collate_fn=_collate, pin_memory=self.model.device.type == "cuda", **extra))
         by_class: dict[str, int] = {c: 0 for c in classes}
         for b in batches:
             by_class[dataset.entries[b[0]]["cls_name"]] += 1
@@ -200,17 +202,30 @@ def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: Dis
     ev = Evaluator(model, ctx, sigma, batch_size, num_workers, progress)
     per_class: dict[str, dict[str, float]] = {}
     pooled_labels, pooled_scores = [], []
-    for cls_name, cs in zip(data.classes, ev.score_classes(data, data.classes, keep_maps)):
-        if cs is None:
-            continue
-        per_class[cls_name] = class_metrics(cs, mode)
-        pooled_labels.append(cs.labels)
-        pooled_scores.append(cs.scores)
+
+    def finish(cs: ClassScores) -> None:
+        per_class[cs.cls_name] = class_metrics(cs, mode)
         if vis_dir is not None:
             from .visualize import save_class_visuals
 
             save_class_visuals(vis_dir, cs)
-        del cs
+
+    # A class's metrics (region labelling on the CPU, sorting) run in a second thread while the next
+    # class is scored; waiting for the previous class first keeps at most two classes' maps alive.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for cs in ev.score_classes(data, data.classes, keep_maps):
+            if cs is None:
+                continue
+            pooled_labels.append(cs.labels)
+            pooled_scores.append(cs.scores)
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(finish, cs)
+            del cs
+        if pending is not None:
+            pending.result()
+    per_class = {c: per_class[c] for c in data.classes if c in per_class}
     if not ctx.is_main:
         return None
     labels = np.concatenate(pooled_labels)
