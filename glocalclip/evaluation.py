@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import metrics as M
-from .datasets import AnomalyDataset, default_metrics, load_meta
+from .datasets import AnomalyDataset, collate, default_metrics, load_meta
 from .distributed import DistContext
 from .model import GlocalCLIP
 from .scoring import fuse_image_score, gaussian_smooth
@@ -48,14 +48,6 @@ def metric_keys(mode: str) -> tuple[str, ...]:
         raise ValueError(f"--metrics must be one of {METRIC_MODES}, got {mode!r}")
     return {"image-level": IMAGE_KEYS, "pixel-level": PIXEL_KEYS,
             "image-pixel-level": PIXEL_KEYS + IMAGE_KEYS}[mode]
-
-
-def _collate(items: list[dict]) -> dict:
-    return {"index": torch.tensor([it["index"] for it in items]),
-            "image": torch.stack([it["image"] for it in items]),
-            "mask": torch.stack([it["mask"] for it in items]),
-            "label": torch.tensor([it["label"] for it in items]),
-            "img_path": [it["img_path"] for it in items]}
 
 
 class Evaluator:
@@ -89,7 +81,7 @@ class Evaluator:
         batches = self._batches(dataset, classes)
         extra = {"prefetch_factor": 4} if self.num_workers > 0 else {}
         loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
-                                 collate_fn=_collate, pin_memory=self.model.device.type == "cuda", **extra))
+                                 collate_fn=collate, pin_memory=self.model.device.type == "cuda", **extra))
         by_class: dict[str, int] = {c: 0 for c in classes}
         for b in batches:
             by_class[dataset.entries[b[0]]["cls_name"]] += 1

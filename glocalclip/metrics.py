@@ -212,19 +212,23 @@ def _auroc_f1(g: _Groups) -> tuple[float, float]:
     return float(auroc), float(f1.max())
 
 
-def _split_sorted(labels: Any, scores: Any, backend: str | None) -> tuple[Any, Any] | None:
-    """(negatives ascending, positives ascending) of flat labels/scores, or None if one class is empty."""
-    be = _resolve_backend(scores, backend)
+def _flat_labels_scores(labels: Any, scores: Any, be: str) -> tuple[np.ndarray, Any, bool]:
+    """Flat binary labels (numpy) and float scores (numpy or torch, by ``be``), checked to match in
+    length and to be finite, and whether both label values occur (else the metrics are undefined)."""
     truth = _binary_numpy(labels).reshape(-1)
-    if be == "torch":
-        values = _float_torch(scores).reshape(-1)
-    else:
-        values = _float_numpy(scores).reshape(-1)
+    values = (_float_torch(scores) if be == "torch" else _float_numpy(scores)).reshape(-1)
     if truth.shape[0] != values.shape[0]:
         raise ValueError(f"labels and scores differ in length: {truth.shape[0]} vs {values.shape[0]}")
     _check_finite(values, "scores")
     n_pos = int(truth.sum())
-    if n_pos == 0 or n_pos == truth.shape[0]:
+    return truth, values, 0 < n_pos < truth.shape[0]
+
+
+def _split_sorted(labels: Any, scores: Any, backend: str | None) -> tuple[Any, Any] | None:
+    """(negatives ascending, positives ascending) of flat labels/scores, or None if one class is empty."""
+    be = _resolve_backend(scores, backend)
+    truth, values, defined = _flat_labels_scores(labels, scores, be)
+    if not defined:
         return None
     if be == "torch":
         t = torch.from_numpy(truth).to(values.device)
@@ -254,13 +258,8 @@ def image_metrics(labels: Any, scores: Any) -> dict[str, float]:
     :func:`f1_max`. All three are nan when ``labels`` hold only one value (e.g. a class without anomalous
     test images): the metrics are not defined there.
     """
-    truth = _binary_numpy(labels).reshape(-1)
-    values = _float_numpy(scores).reshape(-1)
-    if truth.shape[0] != values.shape[0]:
-        raise ValueError(f"labels and scores differ in length: {truth.shape[0]} vs {values.shape[0]}")
-    _check_finite(values, "scores")
-    n_pos = int(truth.sum())
-    if n_pos == 0 or n_pos == truth.shape[0]:
+    truth, values, defined = _flat_labels_scores(labels, scores, "numpy")
+    if not defined:
         return {"image_auroc": NAN, "image_ap": NAN, "image_f1max": NAN}
     y = truth.astype(np.int64)
     return {

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_save, read_checkpoint, is_ours
 from .config import GlocalCLIPConfig
-from .datasets import AnomalyDataset
+from .datasets import AnomalyDataset, collate
 from .distributed import DistContext, init_distributed
 from .feature_cache import FeatureCache, choose_location
 from .losses import glocal_contrastive_loss
@@ -79,14 +79,6 @@ def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch
 def shard(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """This rank's contiguous part of a global batch (ranks may get unequal parts, or none)."""
     return torch.tensor_split(batch, ctx.world_size)[ctx.rank]
-
-
-def _collate(items: list[dict]) -> dict:
-    return {"index": torch.tensor([it["index"] for it in items]),
-            "image": torch.stack([it["image"] for it in items]),
-            "mask": torch.stack([it["mask"] for it in items]),
-            "label": torch.tensor([it["label"] for it in items]),
-            "has_mask": torch.tensor([it["has_mask"] for it in items])}
 
 
 class _ListSampler(torch.utils.data.Sampler):
@@ -158,7 +150,7 @@ class Trainer:
     # -------------------------------------------------------------- features
     def _loader(self, batches: list[list[int]]) -> DataLoader:
         return DataLoader(self.dataset, batch_sampler=_ListSampler(batches), num_workers=self.cfg.num_workers,
-                          collate_fn=_collate, pin_memory=self.device.type == "cuda")
+                          collate_fn=collate, pin_memory=self.device.type == "cuda")
 
     def _encode(self, batch: dict) -> tuple:
         x = batch["image"].to(self.device, non_blocking=True)

@@ -103,3 +103,14 @@ class AnomalyDataset(Dataset):
             image = image_to_tensor(decoded(img, "image"), S)
         return {"image": image, "mask": mask, "label": 1 if anomalous else 0, "has_mask": has_mask,
                 "cls_name": e["cls_name"], "img_path": img_path, "index": index}
+
+
+def collate(items: list[dict]) -> dict:
+    """Batch ``AnomalyDataset`` items: images and masks stacked, numbers as tensors, paths as lists."""
+    return {"index": torch.tensor([it["index"] for it in items]),
+            "image": torch.stack([it["image"] for it in items]),
+            "mask": torch.stack([it["mask"] for it in items]),
+            "label": torch.tensor([it["label"] for it in items]),
+            "has_mask": torch.tensor([it["has_mask"] for it in items]),
+            "img_path": [it["img_path"] for it in items],
+            "cls_name": [it["cls_name"] for it in items]}
