@@ -127,7 +127,7 @@ def bench_test(data: Path, kind: str, precision: str, batch_size: int, device: t
         torch.manual_seed(0)
         model = GlocalCLIP(model_config(kind, precision)).to(device)
     model.cfg = model.cfg.replace(precision=precision)  # the same weights, another autocast
-    ds = AnomalyDataset(str(data), split="test", image_size=model.cfg.image_size)
+    ds = AnomalyDataset(str(data), split="test", image_size=model.cfg.image_size, as_uint8=True)
     ev = Evaluator(model, DistContext(device=device), sigma=8, batch_size=batch_size, num_workers=workers,
                    progress=False)
     with torch.no_grad():  # warm-up: kernels and autotuning at this batch size

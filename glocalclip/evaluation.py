@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import metrics as M
-from .datasets import AnomalyDataset, collate, default_metrics, load_meta
+from .datasets import AnomalyDataset, collate, default_metrics, load_meta, normalize_image
 from .distributed import DistContext
 from .model import GlocalCLIP
 from .scoring import fuse_image_score, gaussian_smooth
@@ -103,6 +103,8 @@ class Evaluator:
             for _ in range(n_batches):
                 batch = next(loader)
                 x = batch["image"].to(dev, non_blocking=True)
+                if x.dtype == torch.uint8:  # datasets read with as_uint8: normalise on the device
+                    x = normalize_image(x)
                 out = self.model(x, text=self.text)
                 amap = gaussian_smooth(out["anomaly_map"], self.sigma)
                 score = out["image_score"]
@@ -186,7 +188,7 @@ def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: Dis
     """Score and measure every class; returns the results dict on rank 0, None elsewhere."""
     t0 = time.time()
     data = AnomalyDataset(data_path, split="test", image_size=model.cfg.image_size, classes=classes,
-                          dataset=dataset)
+                          dataset=dataset, as_uint8=True)
     if mode is None:
         mode = default_metrics(dataset, load_meta(data_path))
     keys = metric_keys(mode)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_save, read_checkpoint, is_ours
 from .config import GlocalCLIPConfig
-from .datasets import AnomalyDataset, collate
+from .datasets import AnomalyDataset, collate, normalize_image
 from .distributed import DistContext, init_distributed
 from .feature_cache import FeatureCache, choose_location
 from .losses import glocal_contrastive_loss
@@ -132,7 +132,7 @@ class Trainer:
         self.device = self.ctx.device
         self.model = GlocalCLIP(model_cfg, clip=clip).to(self.device)
         self.dataset = AnomalyDataset(cfg.train_data_path, split="test", image_size=model_cfg.image_size,
-                                      dataset=cfg.dataset)
+                                      dataset=cfg.dataset, as_uint8=True)
         self.optimizer = torch.optim.Adam(self.model.prompt_parameters(), lr=cfg.learning_rate,
                                           betas=(0.5, 0.999))
         if resume_ckpt is not None:
@@ -153,9 +153,9 @@ class Trainer:
                           collate_fn=collate, pin_memory=self.device.type == "cuda")
 
     def _encode(self, batch: dict) -> tuple:
-        x = batch["image"].to(self.device, non_blocking=True)
+        x = normalize_image(batch["image"].to(self.device, non_blocking=True))
         img, patches = self.model.encode_image(x)
-        return (img, patches, batch["mask"].to(self.device), batch["label"].to(self.device),
+        return (img, patches, batch["mask"].to(self.device).float(), batch["label"].to(self.device),
                 batch["has_mask"].to(self.device))
 
     def _new_cache(self, img: torch.Tensor, patches: list[torch.Tensor]) -> FeatureCache:

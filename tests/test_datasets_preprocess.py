@@ -174,3 +174,25 @@ def test_mask_modes(mode):
     m = load_mask(img, S)
     assert torch.equal(m, reference_mask(base, S))
     assert m.sum() > 0
+
+
+def test_uint8_items_normalised_on_the_device_equal_the_float_items(tmp_path):
+    """Loader workers hand over uint8 images; normalising them afterwards is bit-identical to
+    ToTensor + Normalize done in the worker (the numpy float32 path written out here)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from glocalclip.datasets import IMAGE_MEAN, IMAGE_STD, load_image, normalize_image
+    from glocalclip.datasets.preprocess import image_to_uint8
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    u8 = image_to_uint8(img, 40)
+    assert u8.dtype == torch.uint8 and u8.shape == (3, 40, 40)
+    arr = np.asarray(img.resize((40, 40), Image.BICUBIC).convert("RGB"), dtype=np.float32) / 255.0
+    ref = (torch.from_numpy(arr).permute(2, 0, 1) - torch.tensor(IMAGE_MEAN).view(3, 1, 1)) / \
+        torch.tensor(IMAGE_STD).view(3, 1, 1)
+    assert torch.equal(normalize_image(u8), ref)
+    assert torch.equal(normalize_image(u8[None])[0], ref)  # batched
+    assert torch.equal(load_image(img, 40), ref)

@@ -4,11 +4,11 @@ from .catalog import DATASET_CLASSES, DATASET_METRICS, DATASET_SCRIPTS, default_
 from .errors import DatasetError
 from .meta import load_meta, write_meta
 from .generate import prepare_dataset
-from .preprocess import IMAGE_MEAN, IMAGE_STD, load_image, load_mask
+from .preprocess import IMAGE_MEAN, IMAGE_STD, load_image, load_mask, normalize_image
 from .reader import AnomalyDataset, collate
 
 __all__ = [
     "DATASET_CLASSES", "DATASET_METRICS", "DATASET_SCRIPTS", "IMAGE_MEAN", "IMAGE_STD", "AnomalyDataset",
-    "DatasetError", "collate", "default_metrics", "load_image", "load_mask", "load_meta", "prepare_dataset",
+    "DatasetError", "collate", "default_metrics", "load_image", "load_mask", "load_meta", "normalize_image", "prepare_dataset",
     "resolve_dataset_name", "write_meta",
 ]
