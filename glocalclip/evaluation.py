@@ -23,7 +23,7 @@ from . import metrics as M
 from .datasets import AnomalyDataset, collate, default_metrics, load_meta, normalize_image
 from .distributed import DistContext
 from .model import GlocalCLIP
-from .scoring import fuse_image_score, gaussian_smooth
+from .scoring import smoothed_scores
 
 METRIC_MODES = ("image-level", "pixel-level", "image-pixel-level")
 IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1max")
@@ -105,12 +105,8 @@ class Evaluator:
                 x = batch["image"].to(dev, non_blocking=True)
                 if x.dtype == torch.uint8:  # datasets read with as_uint8: normalise on the device
                     x = normalize_image(x)
-                out = self.model(x, text=self.text)
-                amap = gaussian_smooth(out["anomaly_map"], self.sigma)
-                score = out["image_score"]
-                if self.model.cfg.image_score == "global+max":
-                    img_prob = score - out["anomaly_map"].flatten(1).max(1).values
-                    score = fuse_image_score(img_prob, amap)
+                score, amap = smoothed_scores(self.model(x, text=self.text), self.sigma,
+                                              self.model.cfg.image_score)
                 order.append(batch["index"])
                 paths += batch["img_path"]
                 labels.append(batch["label"])

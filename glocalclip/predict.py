@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .datasets import DatasetError, load_image
 from .datasets.preprocess import decoded, open_image
-from .scoring import fuse_image_score, gaussian_smooth
+from .scoring import smoothed_scores
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 FIELDS = ("image_path", "pred_score", "pred_label", "anomaly_map", "map_max", "overlay")
@@ -143,11 +143,8 @@ class Predictor:
         """Score a preprocessed batch [B, 3, S, S]; maps are resized to ``sizes`` [(h, w)] * B."""
         sigma = self.sigma if sigma is None else float(sigma)
         thr = threshold if threshold is not None else self.threshold
-        out = self.model(x.to(self.device), text=self.text)
-        amap = gaussian_smooth(out["anomaly_map"], sigma)
-        score = out["image_score"]
-        if self.model.cfg.image_score == "global+max":  # as test.py: fused with the smoothed map
-            score = fuse_image_score(score - out["anomaly_map"].flatten(1).max(1).values, amap)
+        score, amap = smoothed_scores(self.model(x.to(self.device), text=self.text), sigma,
+                                      self.model.cfg.image_score)  # exactly as test.py
         peak = amap.flatten(1).max(1).values
         score, peak = score.float().cpu().tolist(), peak.float().cpu().tolist()
         preds = []

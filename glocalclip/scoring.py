@@ -66,6 +66,16 @@ def fuse_image_score(global_probability: torch.Tensor, amap: torch.Tensor) -> to
     return global_probability + amap.flatten(1).max(dim=1).values
 
 
+def smoothed_scores(out: dict[str, torch.Tensor], sigma: float, image_score: str = "global"
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test protocol on a forward's output: the map smoothed with σ, and the image score (with
+    ``image_score="global+max"`` fused with the *smoothed* map). Returns (score [B], map [B,H,W])."""
+    amap = gaussian_smooth(out["anomaly_map"], sigma)
+    if image_score == "global+max":
+        return fuse_image_score(out["global_score"], amap), amap
+    return out["image_score"], amap
+
+
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device=None, dtype=torch.float32) -> torch.Tensor:
     """scipy.ndimage's Gaussian weights: radius int(truncate·σ + 0.5), normalised to sum 1."""
     radius = int(truncate * float(sigma) + 0.5)

@@ -82,3 +82,22 @@ def test_gaussian_smooth_equals_scipy(sigma, shape):
     ref = np.stack([gaussian_filter(m, sigma=sigma) for m in maps])
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
     assert ours.dtype == np.float32
+
+
+def test_global_plus_max_fuses_with_the_smoothed_map(tiny_clip):
+    from glocalclip import GlocalCLIP
+    from glocalclip.scoring import smoothed_scores
+
+    from conftest import TINY_SIZE, tiny_config
+
+    torch.manual_seed(0)
+    model = GlocalCLIP(tiny_config(image_score="global+max"), clip=tiny_clip)
+    x = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
+    out = model(x)
+    torch.testing.assert_close(out["image_score"], out["global_score"] + out["anomaly_map"].flatten(1).max(1).values)
+    score, amap = smoothed_scores(out, 4, "global+max")
+    torch.testing.assert_close(amap, gaussian_smooth(out["anomaly_map"], 4))
+    torch.testing.assert_close(score, out["global_score"] + amap.flatten(1).max(1).values)
+    plain, _ = smoothed_scores(out, 4, "global")
+    assert torch.equal(plain, out["image_score"])
+    assert (score < out["image_score"]).all()  # smoothing lowers the peak
