@@ -40,17 +40,36 @@ def _packaged_config(name: str) -> dict[str, Any]:
     return json.loads(text)
 
 
+def _openai_style_name(name: str) -> str:
+    """'ViT-L/14@336px' (OpenAI's spelling) -> 'ViT-L-14-336' (open_clip's)."""
+    name = name.replace("@336px", "-336").replace("@", "-")
+    return name.replace("/", "-")
+
+
+def wants_quick_gelu(name: str, pretrained: Optional[str]) -> bool:
+    """QuickGELU for OpenAI weights: the ``openai`` tag (or any tag open_clip marks quick_gelu) and
+    local weight files, which are OpenAI CLIP checkpoints (``ViT-L-14-336px.pt``) or their state
+    dicts. Other open_clip tags keep their model's own activation."""
+    if pretrained is None:
+        return False
+    if os.path.isfile(pretrained):
+        return True
+    pcfg = open_clip.get_pretrained_cfg(name, pretrained) or {}
+    return bool(pcfg.get("quick_gelu", pretrained == "openai"))
+
+
 def resolve_model_config(backbone: str, pretrained: Optional[str]) -> tuple[dict[str, Any], str]:
     """Return (open_clip model config dict, canonical model name).
 
     ``backbone`` is ``"tiny"`` (the packaged test config), a path to an open_clip model-config
-    JSON (either the bare config or ``{"model_cfg": ...}``), or an open_clip model name. For
-    built-in names loaded with OpenAI weights (the tag ``openai`` or a local file), QuickGELU is
-    forced, because that is the activation those weights were trained with.
+    JSON (either the bare config or ``{"model_cfg": ...}``), or an open_clip model name (OpenAI's
+    ``ViT-L/14@336px`` spelling accepted). With OpenAI weights (see :func:`wants_quick_gelu`) a
+    built-in name maps to its ``-quickgelu`` twin: the plain config builds ``nn.GELU`` and open_clip
+    only warns, which would silently change every feature.
     """
     if backbone == TINY_BACKBONE:
         return _packaged_config(TINY_BACKBONE), TINY_BACKBONE
-    if backbone.endswith(".json") or os.path.sep in backbone:
+    if backbone.endswith(".json") or os.path.isfile(backbone):
         path = Path(backbone)
         if not path.is_file():
             raise FileNotFoundError(
@@ -62,18 +81,18 @@ def resolve_model_config(backbone: str, pretrained: Optional[str]) -> tuple[dict
             raise ValueError(f"{path} is not an open_clip model config (needs vision_cfg and text_cfg)")
         return cfg, str(path)
 
-    name = backbone.replace("/", "-")
-    if pretrained is not None and not name.endswith("-quickgelu"):
-        quick = open_clip.get_model_config(name + "-quickgelu")
-        if quick is not None:
-            name = name + "-quickgelu"
+    name = _openai_style_name(backbone)
+    base = name[: -len("-quickgelu")] if name.endswith("-quickgelu") else name
+    quick = wants_quick_gelu(base, pretrained)
+    if quick and not name.endswith("-quickgelu") and open_clip.get_model_config(name + "-quickgelu"):
+        name = name + "-quickgelu"
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise ValueError(
             f"unknown backbone {backbone!r}: not an open_clip model name "
             f"(e.g. 'ViT-L-14-336', see open_clip.list_models()), not 'tiny', and not a .json path")
     cfg = deepcopy(cfg)
-    if pretrained is not None:
+    if quick:
         cfg["quick_gelu"] = True
     return cfg, name
 

@@ -90,6 +90,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature_cache", choices=("auto", "device", "host", "disk", "off"), default="auto")
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--resume", default=None, help="a checkpoint, or a save folder (its latest epoch)")
+    p.add_argument("--unmasked_anomalies", choices=("auto", "skip", "zero"), default="auto",
+                   help="anomalous images without a mask: zero = all-normal target (original), skip = no "
+                        "local loss for them; auto = zero for a named --dataset, skip for folder-mode data")
     p.add_argument("--no_progress", action="store_true")
     add_model_args(p, defaults=True)
     return p
@@ -107,7 +110,7 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
                       learning_rate=args.learning_rate, alpha=args.alpha, margin=args.margin, seed=args.seed,
                       print_freq=args.print_freq, save_freq=args.save_freq, device=args.device,
                       feature_cache=args.feature_cache, num_workers=args.num_workers, resume=args.resume,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, unmasked_anomalies=args.unmasked_anomalies)
     try:
         last = train(model_cfg, cfg)
     except KeyboardInterrupt:

@@ -41,7 +41,8 @@ class GlocalCLIPConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        self.features_list = tuple(int(f) for f in self.features_list)
+        # Blocks are read once each, in block order, as the original's encoder returned them.
+        self.features_list = tuple(sorted({int(f) for f in self.features_list}))
         self.validate()
 
     def validate(self) -> None:

@@ -326,6 +326,10 @@ def _prepare(masks: Any, maps: Any, backend: str | None) -> _Pixels | None:
     be = _resolve_backend(maps, backend)
     values = _float_torch(maps) if be == "torch" else _float_numpy(maps)
     mask = _binary_numpy(masks)
+    if values.ndim == 4 and values.shape[1] == 1:  # [N, 1, H, W], as the original code passed them
+        values = values[:, 0]
+    if mask.ndim == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]
     if mask.shape != tuple(values.shape):
         raise ValueError(f"masks {tuple(mask.shape)} and maps {tuple(values.shape)} differ in shape")
     if mask.ndim == 2:

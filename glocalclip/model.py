@@ -101,14 +101,15 @@ class GlocalCLIP(nn.Module):
         prob = image_logits(image_features, g_text, self.cfg.temperature).softmax(dim=-1)[:, 1]
         maps = layer_probability_maps(patch_feats, l_text, self.cfg.image_size, self.cfg.temperature)
         amap = anomaly_map(maps)
-        score = fuse_image_score(prob, amap) if self.cfg.image_score == "global+max" else prob
-        return {"image_score": score, "anomaly_map": amap, "global_score": prob}
+        if self.cfg.image_score == "global+max":
+            return {"image_score": fuse_image_score(prob, amap), "anomaly_map": amap, "global_score": prob}
+        return {"image_score": prob, "anomaly_map": amap}
 
     def forward(self, x: torch.Tensor, text: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                 ) -> dict[str, torch.Tensor]:
-        """``{"image_score": [B], "anomaly_map": [B, H, W]}`` (map unsmoothed), plus "global_score"
-        (the global branch's probability, which ``image_score`` equals by default). Pass ``text``
-        (from ``encode_text``) to reuse text features across batches."""
+        """``{"image_score": [B], "anomaly_map": [B, H, W]}`` (map unsmoothed); with
+        ``image_score="global+max"`` also "global_score", the global branch's probability. Pass
+        ``text`` (from ``encode_text``) to reuse text features across batches."""
         self._check_size(x)
         img, patches = self.encode_image(x)
         return self.score_features(img, patches, text)

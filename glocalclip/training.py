@@ -54,6 +54,17 @@ class TrainConfig:
     num_workers: int = 2
     resume: Optional[str] = None
     progress: bool = True
+    # Anomalous images without a mask: "zero" trains their maps toward all-normal (the original
+    # code's behaviour), "skip" leaves them out of the local loss (they still train the global
+    # branch); "auto" = "zero" for a named dataset, "skip" for folder-mode data (--dataset omitted).
+    unmasked_anomalies: str = "auto"
+
+    def skip_unmasked(self) -> bool:
+        if self.unmasked_anomalies not in ("auto", "skip", "zero"):
+            raise ValueError(f"--unmasked_anomalies must be auto, skip or zero, got {self.unmasked_anomalies!r}")
+        if self.unmasked_anomalies == "auto":
+            return self.dataset is None
+        return self.unmasked_anomalies == "skip"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,6 +155,7 @@ class Trainer:
             self.prompt_module = torch.nn.parallel.DistributedDataParallel(
                 self.model.prompt_learner, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.cache: Optional[FeatureCache] = None
+        self.skip_unmasked = cfg.skip_unmasked()
         self.save_dir = Path(cfg.save_path)
         self.history: list[dict[str, float]] = []
 
@@ -238,7 +250,7 @@ class Trainer:
             weight = 0.0
         else:
             terms = model.losses_from_features(img, patches, masks, labels, cfg.alpha, cfg.margin,
-                                               mask_valid=valid, text=text)
+                                               mask_valid=valid if self.skip_unmasked else None, text=text)
             weight = len(labels) / n_global
         # per-image terms weighted by this rank's share, so DDP's gradient average equals the
         # loss of the whole global batch whatever the split

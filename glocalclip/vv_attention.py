@@ -104,8 +104,10 @@ class DualPathVisionEncoder(nn.Module):
     """open_clip's ``VisionTransformer`` with the dual-path surgery and multi-layer patch outputs.
 
     ``features_list`` and ``dpam_layer`` as in DESIGN.md §2.3–2.4. ``multilayer="reference"``
-    reproduces the original code, where every selected layer from the first modified block on
-    equals the V-V stream after the last block; ``"snapshot"`` takes each layer's own V-V stream.
+    reproduces the original code, where every selected layer from the first modified block on —
+    and the last standard block too, whose output tensor the first modified block adds to in
+    place — equals the V-V stream after the last block; ``"snapshot"`` takes each layer's own
+    V-V stream (and a standard block's own output before the surgery).
     """
 
     def __init__(self, visual: nn.Module, features_list: tuple[int, ...], dpam_layer: int,
@@ -174,10 +176,13 @@ class DualPathVisionEncoder(nn.Module):
             layer = self.first_dual + j
             if layer in selected and self.multilayer == "snapshot":
                 raw[layer] = v
-        late = [f for f in self.features_list if f >= self.first_dual]
-        if self.multilayer == "reference" and late:
-            for f in late:  # the original kept references to one tensor updated in place
-                raw[f] = v
+        if self.multilayer == "reference" and self.dual_blocks:
+            # The original kept references to one tensor and added to it in place: every selected
+            # layer from the last standard block on (its output is the tensor the first modified
+            # block adds to) ends as the V-V stream after the last block.
+            for f in self.features_list:
+                if f >= self.first_dual - 1:
+                    raw[f] = v
         projected: dict[int, torch.Tensor] = {}
         by_tensor: dict[int, torch.Tensor] = {}
         for f in self.features_list:

@@ -160,3 +160,10 @@ def test_random_init_is_the_same_every_time_and_leaves_the_rng_alone():
     assert torch.equal(after, expected_next)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_quick_gelu_only_for_openai_weights():
+    cfg, name = resolve_model_config("ViT-B-16", "laion2b_s34b_b88k")  # a non-OpenAI tag keeps GELU
+    assert name == "ViT-B-16" and not cfg.get("quick_gelu", False)
+    cfg, name = resolve_model_config("ViT-L/14@336px", "openai")     # OpenAI's spelling of the name
+    assert name == "ViT-L-14-336-quickgelu" and cfg["quick_gelu"] is True

@@ -401,3 +401,13 @@ def test_pro_curve_is_the_curve_behind_aupro():
     f = (f - f.min()) / (f.max() - f.min())
     assert auc(f, pro[keep]) == pytest.approx(metrics.aupro(masks, maps), abs=1e-12)
     assert metrics.pro_curve(np.zeros_like(masks), maps) is None
+
+
+def test_pixel_metrics_accept_a_singleton_channel_axis():
+    rng = np.random.default_rng(3)
+    masks = np.zeros((4, 24, 24), dtype=np.uint8)
+    masks[:, 5:12, 6:15] = 1
+    maps = (rng.random(masks.shape) + 0.5 * masks).astype(np.float32)
+    flat = metrics.pixel_metrics(masks, maps)
+    chan = metrics.pixel_metrics(masks[:, None], maps[:, None])
+    assert flat == chan

@@ -178,3 +178,29 @@ def test_ctrl_c_keeps_last_checkpoint_and_resume_finishes_the_same(data, tmp_pat
     _train(data, save, "--resume", str(save), "--epoch", target)
     ref = _train(data, tmp_path / "ref", "--epoch", target)
     _assert_same_prompts(ref / f"epoch_{target}.pth", save / f"epoch_{target}.pth", atol=0)
+
+
+def test_unmasked_anomalies_are_skipped_for_folder_data_and_zeroed_on_request(tmp_path):
+    """Folder-mode data without masks: by default (auto) the local loss skips the anomalous images;
+    --unmasked_anomalies zero trains them toward all-normal maps, as the original code did."""
+    from PIL import Image
+
+    from glocalclip.datasets import prepare_dataset
+    from glocalclip.synthetic import make_sample
+
+    import numpy as np
+
+    root = tmp_path / "mine"
+    rng = np.random.default_rng(0)
+    for sub, bad in (("good", False), ("bad", True)):
+        (root / sub).mkdir(parents=True)
+        for i in range(4):
+            img, _ = make_sample("grain", 48, bad, rng)
+            Image.fromarray(img).save(root / sub / f"{i}.png")
+    prepare_dataset("folder", root, quiet=True, class_name="widget", normal="good", abnormal="bad")
+    runs = {}
+    for mode in ("auto", "skip", "zero"):
+        runs[mode] = _train(root, tmp_path / mode, "--epoch", "1", "--unmasked_anomalies", mode)
+    _assert_same_prompts(runs["auto"] / "epoch_1.pth", runs["skip"] / "epoch_1.pth", atol=0)
+    with pytest.raises(AssertionError):
+        _assert_same_prompts(runs["skip"] / "epoch_1.pth", runs["zero"] / "epoch_1.pth", atol=1e-6)

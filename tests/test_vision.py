@@ -197,3 +197,35 @@ def test_wrong_input_shape_is_refused(tiny_model):
         tiny_model(_images(1, 84))
     with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
         tiny_model.encode_image(torch.zeros(3, TINY_SIZE, TINY_SIZE))
+
+
+def test_reference_mode_also_aliases_the_last_standard_block(tiny_clip):
+    """In the original the first modified block adds to its input tensor in place, so a selected
+    last standard block (here block 3, first modified block 4) also ends as the final V-V stream;
+    in snapshot mode it stays that block's own output."""
+    x = _images(1)
+    ref = GlocalCLIP(tiny_config(features_list=(2, 3, 4, 8)), clip=tiny_clip)
+    snap = GlocalCLIP(tiny_config(features_list=(2, 3, 4, 8), multilayer="snapshot"), clip=tiny_clip)
+    _, pr = ref.encode_image(x)
+    _, ps = snap.encode_image(x)
+    assert ref.visual.first_dual == 4
+    torch.testing.assert_close(pr[1], pr[3], rtol=0, atol=0)  # block 3 == V-V after block 8
+    assert not torch.allclose(pr[0], pr[3], atol=1e-3)        # block 2 is untouched
+    with torch.no_grad():
+        t = ref.visual.embed(x)
+        for blk in tiny_clip.visual.transformer.resblocks[:3]:
+            t = blk(t)
+        own3 = tiny_clip.visual.ln_post(t) @ tiny_clip.visual.proj
+    torch.testing.assert_close(ps[1], own3, rtol=1e-5, atol=1e-5)
+
+
+def test_features_list_is_read_once_per_block_in_block_order(tiny_clip):
+    cfg = tiny_config(features_list=(8, 2, 6, 2, 4))
+    assert cfg.features_list == (2, 4, 6, 8)
+    model = GlocalCLIP(cfg, clip=tiny_clip)
+    _, patches = model.encode_image(_images(1))
+    assert len(patches) == 4
+
+
+def test_forward_returns_exactly_the_documented_keys(tiny_model):
+    assert set(tiny_model(_images(1))) == {"image_score", "anomaly_map"}
