@@ -197,13 +197,14 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
         results = evaluate(model, args.data_path, _dataset(args.dataset), ctx, mode=args.metrics,
                            sigma=args.sigma, batch_size=args.batch_size, num_workers=args.num_workers,
                            classes=args.classes, vis_dir=out_dir / "vis" if args.save_vis else None,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, partial_path=out_dir / "results.partial.json")
         if ctx.is_main:
             results.update({"checkpoint": str(args.checkpoint_path), "config": model.cfg.to_dict(),
                             "train_config": ckpt.get("train_config"),
                             "versions": software_versions(), "total_wall_time_s": time.time() - t0})
             print(results_table(results, fmt="simple"))
             paths = write_results(results, out_dir)
+            (out_dir / "results.partial.json").unlink(missing_ok=True)
             print(f"results: {paths['json']} {paths['csv']} {paths['md']}")
             thr = results.get("image_threshold")
             if thr is not None and is_ours(ckpt) and Path(args.checkpoint_path).is_file():

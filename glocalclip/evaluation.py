@@ -180,8 +180,11 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> Optional[float]:
 def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: DistContext,
              mode: Optional[str] = None, sigma: float = 8.0, batch_size: int = 8, num_workers: int = 2,
              classes: Optional[list[str]] = None, vis_dir: Optional[Path] = None,
-             progress: bool = True) -> Optional[dict[str, Any]]:
-    """Score and measure every class; returns the results dict on rank 0, None elsewhere."""
+             progress: bool = True, partial_path: Optional[Path] = None) -> Optional[dict[str, Any]]:
+    """Score and measure every class; returns the results dict on rank 0, None elsewhere.
+
+    With ``partial_path``, the classes finished so far are written there after each class, so an
+    interrupted run keeps what it measured."""
     t0 = time.time()
     data = AnomalyDataset(data_path, split="test", image_size=model.cfg.image_size, classes=classes,
                           dataset=dataset, as_uint8=True)
@@ -195,6 +198,9 @@ def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: Dis
 
     def finish(cs: ClassScores) -> None:
         per_class[cs.cls_name] = class_metrics(cs, mode)
+        if partial_path is not None:
+            _write_partial(partial_path, {"data_path": str(data_path), "dataset": dataset, "metrics_mode": mode,
+                                          "sigma": sigma, "classes": per_class})
         if vis_dir is not None:
             from .visualize import save_class_visuals
 
@@ -225,3 +231,16 @@ def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: Dis
             "n_images": int(len(labels)), "image_threshold": f1_threshold(labels, scores),
             "wall_time_s": time.time() - t0}
 
+
+
+def _write_partial(path: Path, content: dict[str, Any]) -> None:
+    import json
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    safe = {k: ({c: {m: (None if math.isnan(v) else v) for m, v in r.items()} for c, r in v.items()}
+                if k == "classes" else v) for k, v in content.items()}
+    tmp.write_text(json.dumps(safe, indent=2))
+    os.replace(tmp, path)

@@ -204,3 +204,22 @@ def test_unmasked_anomalies_are_skipped_for_folder_data_and_zeroed_on_request(tm
     _assert_same_prompts(runs["auto"] / "epoch_1.pth", runs["skip"] / "epoch_1.pth", atol=0)
     with pytest.raises(AssertionError):
         _assert_same_prompts(runs["skip"] / "epoch_1.pth", runs["zero"] / "epoch_1.pth", atol=1e-6)
+
+
+def test_evaluation_keeps_finished_classes_in_a_partial_file(data, tmp_path):
+    from glocalclip.cli import build_test_model
+    from glocalclip.distributed import DistContext
+    from glocalclip.evaluation import evaluate
+
+    save = _train(data, tmp_path / "ck", "--epoch", "1")
+    model, _ = build_test_model(str(save / "epoch_1.pth"), {})
+    partial = tmp_path / "out" / "results.partial.json"
+    res = evaluate(model, str(data), None, DistContext(), num_workers=0, progress=False, partial_path=partial,
+                   classes=["grain", "stripes"])
+    written = json.loads(partial.read_text())
+    assert list(written["classes"]) == ["grain", "stripes"]
+    assert written["classes"]["grain"]["pixel_auroc"] == pytest.approx(res["classes"]["grain"]["pixel_auroc"])
+    out = tmp_path / "final"
+    assert run_test(["--data_path", str(data), "--checkpoint_path", str(save / "epoch_1.pth"), "--save_path",
+                     str(out), "--num_workers", "0", "--no_progress", "--classes", "grain"]) == 0
+    assert (out / "results.json").is_file() and not (out / "results.partial.json").exists()
