@@ -76,8 +76,11 @@ class GlocalCLIP(nn.Module):
             raise ValueError(f"expected an image batch [B, 3, H, W], got shape {tuple(x.shape)}")
         with torch.no_grad(), self._autocast(x.device):
             g, patches = self.visual(x)
-        out = {}
-        return g.float(), [out.setdefault(id(p), p.float()) for p in patches]
+        as_float: dict[int, torch.Tensor] = {}  # layers sharing one tensor keep sharing it
+        for p in patches:
+            if id(p) not in as_float:
+                as_float[id(p)] = p.float()
+        return g.float(), [as_float[id(p)] for p in patches]
 
     def encode_text(self, prompt_output: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised text features from the current prompts: global [2, E] and local [2, E],
