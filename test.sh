@@ -9,7 +9,7 @@ OUT_ROOT=${OUT_ROOT:-./runs}
 GPU=${GPU:-0}
 EPOCHS=${EPOCHS:-15}                    # which epoch's checkpoint to test
 SIGMA=${SIGMA:-8}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 EXTRA_TEST_FLAGS=${EXTRA_TEST_FLAGS:-}  # e.g. "--batch_size 32 --precision bf16"
 ALPHAS=${ALPHAS:-}
 

@@ -10,7 +10,7 @@ OUT_ROOT=${OUT_ROOT:-./runs}            # checkpoints: OUT_ROOT/SETTING/alpha_A/
 GPU=${GPU:-0}                           # which GPU (CUDA_VISIBLE_DEVICES)
 EPOCHS=${EPOCHS:-15}
 SEED=${SEED:-111}
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 EXTRA_TRAIN_FLAGS=${EXTRA_TRAIN_FLAGS:-}  # e.g. "--pretrained /path/ViT-L-14-336px.pt --precision bf16"
 ALPHAS=${ALPHAS:-}                        # override the setting's alpha sweep, e.g. "1.0"
 
