@@ -31,7 +31,6 @@ from .feature_cache import FeatureCache, choose_location
 from .losses import glocal_contrastive_loss
 from .model import GlocalCLIP
 
-LOSS_TERMS = ("total", "local", "global", "contrastive")
 
 
 @dataclass
@@ -92,17 +91,6 @@ def shard(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return torch.tensor_split(batch, ctx.world_size)[ctx.rank]
 
 
-class _ListSampler(torch.utils.data.Sampler):
-    def __init__(self, batches: list[list[int]]):
-        self.batches = batches
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
 def latest_checkpoint(path: str | os.PathLike) -> Path:
     """``path`` itself if a file, else the highest ``epoch_N.pth`` inside the folder."""
     p = Path(path)
@@ -161,7 +149,7 @@ class Trainer:
 
     # -------------------------------------------------------------- features
     def _loader(self, batches: list[list[int]]) -> DataLoader:
-        return DataLoader(self.dataset, batch_sampler=_ListSampler(batches), num_workers=self.cfg.num_workers,
+        return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.cfg.num_workers,
                           collate_fn=collate, pin_memory=self.device.type == "cuda")
 
     def _encode(self, batch: dict) -> tuple:
@@ -239,7 +227,9 @@ class Trainer:
             yield self._encode(batch)
 
     # -------------------------------------------------------------- steps
-    def _step(self, n_global: int, img, patches, masks, labels, valid) -> dict[str, float]:
+    def _step(self, n_global: int, img, patches, masks, labels, valid) -> torch.Tensor:
+        """One optimizer step; returns this rank's share of (local, global, contrastive) as a
+        device tensor, so that no step waits for the device (summed over ranks per epoch)."""
         model, cfg = self.model, self.cfg
         text = model.encode_text(self.prompt_module())
         if img is None:  # this rank has no sample in a short last batch: contrastive term only
@@ -259,11 +249,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        stats = torch.tensor([weight * terms["local"].item(), weight * terms["global"].item(),
-                              terms["contrastive"].item() / self.ctx.world_size], dtype=torch.float64)
-        self.ctx.all_reduce_sum(stats)
-        local, glob, con = stats.tolist()
-        return {"local": local, "global": glob, "contrastive": con, "total": local + glob + cfg.alpha * con}
+        return torch.stack([weight * terms["local"].detach(), weight * terms["global"].detach(),
+                            terms["contrastive"].detach() / self.ctx.world_size]).double()
 
     def log(self, msg: str) -> None:
         if self.ctx.is_main:
@@ -301,16 +288,19 @@ class Trainer:
                 t0 = time.time()
                 batches = global_batches(n, cfg.batch_size, cfg.seed, epoch)
                 local = [shard(b, self.ctx) for b in batches]
-                sums = {k: 0.0 for k in LOSS_TERMS}
+                sums = torch.zeros(3, dtype=torch.float64, device=self.device)
                 bar = tqdm(zip(batches, self._batches_with_features(local)), total=len(batches),
                            desc=f"epoch {epoch + 1}/{cfg.epoch}", leave=False,
                            disable=not (cfg.progress and self.ctx.is_main))
-                for gb, (img, patches, masks, labels, valid) in bar:
+                for step, (gb, (img, patches, masks, labels, valid)) in enumerate(bar):
                     stats = self._step(len(gb), img, patches, masks, labels, valid)
-                    for k in LOSS_TERMS:
-                        sums[k] += stats[k]
-                    bar.set_postfix(loss=f"{stats['total']:.4f}")
-                mean = {k: v / len(batches) for k, v in sums.items()}
+                    sums += stats
+                    if not bar.disable and step % 10 == 0:  # reading a value waits for the device
+                        bar.set_postfix(loss=f"{float(stats[:2].sum() + cfg.alpha * stats[2]):.4f}")
+                local_sum, glob_sum, con_sum = self.ctx.all_reduce_sum(sums).tolist()
+                mean = {"local": local_sum / len(batches), "global": glob_sum / len(batches),
+                        "contrastive": con_sum / len(batches)}
+                mean["total"] = mean["local"] + mean["global"] + cfg.alpha * mean["contrastive"]
                 mean["seconds"] = time.time() - t0
                 self.history.append(mean)
                 if (epoch + 1) % max(cfg.print_freq, 1) == 0:
