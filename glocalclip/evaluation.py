@@ -92,10 +92,6 @@ class Evaluator:
             yield self._gather(cls_name, part, keep_maps)
         bar.close()
 
-    def score_class(self, dataset: AnomalyDataset, cls_name: str, keep_maps: bool) -> Optional[ClassScores]:
-        """Score one class (see :meth:`score_classes`)."""
-        return next(self.score_classes(dataset, [cls_name], keep_maps))
-
     def _score_batches(self, loader, n_batches: int, keep_maps: bool, bar) -> dict:
         dev = self.model.device
         order, paths, labels, scores, maps, masks = [], [], [], [], [], []
