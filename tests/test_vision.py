@@ -20,6 +20,16 @@ def _images(n: int = 2, size: int = TINY_SIZE, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=g)
 
 
+def _standard_patch_tokens(model: GlocalCLIP, x: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """ln_post(output of the first ``n_blocks`` plain open_clip blocks) · proj, computed by hand."""
+    vis = model.clip.visual
+    with torch.no_grad():
+        t = model.visual.embed(x)
+        for blk in vis.transformer.resblocks[:n_blocks]:
+            t = blk(t)
+        return vis.ln_post(t) @ vis.proj
+
+
 def test_global_stream_equals_open_clip_forward(tiny_clip):
     """With ln_post applied, the original stream's class token is exactly open_clip's image feature."""
     model = GlocalCLIP(tiny_config(image_size=NATIVE, cls_ln_post=True), clip=tiny_clip)
@@ -128,12 +138,7 @@ def test_reference_layers_identical_snapshot_layers_differ(tiny_clip):
     # layer 2 precedes the surgery: a standard block's own output, the same in both modes
     torch.testing.assert_close(pr[0], ps[0], rtol=0, atol=0)
     assert not torch.allclose(pr[0], pr[late[-1]], atol=1e-3)
-    with torch.no_grad():
-        t = ref.visual.embed(x)
-        for blk in tiny_clip.visual.transformer.resblocks[:2]:
-            t = blk(t)
-        own = tiny_clip.visual.ln_post(t) @ tiny_clip.visual.proj
-    torch.testing.assert_close(pr[0], own, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pr[0], _standard_patch_tokens(ref, x, 2), rtol=1e-5, atol=1e-5)
 
 
 def test_pretrained_weights_bitwise_unchanged_after_forwards(tiny_clip):
@@ -211,12 +216,7 @@ def test_reference_mode_also_aliases_the_last_standard_block(tiny_clip):
     assert ref.visual.first_dual == 4
     torch.testing.assert_close(pr[1], pr[3], rtol=0, atol=0)  # block 3 == V-V after block 8
     assert not torch.allclose(pr[0], pr[3], atol=1e-3)        # block 2 is untouched
-    with torch.no_grad():
-        t = ref.visual.embed(x)
-        for blk in tiny_clip.visual.transformer.resblocks[:3]:
-            t = blk(t)
-        own3 = tiny_clip.visual.ln_post(t) @ tiny_clip.visual.proj
-    torch.testing.assert_close(ps[1], own3, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ps[1], _standard_patch_tokens(snap, x, 3), rtol=1e-5, atol=1e-5)
 
 
 def test_features_list_is_read_once_per_block_in_block_order(tiny_clip):
