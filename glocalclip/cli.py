@@ -28,6 +28,22 @@ def _pretrained(value: str) -> Optional[str]:
     return None if value.lower() in ("none", "random", "") else value
 
 
+def positive_int(value: str) -> int:
+    """argparse type: an integer >= 1."""
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return n
+
+
+def non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0 (0 workers = load in the main process)."""
+    n = int(value)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return n
+
+
 def add_model_args(p: argparse.ArgumentParser, defaults: bool) -> None:
     """Model flags; with ``defaults=False`` they default to None (= take from the checkpoint)."""
     d = GlocalCLIPConfig() if defaults else None
@@ -78,8 +94,8 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_data_path", required=True, help="dataset root holding meta.json")
     p.add_argument("--dataset", default=None, help="dataset name (mvtec, visa, ...); omit for folder-mode data")
     p.add_argument("--save_path", default="./checkpoints/run")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--epoch", type=int, default=15)
+    p.add_argument("--batch_size", type=positive_int, default=8)
+    p.add_argument("--epoch", type=positive_int, default=15)
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the glocal contrastive loss")
     p.add_argument("--margin", type=float, default=0.0)
@@ -88,7 +104,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_freq", type=int, default=1)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: GPU if present)")
     p.add_argument("--feature_cache", choices=("auto", "device", "host", "disk", "off"), default="auto")
-    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--num_workers", type=non_negative_int, default=None,
+                   help="loader worker processes (default: from the device and the CPU cores: on a GPU the "
+                        "cores minus 2, at most 12; on a CPU 1)")
     p.add_argument("--resume", default=None, help="a checkpoint, or a save folder (its latest epoch)")
     p.add_argument("--unmasked_anomalies", choices=("auto", "skip", "zero"), default="auto",
                    help="anomalous images without a mask: zero = all-normal target (original), skip = no "
@@ -149,8 +167,11 @@ def test_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma", type=float, default=8.0, help="Gaussian smoothing of the maps (paper: 8)")
     p.add_argument("--metrics", choices=("image-level", "pixel-level", "image-pixel-level"), default=None,
                    help="default: per dataset as in the paper")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--batch_size", type=positive_int, default=None,
+                   help="images per batch; metrics do not depend on it (default: 16 on a GPU, 8 on a CPU)")
+    p.add_argument("--num_workers", type=non_negative_int, default=None,
+                   help="loader worker processes (default: from the device and the CPU cores: on a GPU the "
+                        "cores minus 2, at most 12; on a CPU 1)")
     p.add_argument("--device", default=None)
     p.add_argument("--classes", nargs="+", default=None, help="test only these classes")
     p.add_argument("--save_vis", action="store_true", help="write heat-map overlays")

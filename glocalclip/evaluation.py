@@ -23,6 +23,7 @@ from . import metrics as M
 from .datasets import AnomalyDataset, collate, default_metrics, load_meta, normalize_image
 from .distributed import DistContext
 from .model import GlocalCLIP
+from .resources import resolve_batch_size, resolve_num_workers
 from .scoring import smoothed_scores
 
 METRIC_MODES = ("image-level", "pixel-level", "image-pixel-level")
@@ -43,6 +44,15 @@ class ClassScores:
     extra: dict = field(default_factory=dict)
 
 
+def test_loader(dataset: AnomalyDataset, batches: list[list[int]], num_workers: int,
+                device: torch.device) -> DataLoader:
+    """The loader of testing: the given batches in order, read ahead by worker processes (4 batches
+    each), pinned for an asynchronous copy when the model is on a GPU."""
+    extra = {"prefetch_factor": 4} if num_workers > 0 else {}
+    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=torch.device(device).type == "cuda", **extra)
+
+
 def metric_keys(mode: str) -> tuple[str, ...]:
     if mode not in METRIC_MODES:
         raise ValueError(f"--metrics must be one of {METRIC_MODES}, got {mode!r}")
@@ -53,13 +63,14 @@ def metric_keys(mode: str) -> tuple[str, ...]:
 class Evaluator:
     """Scores classes of one dataset with one model."""
 
-    def __init__(self, model: GlocalCLIP, ctx: DistContext, sigma: float = 8.0, batch_size: int = 8,
-                 num_workers: int = 2, progress: bool = True):
+    def __init__(self, model: GlocalCLIP, ctx: DistContext, sigma: float = 8.0, batch_size: Optional[int] = None,
+                 num_workers: Optional[int] = None, progress: bool = True):
+        """``batch_size``/``num_workers`` None: chosen for the model's device (see ``resources``)."""
         self.model = model.eval()
         self.ctx = ctx
         self.sigma = sigma
-        self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.batch_size = resolve_batch_size(batch_size, model.device)
+        self.num_workers = resolve_num_workers(num_workers, model.device)
         self.progress = progress
         with torch.no_grad():
             self.text = model.encode_text()  # once per checkpoint
@@ -79,9 +90,7 @@ class Evaluator:
         caller computes a finished class's metrics). Yields each class's gathered scores on
         rank 0 (None on other ranks)."""
         batches = self._batches(dataset, classes)
-        extra = {"prefetch_factor": 4} if self.num_workers > 0 else {}
-        loader = iter(DataLoader(dataset, batch_sampler=batches, num_workers=self.num_workers,
-                                 collate_fn=collate, pin_memory=self.model.device.type == "cuda", **extra))
+        loader = iter(test_loader(dataset, batches, self.num_workers, self.model.device))
         by_class: dict[str, int] = {c: 0 for c in classes}
         for b in batches:
             by_class[dataset.entries[b[0]]["cls_name"]] += 1
@@ -174,7 +183,8 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> Optional[float]:
 
 
 def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: DistContext,
-             mode: Optional[str] = None, sigma: float = 8.0, batch_size: int = 8, num_workers: int = 2,
+             mode: Optional[str] = None, sigma: float = 8.0, batch_size: Optional[int] = None,
+             num_workers: Optional[int] = None,
              classes: Optional[list[str]] = None, vis_dir: Optional[Path] = None,
              progress: bool = True, partial_path: Optional[Path] = None) -> Optional[dict[str, Any]]:
     """Score and measure every class; returns the results dict on rank 0, None elsewhere.
@@ -225,6 +235,7 @@ def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: Dis
     return {"dataset": dataset, "data_path": str(data_path), "metrics_mode": mode, "sigma": sigma,
             "metric_keys": list(keys), "classes": per_class, "mean": mean_metrics(per_class, keys),
             "n_images": int(len(labels)), "image_threshold": f1_threshold(labels, scores),
+            "batch_size": ev.batch_size, "num_workers": ev.num_workers, "world_size": ctx.world_size,
             "wall_time_s": time.time() - t0}
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cli import positive_int
 from .datasets import DatasetError, load_image
 from .datasets.preprocess import decoded, open_image
 from .scoring import smoothed_scores
@@ -240,7 +241,7 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="./predictions", help="output folder (default ./predictions)")
     p.add_argument("--threshold", type=float, default=None,
                    help="label = score >= T (default: the threshold test.py stored in the checkpoint)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=positive_int, default=8)
     p.add_argument("--sigma", type=float, default=8.0, help="Gaussian smoothing of the maps (paper: 8)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: GPU if present)")
     p.add_argument("--map_range", type=float, nargs=2, default=None, metavar=("LO", "HI"),

@@ -118,7 +118,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     run = results.get("run", {})
     items = [("checkpoint", "checkpoint"), ("dataset", "dataset"), ("data_path", "data"),
              ("metrics_mode", "metrics"), ("sigma", "sigma"), ("n_images", "images"),
-             ("image_threshold", "image-score threshold (pooled F1-max)")]
+             ("image_threshold", "image-score threshold (pooled F1-max)"), ("batch_size", "batch size"),
+             ("num_workers", "loader workers per process"), ("world_size", "processes")]
     for k, label in items:
         v = results.get(k, run.get(k))
         if v is not None:

@@ -30,6 +30,7 @@ from .distributed import DistContext, init_distributed
 from .feature_cache import FeatureCache, choose_location
 from .losses import glocal_contrastive_loss
 from .model import GlocalCLIP
+from .resources import resolve_num_workers
 
 
 
@@ -50,7 +51,7 @@ class TrainConfig:
     save_freq: int = 1
     device: Optional[str] = None
     feature_cache: str = "auto"
-    num_workers: int = 2
+    num_workers: Optional[int] = None  # None: chosen for the device (resources.default_num_workers)
     resume: Optional[str] = None
     progress: bool = True
     # Anomalous images without a mask: "zero" trains their maps toward all-normal (the original
@@ -149,7 +150,8 @@ class Trainer:
 
     # -------------------------------------------------------------- features
     def _loader(self, batches: list[list[int]]) -> DataLoader:
-        return DataLoader(self.dataset, batch_sampler=batches, num_workers=self.cfg.num_workers,
+        return DataLoader(self.dataset, batch_sampler=batches,
+                          num_workers=resolve_num_workers(self.cfg.num_workers, self.device),
                           collate_fn=collate, pin_memory=self.device.type == "cuda")
 
     def _encode(self, batch: dict) -> tuple:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from glocalclip.cli import test_main as run_test, train_main
+from glocalclip.resources import default_num_workers
 from glocalclip.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +66,8 @@ def test_train_then_test_scripts_write_checkpoint_results_and_table(data, tmp_pa
     for m in res["classes"].values():
         assert all(0.0 <= m[k] <= 1.0 for k in keys)
     assert res["config"]["n_ctx"] == 5 and res["sigma"] == 8.0
+    # no --num_workers given: chosen for the device; the run records what it used
+    assert res["batch_size"] == 3 and res["num_workers"] == default_num_workers("cpu") and res["world_size"] == 1
     csv_lines = (tmp_path / "res" / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("class,") and csv_lines[-1].startswith("mean,") and len(csv_lines) == 5
     assert "threshold" in torch.load(ckpt_path, weights_only=False)
