@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tabulate import tabulate  # noqa: E402
 
 from glocalclip import GlocalCLIP, GlocalCLIPConfig  # noqa: E402
-from glocalclip.datasets import AnomalyDataset, write_meta  # noqa: E402
+from glocalclip.datasets import AnomalyDataset, normalize_image, write_meta  # noqa: E402
 from glocalclip.distributed import DistContext  # noqa: E402
-from glocalclip.evaluation import Evaluator, class_metrics  # noqa: E402
+from glocalclip.evaluation import evaluate, test_loader  # noqa: E402
+from glocalclip.resources import default_num_workers  # noqa: E402
 from glocalclip.scoring import gaussian_smooth  # noqa: E402
 from glocalclip.synthetic import make_sample, synthetic_meta  # noqa: E402
 from glocalclip.training import TrainConfig, Trainer  # noqa: E402
@@ -121,50 +122,51 @@ def _encode_seconds(out: Path) -> float:
 
 def bench_test(data: Path, kind: str, precision: str, batch_size: int, device: torch.device, workers: int,
                model: GlocalCLIP | None = None) -> tuple[dict, dict]:
+    """End to end through ``evaluate`` (what test.py runs: loading, forward, smoothing, all seven
+    metrics with a class's metrics overlapping the next class's scoring), then the parts alone."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if model is None:
         torch.manual_seed(0)
         model = GlocalCLIP(model_config(kind, precision)).to(device)
     model.cfg = model.cfg.replace(precision=precision)  # the same weights, another autocast
-    ds = AnomalyDataset(str(data), split="test", image_size=model.cfg.image_size, as_uint8=True)
-    ev = Evaluator(model, DistContext(device=device), sigma=8, batch_size=batch_size, num_workers=workers,
-                   progress=False)
+    size = model.cfg.image_size
     with torch.no_grad():  # warm-up: kernels and autotuning at this batch size
-        size = model.cfg.image_size
-        ev.model(torch.randn(batch_size, 3, size, size, device=device), text=ev.text)
+        model(torch.randn(batch_size, 3, size, size, device=device))
     sync(device)
-    t0 = time.time()
-    n = 0
-    metrics = {}
-    t_metrics = 0.0
-    for cls_name, cs in zip(ds.classes, ev.score_classes(ds, ds.classes, keep_maps=True)):
-        tm = time.time()
-        metrics[cls_name] = class_metrics(cs, "image-pixel-level")
-        t_metrics += time.time() - tm
-        n += len(cs.labels)
-        del cs
+    res = evaluate(model, str(data), None, DistContext(device=device), mode="image-pixel-level", sigma=8,
+                   batch_size=batch_size, num_workers=workers, progress=False)
     sync(device)
-    dt = time.time() - t0
-    # where the time goes: the loader alone, and the model + smoothing alone on resident images
-    t1 = time.time()
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers,
-                                         collate_fn=lambda items: torch.stack([it["image"] for it in items]))
-    n_loaded = sum(len(x) for x in loader)
-    loader_ips = n_loaded / (time.time() - t1)
-    x = torch.stack([ds[i]["image"] for i in range(batch_size)]).to(device)
+    n, dt = res["n_images"], res["wall_time_s"]
+    peak = peak_gib(device)
+
+    # where the time goes: the test loader alone (uint8 handover, as testing uses it, and the float32
+    # handover of earlier versions), and the model + smoothing alone on resident images
+    loader_ips = {}
+    for as_uint8 in (True, False):
+        ds = AnomalyDataset(str(data), split="test", image_size=size, as_uint8=as_uint8)
+        batches = [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
+        t1 = time.time()
+        n_loaded = 0
+        for batch in test_loader(ds, batches, workers, device):
+            n_loaded += len(batch["image"])
+        loader_ips["uint8" if as_uint8 else "float32"] = n_loaded / (time.time() - t1)
+    ds = AnomalyDataset(str(data), split="test", image_size=size, as_uint8=True)
+    x = normalize_image(torch.stack([ds[i]["image"] for i in range(batch_size)]).to(device))
+    text = model.encode_text()
     reps = max(2, 64 // batch_size)
     with torch.no_grad():
         sync(device)
         t1 = time.time()
         for _ in range(reps):
-            out = ev.model(x, text=ev.text)
+            out = model(x, text=text)
             gaussian_smooth(out["anomaly_map"], 8)
         sync(device)
     model_ips = reps * batch_size / (time.time() - t1)
-    return ({"config": kind, "precision": precision, "batch_size": batch_size, "images": n,
-             "seconds": dt, "images_per_s": n / dt, "metrics_s": t_metrics, "loader_only_images_per_s": loader_ips,
-             "model_only_images_per_s": model_ips, "peak_gpu_gib": peak_gib(device)}, metrics)
+    return ({"config": kind, "precision": precision, "batch_size": batch_size, "workers": workers, "images": n,
+             "seconds": dt, "images_per_s": n / dt, "loader_only_images_per_s": loader_ips["uint8"],
+             "loader_float32_handover_images_per_s": loader_ips["float32"],
+             "model_only_images_per_s": model_ips, "peak_gpu_gib": peak}, res["classes"])
 
 
 def main() -> None:
@@ -177,10 +179,12 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--skip_train", action="store_true")
     p.add_argument("--test_batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="test precisions (default: fp32 and bf16 on a GPU, fp32 on a CPU)")
     args = p.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    workers = args.workers if args.workers is not None else (min(12, os.cpu_count() or 1) if gpu else 1)
+    workers = args.workers if args.workers is not None else default_num_workers(device)  # test.py's default
     train_images = args.train_images or (2162 if gpu else 48)
     test_images = args.test_images or (512 if gpu else 24)
     epochs = args.epochs or (15 if gpu else 4)
@@ -190,9 +194,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="glocalclip_bench_") as tmp:
         tmp = Path(tmp)
         t0 = time.time()
-        make_dataset(tmp / "train", train_images, 256, os.cpu_count() or 1)
+        if not args.skip_train:
+            make_dataset(tmp / "train", train_images, 256, os.cpu_count() or 1)
         test_root = make_dataset(tmp / "test", test_images, 256, os.cpu_count() or 1) \
-            if test_images != train_images else tmp / "train"
+            if args.skip_train or test_images != train_images else tmp / "train"
         report["data_generation_s"] = time.time() - t0
         print(f"synthetic data ready in {report['data_generation_s']:.0f}s", flush=True)
 
@@ -206,7 +211,7 @@ def main() -> None:
 
         rows_test, drift = [], {}
         kind = "vitl" if gpu else "mid"
-        precisions = ("fp32", "bf16") if gpu else ("fp32",)
+        precisions = args.precisions or (("fp32", "bf16") if gpu else ("fp32",))
         per_precision = {}
         torch.manual_seed(0)
         model = GlocalCLIP(model_config(kind)).to(device)
@@ -216,7 +221,7 @@ def main() -> None:
                 rows_test.append(r)
                 per_precision.setdefault(prec, m)
                 print(json.dumps(r), flush=True)
-        if "bf16" in per_precision:
+        if "bf16" in per_precision and "fp32" in per_precision:
             a, b = per_precision["fp32"], per_precision["bf16"]
             keys = next(iter(a.values())).keys()
             drift = {k: float(np.mean([abs(a[c][k] - b[c][k]) for c in a])) for k in keys}
@@ -231,12 +236,13 @@ def main() -> None:
                        headers=["train config", "images", "epochs", "encode s", "first epoch s (incl. encode)",
                                 "later epoch s", "later/first", "total s", "peak GiB"], tablefmt="github"))
         print()
-    print(tabulate([[r["config"], r["precision"], r["batch_size"], r["images"], f"{r['seconds']:.1f}",
-                     f"{r['images_per_s']:.1f}", f"{r['metrics_s']:.1f}", f"{r['loader_only_images_per_s']:.0f}",
-                     f"{r['model_only_images_per_s']:.1f}",
+    print(tabulate([[r["config"], r["precision"], r["batch_size"], r["workers"], r["images"], f"{r['seconds']:.1f}",
+                     f"{r['images_per_s']:.1f}", f"{r['loader_only_images_per_s']:.0f}",
+                     f"{r['loader_float32_handover_images_per_s']:.0f}", f"{r['model_only_images_per_s']:.1f}",
                      "-" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f}"] for r in rows_test],
-                   headers=["test config", "precision", "batch", "images", "seconds", "images/s (end to end)",
-                            "of which metrics s", "loader alone img/s", "model+smoothing alone img/s", "peak GiB"],
+                   headers=["test config", "precision", "batch", "workers", "images", "seconds",
+                            "images/s (test.py path, end to end)", "loader alone img/s",
+                            "loader, float32 handover img/s", "model+smoothing alone img/s", "peak GiB"],
                    tablefmt="github"))
     if drift:
         print("\nbf16 vs fp32, mean |Δ| over classes (×100): " +

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The one prepared command for a lent GPU machine (no network there; carry .whl, see README.md here).
+#   bash bench/gpu_check.sh          # test throughput only, bf16, batch 16 and 32: ~2 min incl. data
+#   bash bench/gpu_check.sh full     # training (15 epochs x 2162 images) + fp32/bf16 tests: ~7 min on an H200
+# Results land in $OUT (the device tool's output folder) or bench/results.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! python3 -c "import open_clip" 2>/dev/null; then
+  ls .whl/*.whl >/dev/null 2>&1 || { echo "open_clip is missing and no .whl/ wheels were carried" >&2; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+dest=${OUT:-bench/results}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+python3 bench/loader_handover.py --workers 2 8 14 --json "$dest/loader_handover_gpu_host.json"
+if [ "${1:-}" = full ]; then
+  python3 bench/pipeline.py --device cuda --json "$dest/pipeline_gpu.json"
+else
+  python3 bench/pipeline.py --device cuda --skip_train --test_images 512 --test_batches 16 32 \
+      --precisions bf16 --json "$dest/pipeline_gpu_test.json"
+fi
