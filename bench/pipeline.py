@@ -32,9 +32,9 @@ from tabulate import tabulate  # noqa: E402
 from glocalclip import GlocalCLIP, GlocalCLIPConfig  # noqa: E402
 from glocalclip.datasets import AnomalyDataset, normalize_image, write_meta  # noqa: E402
 from glocalclip.distributed import DistContext  # noqa: E402
-from glocalclip.evaluation import evaluate, test_loader  # noqa: E402
+from glocalclip.evaluation import evaluate, evaluation_loader  # noqa: E402
 from glocalclip.resources import default_num_workers  # noqa: E402
-from glocalclip.scoring import gaussian_smooth  # noqa: E402
+from glocalclip.scoring import GaussianSmoothing  # noqa: E402
 from glocalclip.synthetic import make_sample, synthetic_meta  # noqa: E402
 from glocalclip.training import TrainConfig, Trainer  # noqa: E402
 
@@ -148,19 +148,20 @@ def bench_test(data: Path, kind: str, precision: str, batch_size: int, device: t
         batches = [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
         t1 = time.time()
         n_loaded = 0
-        for batch in test_loader(ds, batches, workers, device):
+        for batch in evaluation_loader(ds, batches, workers, device):
             n_loaded += len(batch["image"])
         loader_ips["uint8" if as_uint8 else "float32"] = n_loaded / (time.time() - t1)
     ds = AnomalyDataset(str(data), split="test", image_size=size, as_uint8=True)
     x = normalize_image(torch.stack([ds[i]["image"] for i in range(batch_size)]).to(device))
     text = model.encode_text()
     reps = max(2, 64 // batch_size)
+    smooth = GaussianSmoothing(8, device)
     with torch.no_grad():
         sync(device)
         t1 = time.time()
         for _ in range(reps):
             out = model(x, text=text)
-            gaussian_smooth(out["anomaly_map"], 8)
+            smooth(out["anomaly_map"])
         sync(device)
     model_ips = reps * batch_size / (time.time() - t1)
     return ({"config": kind, "precision": precision, "batch_size": batch_size, "workers": workers, "images": n,

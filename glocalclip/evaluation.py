@@ -24,7 +24,7 @@ from .datasets import AnomalyDataset, collate, default_metrics, load_meta, norma
 from .distributed import DistContext
 from .model import GlocalCLIP
 from .resources import resolve_batch_size, resolve_num_workers
-from .scoring import smoothed_scores
+from .scoring import GaussianSmoothing, smoothed_scores
 
 METRIC_MODES = ("image-level", "pixel-level", "image-pixel-level")
 IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1max")
@@ -44,7 +44,7 @@ class ClassScores:
     extra: dict = field(default_factory=dict)
 
 
-def test_loader(dataset: AnomalyDataset, batches: list[list[int]], num_workers: int,
+def evaluation_loader(dataset: AnomalyDataset, batches: list[list[int]], num_workers: int,
                 device: torch.device) -> DataLoader:
     """The loader of testing: the given batches in order, read ahead by worker processes (4 batches
     each), pinned for an asynchronous copy when the model is on a GPU."""
@@ -71,6 +71,7 @@ class Evaluator:
         self.sigma = sigma
         self.batch_size = resolve_batch_size(batch_size, model.device)
         self.num_workers = resolve_num_workers(num_workers, model.device)
+        self.smoothing = GaussianSmoothing(sigma, model.device)
         self.progress = progress
         with torch.no_grad():
             self.text = model.encode_text()  # once per checkpoint
@@ -90,7 +91,7 @@ class Evaluator:
         caller computes a finished class's metrics). Yields each class's gathered scores on
         rank 0 (None on other ranks)."""
         batches = self._batches(dataset, classes)
-        loader = iter(test_loader(dataset, batches, self.num_workers, self.model.device))
+        loader = iter(evaluation_loader(dataset, batches, self.num_workers, self.model.device))
         by_class: dict[str, int] = {c: 0 for c in classes}
         for b in batches:
             by_class[dataset.entries[b[0]]["cls_name"]] += 1
@@ -107,10 +108,12 @@ class Evaluator:
         with torch.no_grad():
             for _ in range(n_batches):
                 batch = next(loader)
+                # Nothing in this loop waits for the device (no pageable copies, no host reads), so
+                # the next batch is queued while the GPU still works on this one.
                 x = batch["image"].to(dev, non_blocking=True)
                 if x.dtype == torch.uint8:  # datasets read with as_uint8: normalise on the device
                     x = normalize_image(x)
-                score, amap = smoothed_scores(self.model(x, text=self.text), self.sigma,
+                score, amap = smoothed_scores(self.model(x, text=self.text), self.smoothing,
                                               self.model.cfg.image_score)
                 order.append(batch["index"])
                 paths += batch["img_path"]
@@ -118,17 +121,18 @@ class Evaluator:
                 scores.append(score.float())  # on the device: no per-batch host round trip
                 if keep_maps:
                     maps.append(amap)
-                    masks.append((batch["mask"] > 0.5).to(dev, torch.uint8, non_blocking=True))
+                    masks.append((batch["mask"].to(dev, non_blocking=True) > 0.5).to(torch.uint8))
                 bar.update(1)
         return {"order": torch.cat(order) if order else torch.zeros(0, dtype=torch.long),
                 "paths": paths,
                 "labels": torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
-                "scores": torch.cat(scores).cpu() if scores else torch.zeros(0),
+                "scores": torch.cat(scores) if scores else torch.zeros(0),  # on the device
                 "maps": torch.cat(maps) if maps else None,
                 "masks": torch.cat(masks) if masks else None}
 
     def _gather(self, cls_name: str, part: dict, keep_maps: bool) -> Optional[ClassScores]:
         dev = self.model.device
+        part["scores"] = part["scores"].float().cpu()  # one wait for the device per class
         if self.ctx.enabled:
             for k in ("maps", "masks"):
                 if part[k] is not None:

@@ -3,6 +3,7 @@ Gaussian smoothing of the test protocol (DESIGN.md §4)."""
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,11 +67,13 @@ def fuse_image_score(global_probability: torch.Tensor, amap: torch.Tensor) -> to
     return global_probability + amap.flatten(1).max(dim=1).values
 
 
-def smoothed_scores(out: dict[str, torch.Tensor], sigma: float, image_score: str = "global"
+def smoothed_scores(out: dict[str, torch.Tensor], sigma: "float | GaussianSmoothing", image_score: str = "global"
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The test protocol on a forward's output: the map smoothed with σ, and the image score (with
-    ``image_score="global+max"`` fused with the *smoothed* map). Returns (score [B], map [B,H,W])."""
-    amap = gaussian_smooth(out["anomaly_map"], sigma)
+    ``image_score="global+max"`` fused with the *smoothed* map). Returns (score [B], map [B,H,W]).
+    Loops over batches pass a :class:`GaussianSmoothing` made once instead of σ."""
+    smooth = sigma if isinstance(sigma, GaussianSmoothing) else GaussianSmoothing(sigma, out["anomaly_map"].device)
+    amap = smooth(out["anomaly_map"])
     if image_score == "global+max":
         return fuse_image_score(out["global_score"], amap), amap
     return out["image_score"], amap
@@ -91,18 +94,34 @@ def _symmetric_index(n: int, radius: int, device) -> torch.Tensor:
     return torch.where(i < n, i, 2 * n - 1 - i)
 
 
-def gaussian_smooth(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
+def gaussian_smooth(maps: torch.Tensor, sigma: float, truncate: float = 4.0,
+                    kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Smooth each 2-D map of [..., H, W] like ``scipy.ndimage.gaussian_filter(m, sigma)`` (mode
-    "reflect" = half-sample symmetric, truncate 4.0), on the maps' device. σ <= 0 returns a copy."""
+    "reflect" = half-sample symmetric, truncate 4.0), on the maps' device. σ <= 0 returns a copy.
+    ``kernel``: :func:`gaussian_kernel1d` of (σ, truncate), already on the maps' device."""
     if sigma <= 0:
         return maps.clone()
     shape = maps.shape
     h, w = shape[-2:]
     x = maps.reshape(-1, 1, h, w).float()
-    k = gaussian_kernel1d(sigma, truncate, device=x.device)
+    k = gaussian_kernel1d(sigma, truncate, device=x.device) if kernel is None else kernel.to(x.device)
     r = (k.numel() - 1) // 2
     x = x.index_select(2, _symmetric_index(h, r, x.device))
     x = F.conv2d(x, k.view(1, 1, -1, 1))
     x = x.index_select(3, _symmetric_index(w, r, x.device))
     x = F.conv2d(x, k.view(1, 1, 1, -1))
     return x.reshape(shape)
+
+
+class GaussianSmoothing:
+    """:func:`gaussian_smooth` with σ fixed and its weights put on the device once. The weights are
+    computed on the CPU in float64 (as scipy does); copying them to a GPU for every batch would make
+    each batch wait for the device to finish the previous one."""
+
+    def __init__(self, sigma: float, device: torch.device | str = "cpu", truncate: float = 4.0):
+        self.sigma = float(sigma)
+        self.truncate = float(truncate)
+        self.kernel = gaussian_kernel1d(self.sigma, self.truncate, device=device) if self.sigma > 0 else None
+
+    def __call__(self, maps: torch.Tensor) -> torch.Tensor:
+        return gaussian_smooth(maps, self.sigma, self.truncate, kernel=self.kernel)

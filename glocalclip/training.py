@@ -157,8 +157,9 @@ class Trainer:
     def _encode(self, batch: dict) -> tuple:
         x = normalize_image(batch["image"].to(self.device, non_blocking=True))
         img, patches = self.model.encode_image(x)
-        return (img, patches, batch["mask"].to(self.device).float(), batch["label"].to(self.device),
-                batch["has_mask"].to(self.device))
+        nb = {"non_blocking": True}  # pinned batches: no wait for the device
+        return (img, patches, batch["mask"].to(self.device, **nb).float(), batch["label"].to(self.device, **nb),
+                batch["has_mask"].to(self.device, **nb))
 
     def _new_cache(self, img: torch.Tensor, patches: list[torch.Tensor]) -> FeatureCache:
         slots = FeatureCache.slots_of(patches)

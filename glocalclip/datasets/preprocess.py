@@ -28,8 +28,6 @@ from .errors import DatasetError
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_MEAN = torch.tensor(IMAGE_MEAN, dtype=torch.float32).view(3, 1, 1)
-_STD = torch.tensor(IMAGE_STD, dtype=torch.float32).view(3, 1, 1)
 
 _HIGH_DEPTH_MODES = ("I", "F")  # plus every "I;16..." mode
 
@@ -143,10 +141,17 @@ def image_to_uint8(img: Image.Image, image_size: int) -> torch.Tensor:
 
 def normalize_image(u8: torch.Tensor) -> torch.Tensor:
     """uint8 [..., 3, H, W] -> float32 (x / 255 - mean) / std, as ToTensor + Normalize compute it.
-    Each step is one correctly rounded float32 operation, so CPU and GPU give identical values."""
-    x = u8.to(torch.float32) / 255.0
-    shape = (3, 1, 1)
-    return (x - _MEAN.to(x.device).view(shape)) / _STD.to(x.device).view(shape)
+
+    Each step is one correctly rounded float32 operation, so CPU and GPU give identical values.
+    Two details keep it so on a GPU, and keep it asynchronous: the constants are made on the
+    image's device by fills (copying a CPU tensor there would wait for the device), and 255 is a
+    device tensor too, because CUDA divides by a CPU scalar as a multiply by its reciprocal, which
+    is one bit off x / 255 for 126 of the 256 byte values."""
+    dev = u8.device
+    x = u8.to(torch.float32) / torch.full((), 255.0, dtype=torch.float32, device=dev)
+    mean = torch.stack([torch.full((), m, dtype=torch.float32, device=dev) for m in IMAGE_MEAN]).view(3, 1, 1)
+    std = torch.stack([torch.full((), s, dtype=torch.float32, device=dev) for s in IMAGE_STD]).view(3, 1, 1)
+    return (x - mean) / std
 
 
 def load_mask(mask, image_size: int) -> torch.Tensor:
