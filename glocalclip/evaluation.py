@@ -45,7 +45,7 @@ class ClassScores:
 
 
 def evaluation_loader(dataset: AnomalyDataset, batches: list[list[int]], num_workers: int,
-                device: torch.device) -> DataLoader:
+                      device: torch.device) -> DataLoader:
     """The loader of testing: the given batches in order, read ahead by worker processes (4 batches
     each), pinned for an asynchronous copy when the model is on a GPU."""
     extra = {"prefetch_factor": 4} if num_workers > 0 else {}

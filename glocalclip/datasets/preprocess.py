@@ -28,7 +28,6 @@ from .errors import DatasetError
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
-
 _HIGH_DEPTH_MODES = ("I", "F")  # plus every "I;16..." mode
 
 
