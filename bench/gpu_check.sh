@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared command for a lent GPU machine (no network there; carry .whl, see README.md here).
-#   bash bench/gpu_check.sh          # test throughput only, bf16, batch 16 and 32: ~2 min incl. data
+#   bash bench/gpu_check.sh          # CUDA checks + test throughput, bf16, batch 16 and 32: ~2 min incl. data
 #   bash bench/gpu_check.sh full     # training (15 epochs x 2162 images) + fp32/bf16 tests: ~7 min on an H200
 # Results land in $OUT (the device tool's output folder) or bench/results.
 set -euo pipefail
@@ -13,6 +13,13 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 dest=${OUT:-bench/results}
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
+# the CUDA-only checks (seconds): no device waits in the test loop, GPU normalisation and smoothing
+# parity, CUDA metrics == CPU metrics; not the test suite
+if python3 -c "import pytest" 2>/dev/null; then
+  python3 -m pytest -q -p no:cacheprovider tests/test_evaluation_loop.py tests/test_metrics.py -k cuda || true
+else
+  echo "pytest not installed here: CUDA checks not run"
+fi
 python3 bench/loader_handover.py --workers 2 8 14 --json "$dest/loader_handover_gpu_host.json"
 if [ "${1:-}" = full ]; then
   python3 bench/pipeline.py --device cuda --json "$dest/pipeline_gpu.json"
