@@ -72,6 +72,9 @@ class Evaluator:
         self.batch_size = resolve_batch_size(batch_size, model.device)
         self.num_workers = resolve_num_workers(num_workers, model.device)
         self.smoothing = GaussianSmoothing(sigma, model.device)
+        # seconds the host spent waiting: for the loader's next batch, and for the device at the end
+        # of each class (its scores copied back); where a GPU run falls short, these say why
+        self.waits = {"loader_wait_s": 0.0, "device_wait_s": 0.0}
         self.progress = progress
         with torch.no_grad():
             self.text = model.encode_text()  # once per checkpoint
@@ -107,7 +110,9 @@ class Evaluator:
         order, paths, labels, scores, maps, masks = [], [], [], [], [], []
         with torch.no_grad():
             for _ in range(n_batches):
+                t0 = time.perf_counter()
                 batch = next(loader)
+                self.waits["loader_wait_s"] += time.perf_counter() - t0
                 # Nothing in this loop waits for the device (no pageable copies, no host reads), so
                 # the next batch is queued while the GPU still works on this one.
                 x = batch["image"].to(dev, non_blocking=True)
@@ -132,7 +137,9 @@ class Evaluator:
 
     def _gather(self, cls_name: str, part: dict, keep_maps: bool) -> Optional[ClassScores]:
         dev = self.model.device
+        t0 = time.perf_counter()
         part["scores"] = part["scores"].float().cpu()  # one wait for the device per class
+        self.waits["device_wait_s"] += time.perf_counter() - t0
         if self.ctx.enabled:
             for k in ("maps", "masks"):
                 if part[k] is not None:
@@ -220,17 +227,18 @@ def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: Dis
     # class is scored; waiting for the previous class first keeps at most two classes' maps alive.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
+        metrics_wait = 0.0  # the scoring loop waiting for the previous class's metrics (the last: all)
         for cs in ev.score_classes(data, data.classes, keep_maps):
             if cs is None:
                 continue
             pooled_labels.append(cs.labels)
             pooled_scores.append(cs.scores)
             if pending is not None:
-                pending.result()
+                metrics_wait += _waited(pending)
             pending = pool.submit(finish, cs)
             del cs
         if pending is not None:
-            pending.result()
+            metrics_wait += _waited(pending)
     per_class = {c: per_class[c] for c in data.classes if c in per_class}
     if not ctx.is_main:
         return None
@@ -240,8 +248,15 @@ def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: Dis
             "metric_keys": list(keys), "classes": per_class, "mean": mean_metrics(per_class, keys),
             "n_images": int(len(labels)), "image_threshold": f1_threshold(labels, scores),
             "batch_size": ev.batch_size, "num_workers": ev.num_workers, "world_size": ctx.world_size,
-            "wall_time_s": time.time() - t0}
+            "wall_time_s": time.time() - t0, **ev.waits, "metrics_wait_s": metrics_wait}
 
+
+
+def _waited(future) -> float:
+    """Block until ``future`` is done (re-raising its error); the seconds that took."""
+    t0 = time.perf_counter()
+    future.result()
+    return time.perf_counter() - t0
 
 
 def _write_partial(path: Path, content: dict[str, Any]) -> None:
