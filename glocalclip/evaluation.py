@@ -72,8 +72,9 @@ class Evaluator:
         self.batch_size = resolve_batch_size(batch_size, model.device)
         self.num_workers = resolve_num_workers(num_workers, model.device)
         self.smoothing = GaussianSmoothing(sigma, model.device)
-        # seconds the host spent waiting: for the loader's next batch, and for the device at the end
-        # of each class (its scores copied back); where a GPU run falls short, these say why
+        # seconds the host spent waiting: for the loader's next batch (high: loading is the
+        # bottleneck), and at the end of each class for the device to finish the batches queued so
+        # far (high: the device is); where a GPU run falls short of expectations, these say why
         self.waits = {"loader_wait_s": 0.0, "device_wait_s": 0.0}
         self.progress = progress
         with torch.no_grad():
