@@ -68,7 +68,6 @@ class Evaluator:
         """``batch_size``/``num_workers`` None: chosen for the model's device (see ``resources``)."""
         self.model = model.eval()
         self.ctx = ctx
-        self.sigma = sigma
         self.batch_size = resolve_batch_size(batch_size, model.device)
         self.num_workers = resolve_num_workers(num_workers, model.device)
         self.smoothing = GaussianSmoothing(sigma, model.device)
