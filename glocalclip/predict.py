@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .cli import positive_int
 from .datasets import DatasetError, load_image
 from .datasets.preprocess import decoded, open_image
-from .scoring import smoothed_scores
+from .scoring import GaussianSmoothing, smoothed_scores
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 FIELDS = ("image_path", "pred_score", "pred_label", "anomaly_map", "map_max", "overlay")
@@ -99,6 +99,7 @@ class Predictor:
         self.threshold = None if threshold is None else float(threshold)
         self.sigma = float(sigma)
         self.batch_size = int(batch_size)
+        self._smoothing: dict[float, GaussianSmoothing] = {}  # per σ: the kernel goes to the device once
         with torch.no_grad():
             self.text = self.model.encode_text()  # once per predictor
 
@@ -144,7 +145,10 @@ class Predictor:
         """Score a preprocessed batch [B, 3, S, S]; maps are resized to ``sizes`` [(h, w)] * B."""
         sigma = self.sigma if sigma is None else float(sigma)
         thr = threshold if threshold is not None else self.threshold
-        score, amap = smoothed_scores(self.model(x.to(self.device), text=self.text), sigma,
+        smoothing = self._smoothing.get(sigma)
+        if smoothing is None:
+            smoothing = self._smoothing[sigma] = GaussianSmoothing(sigma, self.device)
+        score, amap = smoothed_scores(self.model(x.to(self.device), text=self.text), smoothing,
                                       self.model.cfg.image_score)  # exactly as test.py
         peak = amap.flatten(1).max(1).values
         score, peak = score.float().cpu().tolist(), peak.float().cpu().tolist()
