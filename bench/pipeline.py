@@ -165,7 +165,8 @@ def bench_test(data: Path, kind: str, precision: str, batch_size: int, device: t
         sync(device)
     model_ips = reps * batch_size / (time.time() - t1)
     return ({"config": kind, "precision": precision, "batch_size": batch_size, "workers": workers, "images": n,
-             "seconds": dt, "images_per_s": n / dt, "loader_wait_s": res["loader_wait_s"],
+             "seconds": dt, "images_per_s": n / dt, "startup_s": res["startup_s"],
+             "images_per_s_after_startup": n / (dt - res["startup_s"]), "loader_wait_s": res["loader_wait_s"],
              "device_wait_s": res["device_wait_s"], "metrics_wait_s": res["metrics_wait_s"],
              "loader_only_images_per_s": loader_ips["uint8"],
              "loader_float32_handover_images_per_s": loader_ips["float32"],
@@ -240,13 +241,14 @@ def main() -> None:
                                 "later epoch s", "later/first", "total s", "peak GiB"], tablefmt="github"))
         print()
     print(tabulate([[r["config"], r["precision"], r["batch_size"], r["workers"], r["images"], f"{r['seconds']:.1f}",
-                     f"{r['images_per_s']:.1f}",
+                     f"{r['images_per_s']:.1f}", f"{r['startup_s']:.2f}", f"{r['images_per_s_after_startup']:.1f}",
                      f"{r['loader_wait_s']:.2f} / {r['device_wait_s']:.2f} / {r['metrics_wait_s']:.2f}",
                      f"{r['loader_only_images_per_s']:.0f}",
                      f"{r['loader_float32_handover_images_per_s']:.0f}", f"{r['model_only_images_per_s']:.1f}",
                      "-" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f}"] for r in rows_test],
                    headers=["test config", "precision", "batch", "workers", "images", "seconds",
-                            "images/s (test.py path, end to end)", "host waited s: loader / device / metrics",
+                            "images/s (test.py path, end to end)", "start-up s (to the first batch)",
+                            "images/s after start-up", "host waited s: loader / device / metrics",
                             "loader alone img/s",
                             "loader, float32 handover img/s", "model+smoothing alone img/s", "peak GiB"],
                    tablefmt="github"))

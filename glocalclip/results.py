@@ -125,7 +125,10 @@ def results_markdown(results: dict[str, Any]) -> str:
         if v is not None:
             lines.append(f"- {label}: {v:.4g}" if k == "image_threshold" else f"- {label}: {v}")
     for k, label in (("wall_time_s", "wall time, scoring and metrics"), ("total_wall_time_s", "wall time, total"),
-                     ("loader_wait_s", "of which waiting for the loader (high: loading is the bottleneck)"),
+                     ("startup_s", "of which before the first batch arrived (dataset scan, text features, "
+                                   "loader start)"),
+                     ("loader_wait_s", "of which waiting for the loader after that (high: loading is the "
+                                       "bottleneck)"),
                      ("device_wait_s", "of which waiting for the device to finish queued batches "
                                        "(high: the device is the bottleneck)"),
                      ("metrics_wait_s", "of which waiting for metrics (mostly the last class's)")):

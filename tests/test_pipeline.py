@@ -68,8 +68,9 @@ def test_train_then_test_scripts_write_checkpoint_results_and_table(data, tmp_pa
     assert res["config"]["n_ctx"] == 5 and res["sigma"] == 8.0
     # no --num_workers given: chosen for the device; the run records what it used
     assert res["batch_size"] == 3 and res["num_workers"] == default_num_workers("cpu") and res["world_size"] == 1
-    waits = [res["loader_wait_s"], res["device_wait_s"], res["metrics_wait_s"]]
+    waits = [res["startup_s"], res["loader_wait_s"], res["device_wait_s"], res["metrics_wait_s"]]
     assert all(0.0 <= w for w in waits) and sum(waits) < res["wall_time_s"]
+    assert res["startup_s"] > 0 and "before the first batch arrived" in (tmp_path / "res" / "results.md").read_text()
     assert "waiting for the loader" in (tmp_path / "res" / "results.md").read_text()
     csv_lines = (tmp_path / "res" / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("class,") and csv_lines[-1].startswith("mean,") and len(csv_lines) == 5

@@ -1,0 +1,157 @@
+"""Where one test forward spends its time: the diagnosis to take home from a lent GPU.
+
+    python bench/profile_forward.py --device cuda            # ViT-L-14-336, random weights, 518 px, bf16
+    python bench/profile_forward.py                          # CPU: the mid config (a smoke run)
+
+Three measurements of the model + σ-8 smoothing on images already on the device (no loader):
+  1. throughput at several batch sizes;
+  2. host time to *enqueue* one batch vs the device time to run it: if the host takes longer, the
+     GPU starves whatever the loader does (then CUDA graphs or torch.compile are the remedy);
+  3. a torch.profiler table of the operators that take the device time (which attention kernel
+     SDPA picked, how much goes to elementwise work a compiler would fuse, how much to smoothing).
+Prints tables and writes JSON (default bench/results/profile_forward_<device>.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tabulate import tabulate  # noqa: E402
+
+from glocalclip import GlocalCLIP  # noqa: E402
+from glocalclip.scoring import GaussianSmoothing  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from pipeline import model_config, sync  # noqa: E402
+
+
+def step(model: GlocalCLIP, x: torch.Tensor, text, smooth: GaussianSmoothing) -> None:
+    out = model(x, text=text)
+    smooth(out["anomaly_map"])
+
+
+def throughput(model: GlocalCLIP, batch: int, text, smooth, device: torch.device, reps: int) -> dict:
+    size = model.cfg.image_size
+    x = torch.randn(batch, 3, size, size, device=device)
+    with torch.no_grad():
+        step(model, x, text, smooth)  # kernels and autotuning at this batch size
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step(model, x, text, smooth)
+        enqueued = time.perf_counter() - t0  # the host is done; the device may still be working
+        sync(device)
+        total = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"batch": batch, "images_per_s": reps * batch / total, "host_enqueue_ms_per_batch": 1e3 * enqueued / reps,
+            "wall_ms_per_batch": 1e3 * total / reps, "peak_gpu_gib": peak}
+
+
+def host_vs_device(model: GlocalCLIP, batch: int, text, smooth, device: torch.device, reps: int) -> dict:
+    """Host time to enqueue a batch while the device is idle (no queue to hide behind) vs the time
+    the batch then takes to finish."""
+    size = model.cfg.image_size
+    x = torch.randn(batch, 3, size, size, device=device)
+    host, full = [], []
+    with torch.no_grad():
+        for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
+            step(model, x, text, smooth)
+            host.append(time.perf_counter() - t0)
+            sync(device)
+            full.append(time.perf_counter() - t0)
+    return {"batch": batch, "host_enqueue_ms": 1e3 * min(host), "batch_ms": 1e3 * min(full)}
+
+
+def op_table(model: GlocalCLIP, batch: int, text, smooth, device: torch.device, top: int) -> list[dict]:
+    size = model.cfg.image_size
+    x = torch.randn(batch, 3, size, size, device=device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.no_grad():
+        step(model, x, text, smooth)
+        sync(device)
+        with profile(activities=acts) as prof:
+            for _ in range(2):
+                step(model, x, text, smooth)
+            sync(device)
+    gpu = device.type == "cuda"
+
+    def self_time(e) -> float:  # microseconds
+        if gpu:
+            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+        return float(e.self_cpu_time_total)
+
+    events = [e for e in prof.key_averages() if self_time(e) > 0]
+    total = sum(self_time(e) for e in events) or 1.0
+    events.sort(key=self_time, reverse=True)
+    return [{"op": e.key, "calls": int(e.count) // 2, "self_ms_per_batch": self_time(e) / 2e3,
+             "share": self_time(e) / total} for e in events[:top]]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--batches", type=int, nargs="+", default=None, help="default: 8 16 32 64 on a GPU, 1 2 on a CPU")
+    p.add_argument("--profile_batch", type=int, default=None, help="default: 16 on a GPU, 2 on a CPU")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    precision = args.precision or ("bf16" if gpu else "fp32")
+    batches = args.batches or ([8, 16, 32, 64] if gpu else [1, 2])
+    prof_batch = args.profile_batch or (16 if gpu else 2)
+    reps = 8 if gpu else 2
+    torch.manual_seed(0)
+    model = GlocalCLIP(model_config("vitl" if gpu else "mid", precision)).to(device).eval()
+    smooth = GaussianSmoothing(8, device)
+    with torch.no_grad():
+        text = model.encode_text()
+    report = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "torch": torch.__version__,
+              "precision": precision, "image_size": model.cfg.image_size}
+    rows = []
+    for b in batches:
+        if gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        rows.append(throughput(model, b, text, smooth, device, reps))
+        print(json.dumps(rows[-1]), flush=True)
+    report["throughput"] = rows
+    report["host_vs_device"] = host_vs_device(model, prof_batch, text, smooth, device, 3)
+    report["ops"] = op_table(model, prof_batch, text, smooth, device, args.top)
+
+    print()
+    print(tabulate([[r["batch"], f"{r['images_per_s']:.1f}", f"{r['host_enqueue_ms_per_batch']:.1f}",
+                     f"{r['wall_ms_per_batch']:.1f}", "-" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f}"]
+                    for r in rows],
+                   headers=["batch", "model+smoothing img/s", "host enqueue ms/batch (queued)", "wall ms/batch",
+                            "peak GiB"], tablefmt="github"))
+    hv = report["host_vs_device"]
+    print(f"\nbatch {hv['batch']}, device idle before it: host enqueues it in {hv['host_enqueue_ms']:.1f} ms, "
+          f"it finishes after {hv['batch_ms']:.1f} ms"
+          + (" (the host is slower than the device: it cannot keep the GPU fed)"
+             if gpu and hv["host_enqueue_ms"] > 0.9 * hv["batch_ms"] else ""))
+    print()
+    print(tabulate([[r["op"][:70], r["calls"], f"{r['self_ms_per_batch']:.2f}", f"{100 * r['share']:.1f}%"]
+                    for r in report["ops"]],
+                   headers=[f"operator (batch {prof_batch})", "calls", f"self {'device' if gpu else 'CPU'} ms",
+                            "share"], tablefmt="github"))
+    out = Path(args.json or HERE / "results" / f"profile_forward_{'gpu' if gpu else 'cpu'}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()
