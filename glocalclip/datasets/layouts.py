@@ -16,7 +16,7 @@ from .catalog import DATASET_CLASSES, DATASET_SCRIPTS
 from .errors import DatasetError
 from .scan import (
     SPLITS, Group, abspath, build_entries, check_class_folders, join, list_images,
-    list_subdirs, make_entry, pair_by_name, require_dir, require_root, stem,
+    list_subdirs, make_entry, pair_by_name, reject_unexpected_folders, require_dir, require_root, stem,
 )
 
 # Mask names accepted per layout, most specific first: the mask stem is the image stem plus one of these.
@@ -213,12 +213,9 @@ def _species_no_masks(root: str, dataset: str, folder: str, is_normal, allowed: 
     require_dir(root, folder, _fix(dataset))
     species = list_subdirs(root, folder)
     if allowed is not None:
-        unknown = [s for s in species if s not in allowed]
-        if unknown:
-            raise DatasetError(
-                f"folder(s) {', '.join(repr(abspath(root, join(folder, s))) for s in unknown)} are not expected in "
-                f"{abspath(root, folder)}; expected only {' and '.join(allowed)} ({allowed[0]} = normal). "
-                "Move the other folders out")
+        reject_unexpected_folders(abspath(root, folder), species, allowed, f"expected in {abspath(root, folder)}",
+                                  f"expected only {' and '.join(allowed)} ({allowed[0]} = normal). "
+                                  "Move the other folders out")
     if not species:
         raise DatasetError(f"{abspath(root, folder)} holds no specie folders; " + _fix(dataset))
     groups = [Group("test", s, join(folder, s), not is_normal(s)) for s in species]

@@ -86,15 +86,22 @@ def list_images(root: str, rel: str, allowed_subdirs: tuple[str, ...] = ()) -> l
     return sorted(names)
 
 
+def reject_unexpected_folders(parent: str, present: list[str], allowed: tuple[str, ...], what: str,
+                              fix: str) -> None:
+    """Raise if ``parent`` holds folders outside ``allowed``: a stray folder would otherwise be read as
+    data (or silently skipped), and the numbers would not be the dataset's."""
+    unknown = [d for d in present if d not in allowed]
+    if unknown:
+        raise DatasetError(f"folder(s) {', '.join(repr(os.path.join(parent, d)) for d in unknown)} are not "
+                           f"{what}; {fix}")
+
+
 def check_class_folders(root: str, classes: tuple[str, ...], dataset: str, ignore: tuple[str, ...] = ()) -> None:
     """Every class has a folder at the root and every folder at the root is a class."""
     present = [d for d in list_subdirs(root, "") if d not in ignore]
-    unknown = [d for d in present if d not in classes]
-    if unknown:
-        raise DatasetError(
-            f"folder(s) {', '.join(repr(os.path.join(root, d)) for d in unknown)} are not classes of {dataset}; "
-            f"expected class folders: {', '.join(classes)}. Move the other folders out of {root} "
-            "(or prepare your own data with generate_dataset_json/folder.py)")
+    reject_unexpected_folders(root, present, classes, f"classes of {dataset}",
+                              f"expected class folders: {', '.join(classes)}. Move the other folders out of {root} "
+                              "(or prepare your own data with generate_dataset_json/folder.py)")
     missing = [c for c in classes if c not in present]
     if missing:
         raise DatasetError(
