@@ -134,12 +134,14 @@ def test_cuda_scoring_loop_never_synchronises(data):
 
 
 @needs_cuda
-def test_cuda_smoothing_is_within_a_float32_ulp_of_scipy():
-    """cuDNN would run a float32 convolution in TF32 (~1e-3 off); the smoothing convolves in float64."""
+def test_cuda_smoothing_equals_scipy():
+    """cuDNN would run a float32 convolution in TF32 (~1e-3 off); the smoothing convolves in float64,
+    rounding each pass to float32 as scipy does. cuDNN sums in its own order, so a near-tie could round
+    the other way: allowed, one ulp, on at most 1 in 10⁴ values."""
     from scipy.ndimage import gaussian_filter
 
-    maps = np.random.default_rng(0).random((3, 70, 61)).astype(np.float32) * 4
+    maps = np.random.default_rng(0).random((3, 518, 518)).astype(np.float32) * 4
     ref = np.stack([gaussian_filter(m, sigma=8) for m in maps])
     got = GaussianSmoothing(8, "cuda")(torch.from_numpy(maps).cuda()).cpu().numpy()
     np.testing.assert_allclose(got, ref, rtol=1.2e-7, atol=0)
-    assert (got == ref).mean() > 0.9
+    assert (got != ref).mean() <= 1e-4
