@@ -23,7 +23,7 @@ from . import metrics as M
 from .datasets import AnomalyDataset, collate, default_metrics, load_meta, normalize_image
 from .distributed import DistContext
 from .model import GlocalCLIP
-from .resources import resolve_batch_size, resolve_num_workers
+from .resources import plan_loader, resolve_batch_size, resolve_num_workers
 from .scoring import GaussianSmoothing, smoothed_scores
 
 METRIC_MODES = ("image-level", "pixel-level", "image-pixel-level")
@@ -47,10 +47,10 @@ class ClassScores:
 def evaluation_loader(dataset: AnomalyDataset, batches: list[list[int]], num_workers: int,
                       device: torch.device) -> DataLoader:
     """The loader of testing: the given batches in order, read ahead by worker processes (4 batches
-    each), pinned for an asynchronous copy when the model is on a GPU."""
-    extra = {"prefetch_factor": 4} if num_workers > 0 else {}
-    return DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=torch.device(device).type == "cuda", **extra)
+    each, fewer where shared memory is short), pinned for an asynchronous copy when the model is on a GPU."""
+    plan = plan_loader(dataset, batches, num_workers, prefetch_factor=4)
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                      pin_memory=torch.device(device).type == "cuda", **plan.loader_kwargs())
 
 
 def metric_keys(mode: str) -> tuple[str, ...]:

@@ -4,10 +4,16 @@ Why they depend on the machine: on a GPU the frozen ViT-L scores ~200 images/s a
 while decoding and bicubic-resizing one real dataset image (a 1500x1000 VisA JPEG, say) takes
 10-40 ms of one CPU core, so a fixed two workers would starve the GPU. On a CPU the model itself
 is the bottleneck (about one image per second) and extra workers only take cores from it.
+
+Worker processes hand batches over through shared memory (/dev/shm on Linux). Docker gives a
+container 64 MiB of it by default, less than 12 workers reading ahead hold, and running out kills a
+worker with a bus error mid-run; :func:`fit_to_shared_memory` scales the read-ahead down first.
 """
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -71,3 +77,67 @@ def resolve_batch_size(requested: Optional[int], device: torch.device | str) -> 
     if int(requested) < 1:
         raise ValueError(f"--batch_size must be >= 1, got {requested}")
     return int(requested)
+
+
+def shared_memory_bytes(path: str = "/dev/shm") -> Optional[int]:
+    """Free bytes of the filesystem loader workers hand batches over through; None where unknown."""
+    try:
+        st = os.statvfs(path)
+    except (OSError, AttributeError):
+        return None
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+@dataclass(frozen=True)
+class LoaderPlan:
+    """How many workers read how many batches ahead, and why that is less than asked (or None)."""
+
+    num_workers: int
+    prefetch_factor: Optional[int]  # None when loading runs in the main process
+    note: Optional[str] = None
+
+    def loader_kwargs(self) -> dict:
+        extra = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+        return {"num_workers": self.num_workers, **extra}
+
+
+def fit_to_shared_memory(num_workers: int, prefetch_factor: int, batch_bytes: int,
+                         free_bytes: Optional[int] = None) -> LoaderPlan:
+    """Workers and read-ahead whose batches in flight (workers x prefetch x batch) take at most half of
+    the free shared memory: fewer batches ahead first, then fewer workers, then loading in the main
+    process. ``free_bytes`` None: measured (unknown: nothing is changed)."""
+    if num_workers <= 0:
+        return LoaderPlan(0, None)
+    free = shared_memory_bytes() if free_bytes is None else int(free_bytes)
+    need = num_workers * prefetch_factor * batch_bytes
+    if free is None or batch_bytes <= 0 or need <= free // 2:
+        return LoaderPlan(num_workers, prefetch_factor)
+    budget = free // 2
+    workers, prefetch = num_workers, min(prefetch_factor, budget // (num_workers * batch_bytes))
+    if prefetch < 1:
+        workers, prefetch = min(num_workers, budget // batch_bytes), 1
+    if workers < 1:
+        workers, prefetch = 0, None
+    using = (f"{workers} worker{'s' if workers > 1 else ''} x {prefetch} batch{'es' if prefetch > 1 else ''} ahead"
+             if workers else
+             "loading in the main process")
+    note = (f"shared memory (/dev/shm) has {free / 2**20:.0f} MiB free, too little for {num_workers} loader "
+            f"workers x {prefetch_factor} batches ahead of {batch_bytes / 2**20:.1f} MiB each: {using}, which may "
+            "load slower. In Docker, raise it with --shm-size (e.g. 4g); or pass a smaller --batch_size "
+            "or --num_workers to silence this")
+    return LoaderPlan(workers, prefetch, note)
+
+
+def uint8_batch_bytes(batch_size: int, image_size: int) -> int:
+    """Bytes of one loader batch of uint8 images [B,3,S,S] and uint8 masks [B,S,S]."""
+    return int(batch_size) * 4 * int(image_size) ** 2
+
+
+def plan_loader(dataset, batches: list[list[int]], num_workers: int, prefetch_factor: int) -> LoaderPlan:
+    """:func:`fit_to_shared_memory` for a loader of ``dataset`` (uint8 items of its ``image_size``)
+    over ``batches``; says on stderr what it scaled down."""
+    largest = max((len(b) for b in batches), default=0)
+    plan = fit_to_shared_memory(num_workers, prefetch_factor, uint8_batch_bytes(largest, dataset.image_size))
+    if plan.note:
+        print(f"glocalclip: {plan.note}", file=sys.stderr)
+    return plan

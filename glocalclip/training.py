@@ -30,7 +30,7 @@ from .distributed import DistContext, init_distributed
 from .feature_cache import FeatureCache, choose_location
 from .losses import glocal_contrastive_loss
 from .model import GlocalCLIP
-from .resources import resolve_num_workers
+from .resources import plan_loader, resolve_num_workers
 
 
 
@@ -150,9 +150,10 @@ class Trainer:
 
     # -------------------------------------------------------------- features
     def _loader(self, batches: list[list[int]]) -> DataLoader:
-        return DataLoader(self.dataset, batch_sampler=batches,
-                          num_workers=resolve_num_workers(self.cfg.num_workers, self.device),
-                          collate_fn=collate, pin_memory=self.device.type == "cuda")
+        plan = plan_loader(self.dataset, batches, resolve_num_workers(self.cfg.num_workers, self.device),
+                           prefetch_factor=2)  # PyTorch's default read-ahead, scaled down where shared memory is short
+        return DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate,
+                          pin_memory=self.device.type == "cuda", **plan.loader_kwargs())
 
     def _encode(self, batch: dict) -> tuple:
         x = normalize_image(batch["image"].to(self.device, non_blocking=True))

@@ -62,3 +62,57 @@ def test_unset_counts_parse_as_automatic():
     args = make_test_parser().parse_args(["--data_path", "d", "--checkpoint_path", "c"])
     assert args.batch_size is None and args.num_workers is None
     assert make_train_parser().parse_args(["--train_data_path", "d"]).num_workers is None
+
+
+MIB = 2**20
+BATCH = R.uint8_batch_bytes(16, 518)  # 16 uint8 images [3,518,518] and masks [518,518]: 16.4 MiB
+
+
+@pytest.mark.parametrize("free, expected", [
+    (8 * 1024 * MIB, (12, 4)),   # plenty: as asked
+    (1024 * MIB, (12, 2)),       # fewer batches ahead first
+    (64 * MIB, (1, 1)),          # Docker's default: then fewer workers
+    (30 * MIB, (0, None)),       # not one batch fits in half: load in the main process
+])
+def test_read_ahead_fits_in_half_the_shared_memory(free, expected):
+    plan = R.fit_to_shared_memory(12, 4, BATCH, free_bytes=free)
+    assert (plan.num_workers, plan.prefetch_factor) == expected
+    if plan.num_workers:
+        assert plan.num_workers * plan.prefetch_factor * BATCH <= free // 2
+    assert (plan.note is None) == (expected == (12, 4))
+    if plan.note:
+        assert "--shm-size" in plan.note and f"{free // MIB} MiB free" in plan.note
+    assert plan.loader_kwargs() == ({"num_workers": 0} if expected[0] == 0 else
+                                    {"num_workers": expected[0], "prefetch_factor": expected[1]})
+
+
+def test_unknown_shared_memory_or_no_workers_change_nothing(monkeypatch):
+    monkeypatch.setattr(R, "shared_memory_bytes", lambda path="/dev/shm": None)
+    assert R.fit_to_shared_memory(12, 4, BATCH) == R.LoaderPlan(12, 4)
+    assert R.fit_to_shared_memory(0, 4, BATCH, free_bytes=0) == R.LoaderPlan(0, None)
+
+
+class _Items:
+    image_size = 518
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i):  # never read: the loaders are only built
+        raise AssertionError
+
+
+def test_test_and_train_loaders_scale_down_on_docker_shared_memory(monkeypatch, capsys):
+    from glocalclip.evaluation import evaluation_loader
+
+    batches = [list(range(i, i + 16)) for i in range(0, 64, 16)]
+    monkeypatch.setattr(R, "shared_memory_bytes", lambda path="/dev/shm": 64 * MIB)
+    loader = evaluation_loader(_Items(), batches, 2, "cpu")
+    assert (loader.num_workers, loader.prefetch_factor) == (1, 1)
+    assert "raise it with --shm-size" in capsys.readouterr().err
+    plan = R.plan_loader(_Items(), [b[:8] for b in batches], 12, prefetch_factor=2)  # training: batch 8
+    assert (plan.num_workers, plan.prefetch_factor) == (3, 1)
+    assert "12 loader workers x 2 batches ahead of 8.2 MiB" in capsys.readouterr().err
+    monkeypatch.setattr(R, "shared_memory_bytes", lambda path="/dev/shm": 64 * 1024 * MIB)
+    loader = evaluation_loader(_Items(), batches, 2, "cpu")
+    assert (loader.num_workers, loader.prefetch_factor) == (2, 4) and capsys.readouterr().err == ""
