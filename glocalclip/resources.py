@@ -102,17 +102,18 @@ class LoaderPlan:
 
 
 def fit_to_shared_memory(num_workers: int, prefetch_factor: int, batch_bytes: int,
-                         free_bytes: Optional[int] = None) -> LoaderPlan:
+                         free_bytes: Optional[int] = None, processes: int = 1) -> LoaderPlan:
     """Workers and read-ahead whose batches in flight (workers x prefetch x batch) take at most half of
-    the free shared memory: fewer batches ahead first, then fewer workers, then loading in the main
-    process. ``free_bytes`` None: measured (unknown: nothing is changed)."""
+    this process's share of the free shared memory (``processes`` on the machine share it): fewer
+    batches ahead first, then fewer workers, then loading in the main process. ``free_bytes`` None:
+    measured (unknown: nothing is changed)."""
     if num_workers <= 0:
         return LoaderPlan(0, None)
     free = shared_memory_bytes() if free_bytes is None else int(free_bytes)
     need = num_workers * prefetch_factor * batch_bytes
-    if free is None or batch_bytes <= 0 or need <= free // 2:
+    budget = None if free is None else free // (2 * max(1, int(processes)))
+    if budget is None or batch_bytes <= 0 or need <= budget:
         return LoaderPlan(num_workers, prefetch_factor)
-    budget = free // 2
     workers, prefetch = num_workers, min(prefetch_factor, budget // (num_workers * batch_bytes))
     if prefetch < 1:
         workers, prefetch = min(num_workers, budget // batch_bytes), 1
@@ -121,7 +122,8 @@ def fit_to_shared_memory(num_workers: int, prefetch_factor: int, batch_bytes: in
     using = (f"{workers} worker{'s' if workers > 1 else ''} x {prefetch} batch{'es' if prefetch > 1 else ''} ahead"
              if workers else
              "loading in the main process")
-    note = (f"shared memory (/dev/shm) has {free / 2**20:.0f} MiB free, too little for {num_workers} loader "
+    shared = f" for {processes} processes" if processes > 1 else ""
+    note = (f"shared memory (/dev/shm) has {free / 2**20:.0f} MiB free{shared}, too little for {num_workers} loader "
             f"workers x {prefetch_factor} batches ahead of {batch_bytes / 2**20:.1f} MiB each: {using}, which may "
             "load slower. In Docker, raise it with --shm-size (e.g. 4g); or pass a smaller --batch_size "
             "or --num_workers to silence this")
@@ -137,7 +139,8 @@ def plan_loader(dataset, batches: list[list[int]], num_workers: int, prefetch_fa
     """:func:`fit_to_shared_memory` for a loader of ``dataset`` (uint8 items of its ``image_size``)
     over ``batches``; says on stderr what it scaled down."""
     largest = max((len(b) for b in batches), default=0)
-    plan = fit_to_shared_memory(num_workers, prefetch_factor, uint8_batch_bytes(largest, dataset.image_size))
+    plan = fit_to_shared_memory(num_workers, prefetch_factor, uint8_batch_bytes(largest, dataset.image_size),
+                                processes=processes_per_node())
     if plan.note:
         print(f"glocalclip: {plan.note}", file=sys.stderr)
     return plan

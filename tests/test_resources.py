@@ -86,6 +86,11 @@ def test_read_ahead_fits_in_half_the_shared_memory(free, expected):
                                     {"num_workers": expected[0], "prefetch_factor": expected[1]})
 
 
+def test_torchrun_processes_share_the_shared_memory():
+    plan = R.fit_to_shared_memory(12, 4, BATCH, free_bytes=8 * 1024 * MIB, processes=8)  # 512 MiB each
+    assert (plan.num_workers, plan.prefetch_factor) == (12, 2) and "free for 8 processes" in plan.note
+
+
 def test_unknown_shared_memory_or_no_workers_change_nothing(monkeypatch):
     monkeypatch.setattr(R, "shared_memory_bytes", lambda path="/dev/shm": None)
     assert R.fit_to_shared_memory(12, 4, BATCH) == R.LoaderPlan(12, 4)
