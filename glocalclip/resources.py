@@ -125,8 +125,7 @@ def fit_to_shared_memory(num_workers: int, prefetch_factor: int, batch_bytes: in
     shared = f" for {processes} processes" if processes > 1 else ""
     note = (f"shared memory (/dev/shm) has {free / 2**20:.0f} MiB free{shared}, too little for {num_workers} loader "
             f"workers x {prefetch_factor} batches ahead of {batch_bytes / 2**20:.1f} MiB each: {using}, which may "
-            "load slower. In Docker, raise it with --shm-size (e.g. 4g); or pass a smaller --batch_size "
-            "or --num_workers to silence this")
+            "load slower. In Docker, raise it with --shm-size (e.g. 4g)")
     return LoaderPlan(workers, prefetch, note)
 
 
