@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .config import GlocalCLIPConfig, MULTILAYER_MODES, PRECISIONS
 
@@ -202,6 +203,7 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from .checkpoint import atomic_save, is_ours
+    from .datasets import load_meta
     from .distributed import init_distributed
     from .evaluation import evaluate
     from .results import results_table, software_versions, write_results
@@ -212,6 +214,7 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
     ctx = init_distributed(args.device)
     t0 = time.time()
     try:
+        load_meta(args.data_path, _dataset(args.dataset))  # a wrong data path fails before the weights load
         model, ckpt = build_test_model(args.checkpoint_path, overrides)
         model = model.to(ctx.device)
         out_dir = Path(args.save_path)
@@ -281,12 +284,37 @@ COMMANDS = {"train": train_main, "test": test_main, "demo": demo_main,
             "report": _lazy("report", "report_main")}
 
 
+def _input_errors() -> tuple[type, ...]:
+    from .backbone import PretrainedWeightsUnavailable
+
+    return (ValueError, FileNotFoundError, PretrainedWeightsUnavailable)  # DatasetError is a ValueError
+
+
+def run_command(prog: str, command: Callable[[list[str]], Optional[int]],
+                argv: Optional[Sequence[str]] = None) -> int:
+    """Run a command line as a script does. An input error (a missing path, a bad flag value, data or a
+    checkpoint that does not fit) prints its message, which names the fix, without a traceback and
+    exits 2 (``GLOCALCLIP_TRACEBACK=1`` shows the traceback); Ctrl-C exits 130. Called as functions,
+    the commands raise instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return command(argv) or 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is an input error
+        if os.environ.get("GLOCALCLIP_TRACEBACK") or not isinstance(e, _input_errors()):
+            raise
+        print(f"{prog}: error: {e}\n(GLOCALCLIP_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print("usage: glocalclip {" + ",".join(COMMANDS) + "} [options]  (glocalclip CMD --help for each)")
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    return COMMANDS[argv[0]](argv[1:]) or 0
+    return run_command(f"glocalclip {argv[0]}", COMMANDS[argv[0]], argv[1:])
 
 
 if __name__ == "__main__":

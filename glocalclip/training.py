@@ -128,11 +128,12 @@ class Trainer:
                     raise ValueError(f"--resume: the checkpoint was trained with other model settings "
                                      f"(checkpoint vs now): {diff}")
             self.start_epoch = int(resume_ckpt["epoch"])
+        # the data first: a wrong path fails at once, not after the backbone's weights are loaded
+        self.dataset = AnomalyDataset(cfg.train_data_path, split="test", image_size=model_cfg.image_size,
+                                      dataset=cfg.dataset, as_uint8=True)
         seed_everything(cfg.seed)
         self.device = self.ctx.device
         self.model = GlocalCLIP(model_cfg, clip=clip).to(self.device)
-        self.dataset = AnomalyDataset(cfg.train_data_path, split="test", image_size=model_cfg.image_size,
-                                      dataset=cfg.dataset, as_uint8=True)
         self.optimizer = torch.optim.Adam(self.model.prompt_parameters(), lr=cfg.learning_rate,
                                           betas=(0.5, 0.999))
         if resume_ckpt is not None:

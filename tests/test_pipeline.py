@@ -230,3 +230,40 @@ def test_evaluation_keeps_finished_classes_in_a_partial_file(data, tmp_path):
     assert run_test(["--data_path", str(data), "--checkpoint_path", str(save / "epoch_1.pth"), "--save_path",
                      str(out), "--num_workers", "0", "--no_progress", "--classes", "grain"]) == 0
     assert (out / "results.json").is_file() and not (out / "results.partial.json").exists()
+
+
+def test_scripts_report_input_errors_in_one_message_without_a_traceback(tmp_path):
+    """A wrong data path fails before any weights load (train.py's default backbone is ViT-L with the
+    'openai' weights, unreachable here), with the message naming the fix and exit code 2."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("GLOCALCLIP_TRACEBACK", None)
+    train = subprocess.run([sys.executable, str(REPO / "train.py"), "--train_data_path", str(tmp_path / "nowhere"),
+                            "--save_path", str(tmp_path / "ck")], capture_output=True, text=True, env=env, timeout=120)
+    assert train.returncode == 2
+    assert train.stderr.startswith(f"train.py: error: dataset root {tmp_path / 'nowhere'} does not exist")
+    assert "Traceback" not in train.stderr
+    cmd = [sys.executable, str(REPO / "test.py"), "--data_path", str(tmp_path / "nowhere"), "--checkpoint_path",
+           str(tmp_path / "none.pth")]
+    test = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert test.returncode == 2 and "Traceback" not in test.stderr and "check the data path" in test.stderr
+    loud = subprocess.run(cmd, capture_output=True, text=True, env={**env, "GLOCALCLIP_TRACEBACK": "1"}, timeout=120)
+    assert loud.returncode == 1 and "Traceback" in loud.stderr and "DatasetError" in loud.stderr
+
+
+def test_run_command_turns_only_input_errors_into_messages(capsys):
+    from glocalclip.backbone import PretrainedWeightsUnavailable
+    from glocalclip.cli import run_command
+
+    def failing(error):
+        def command(argv):
+            raise error
+        return command
+
+    for error in (ValueError("bad --x; use 2"), FileNotFoundError("no f"), PretrainedWeightsUnavailable("offline")):
+        assert run_command("prog", failing(error), []) == 2
+        assert capsys.readouterr().err.startswith(f"prog: error: {error}\n")
+    assert run_command("prog", failing(KeyboardInterrupt()), []) == 130
+    with pytest.raises(RuntimeError):  # a bug keeps its traceback
+        run_command("prog", failing(RuntimeError("bug")), [])
+    assert run_command("prog", lambda argv: None, []) == 0
+    assert run_command("prog", lambda argv: 3, ["a"]) == 3
