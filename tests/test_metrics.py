@@ -6,6 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from skimage import measure
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
@@ -285,6 +286,22 @@ def test_torch_path_equals_numpy_path_and_default_backends(tied_case):
     for key in PIXEL_KEYS:
         assert dev[key] == pytest.approx(ref[key], abs=1e-12)
         assert auto[key] == ref[key]
+
+
+def test_labelling_on_threads_equals_labelling_at_once(monkeypatch):
+    """Chunks labelled on several threads number their regions on in image order: the same region of
+    every pixel, and the same areas, as one call over the whole stack with the per-image structure."""
+    rng = np.random.default_rng(21)
+    masks = rng.random((11, 30, 40)) > 0.7  # many small regions, some spanning an image's whole height
+    labels, count = ndimage.label(masks, structure=metrics._STRUCTURE)
+    expected_region = labels[masks].astype(np.int64) - 1
+    assert count > 100
+    for threads, chunk_images in ((1, 11), (4, 11), (4, 2), (3, 1)):
+        monkeypatch.setattr(metrics, "_LABEL_THREADS", threads)
+        monkeypatch.setattr(metrics, "_LABEL_CHUNK_PIXELS", chunk_images * 30 * 40)
+        region, area = metrics._label_regions(masks)
+        assert np.array_equal(region, expected_region)
+        assert np.array_equal(area, np.bincount(expected_region, minlength=count))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
