@@ -105,12 +105,17 @@ def _float_torch(x: Any) -> torch.Tensor:
     return x
 
 
+def _binary_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Bool tensor on ``x``'s device: integers > 0, floats > 0.5."""
+    x = x.detach()
+    if x.dtype != torch.bool:
+        x = x > 0 if not (x.is_floating_point() or x.is_complex()) else x > 0.5
+    return x
+
+
 def _binary_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.dtype != torch.bool:
-            x = x > 0 if not (x.is_floating_point() or x.is_complex()) else x > 0.5
-        return x.cpu().numpy()
+        return _binary_tensor(x).cpu().numpy()
     x = np.asarray(x)
     if x.dtype == bool:
         return x
@@ -363,7 +368,10 @@ def _prepare(masks: Any, maps: Any, backend: str | None) -> _Pixels | None:
 
     if be == "torch":
         device = values.device
-        mask_t = torch.from_numpy(mask).to(device)
+        if isinstance(masks, torch.Tensor) and masks.device == device:  # no copy back of what is there
+            mask_t = _binary_tensor(masks).reshape(mask.shape)
+        else:
+            mask_t = torch.from_numpy(mask).to(device)
         neg = torch.sort(values[~mask_t]).values
         pos = values[mask_t]
         region_t = torch.from_numpy(region).to(device)

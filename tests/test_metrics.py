@@ -428,3 +428,8 @@ def test_pixel_metrics_accept_a_singleton_channel_axis():
     flat = metrics.pixel_metrics(masks, maps)
     chan = metrics.pixel_metrics(masks[:, None], maps[:, None])
     assert flat == chan
+    # tensors on the maps' device: the device path takes the masks as they are ([N,1,H,W], one [H,W])
+    for m, v in ((masks[:, None], maps[:, None]), (masks[0], maps[0])):
+        dev = metrics.pixel_metrics(torch.from_numpy(m), torch.from_numpy(v), backend="torch")
+        ref = metrics.pixel_metrics(m, v)
+        assert dev == pytest.approx(ref, abs=1e-12)
