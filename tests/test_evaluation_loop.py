@@ -145,3 +145,60 @@ def test_cuda_smoothing_equals_scipy():
     got = GaussianSmoothing(8, "cuda")(torch.from_numpy(maps).cuda()).cpu().numpy()
     np.testing.assert_allclose(got, ref, rtol=1.2e-7, atol=0)
     assert (got != ref).mean() <= 1e-4
+
+
+def test_evaluate_measures_the_models_smoothed_maps_and_global_scores(data, tiny_clip):
+    """evaluate() against the protocol computed directly (DESIGN §4, §6): the float images
+    (ToTensor + Normalize), one forward of all of a class's images, scipy's gaussian_filter(σ) per map,
+    the metric functions on the whole class."""
+    from scipy.ndimage import gaussian_filter
+
+    from glocalclip import metrics
+    from glocalclip.evaluation import evaluate
+
+    torch.manual_seed(3)
+    model = GlocalCLIP(tiny_config(image_size=56), clip=tiny_clip)
+    res = evaluate(model, str(data), None, DistContext(device=torch.device("cpu")), mode="image-pixel-level",
+                   sigma=4, batch_size=3, num_workers=0, progress=False)
+    assert set(res["classes"]) == {"checker", "grain", "stripes"}
+    for cls_name, got in res["classes"].items():
+        ds = AnomalyDataset(data, "test", 56, classes=[cls_name])  # float images, as the original loader
+        items = [ds[i] for i in range(len(ds))]
+        with torch.no_grad():
+            out = model(torch.stack([it["image"] for it in items]))
+        maps = np.stack([gaussian_filter(m, sigma=4) for m in out["anomaly_map"].numpy()])
+        masks = torch.stack([it["mask"] for it in items]).numpy()
+        labels = np.array([it["label"] for it in items])
+        expected = {**metrics.pixel_metrics(masks, maps), **metrics.image_metrics(labels, out["image_score"].numpy())}
+        unsmoothed = metrics.pixel_metrics(masks, out["anomaly_map"].numpy())
+        assert unsmoothed["pixel_auroc"] != pytest.approx(expected["pixel_auroc"], abs=1e-6)  # σ matters here
+        for k, v in expected.items():
+            assert got[k] == pytest.approx(v, abs=1e-9, nan_ok=True), (cls_name, k)
+
+
+def test_f1_threshold_is_the_score_of_the_best_f1():
+    """The pooled threshold test.py stores: the lowest score t among those maximising F1 of score >= t."""
+    from glocalclip.evaluation import f1_threshold
+
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        labels = rng.integers(0, 2, 40)
+        scores = np.round(rng.random(40) + 0.3 * labels, 2)  # ties included
+        best, best_t = -1.0, None
+        for t in np.unique(scores):
+            pred = scores >= t
+            tp = int((pred & (labels == 1)).sum())
+            f1 = 2 * tp / (int(pred.sum()) + int(labels.sum()))
+            if f1 > best + 1e-12:
+                best, best_t = f1, float(t)
+        assert f1_threshold(labels, scores) == best_t
+    assert f1_threshold(np.ones(5, dtype=int), np.arange(5.0)) is None
+
+
+def test_class_means_skip_undefined_metrics():
+    from glocalclip.evaluation import mean_metrics
+
+    nan = float("nan")
+    per_class = {"a": {"k": 0.5, "j": nan}, "b": {"k": nan, "j": nan}, "c": {"k": 0.8, "j": nan}}
+    got = mean_metrics(per_class, ("k", "j"))
+    assert got["k"] == pytest.approx(0.65) and np.isnan(got["j"])

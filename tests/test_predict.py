@@ -268,3 +268,24 @@ def test_plot_curves_writes_roc_and_pro(trained, tmp_path):
     paths = plot_curves({"grain": class_curves(_class_scores(trained))}, tmp_path)
     assert [p.name for p in paths] == ["roc.png", "pro.png"]
     assert all(Image.open(p).width > 100 for p in paths)
+
+
+def test_predictions_are_the_protocols_smoothed_map_and_global_score(trained):
+    """What predict returns for a batch is what test.py measures: the model's global image score and
+    its map smoothed by scipy's gaussian_filter(σ), at the model's resolution when asked for it."""
+    from scipy.ndimage import gaussian_filter
+
+    pred = Predictor.from_checkpoint(trained["ckpt"], device="cpu", sigma=4)
+    s = pred.image_size
+    x = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = pred.model(x)
+    for sigma in (4.0, 8.0):
+        got = pred.predict_tensors(x, [(s, s)] * 2, sigma=sigma)
+        for i, p in enumerate(got):
+            expected = gaussian_filter(out["anomaly_map"][i].numpy(), sigma=sigma)
+            np.testing.assert_allclose(p.anomaly_map, expected, rtol=0, atol=1e-6)
+            assert p.pred_score == pytest.approx(float(out["image_score"][i]), abs=1e-6)
+            assert p.map_max == pytest.approx(float(expected.max()), abs=1e-6)
+    four, eight = (pred.predict_tensors(x, [(s, s)] * 2, sigma=v)[0].anomaly_map for v in (4.0, 8.0))
+    assert np.abs(four - eight).max() > 1e-4  # the two σ give different maps: the check above can tell
