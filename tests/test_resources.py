@@ -121,3 +121,23 @@ def test_test_and_train_loaders_scale_down_on_docker_shared_memory(monkeypatch, 
     monkeypatch.setattr(R, "shared_memory_bytes", lambda path="/dev/shm": 64 * 1024 * MIB)
     loader = evaluation_loader(_Items(), batches, 2, "cpu")
     assert (loader.num_workers, loader.prefetch_factor) == (2, 4) and capsys.readouterr().err == ""
+
+
+def test_feature_cache_auto_goes_where_it_takes_under_half_the_free_memory(monkeypatch):
+    import torch
+
+    from glocalclip import feature_cache as FC
+
+    gib = 2**30
+    monkeypatch.setattr(FC, "_free_host_bytes", lambda: 16 * gib)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert FC.choose_location("auto", 4 * gib, cuda) == "device"  # under half of the GPU's 10 GiB free
+    assert FC.choose_location("auto", 5 * gib, cuda) == "host"    # not under half of it, under half of 16
+    assert FC.choose_location("auto", 8 * gib, cuda) == "disk"    # under half of neither
+    assert FC.choose_location("auto", 7 * gib, cpu) == "host"
+    assert FC.choose_location("auto", 8 * gib, cpu) == "disk"
+    assert FC.choose_location("device", 1, cpu) == "host"           # no device memory on a CPU run
+    assert FC.choose_location("disk", 1, cuda) == "disk" and FC.choose_location("off", 1, cuda) == "off"
+    with pytest.raises(ValueError, match="feature_cache"):
+        FC.choose_location("gpu", 1, cuda)

@@ -229,3 +229,26 @@ def test_features_list_is_read_once_per_block_in_block_order(tiny_clip):
 
 def test_forward_returns_exactly_the_documented_keys(tiny_model):
     assert set(tiny_model(_images(1))) == {"image_score", "anomaly_map"}
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_runs_the_encoders_under_autocast(tiny_clip, precision):
+    """bf16/fp16 only change the arithmetic of the frozen encoders: the outputs move (so autocast is
+    really on), by about the format's rounding, and stay float32 and finite. (CPU autocast here; the
+    speed is a GPU matter.)"""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
+    ref_model = GlocalCLIP(tiny_config(), clip=tiny_clip)
+    low_model = GlocalCLIP(tiny_config(precision=precision), clip=tiny_clip)
+    low_model.prompt_learner.load_state_dict(ref_model.prompt_learner.state_dict())
+    with torch.no_grad():
+        ref, low = ref_model(x), low_model(x)
+        g_ref, _ = ref_model.encode_text()
+        g_low, _ = low_model.encode_text()
+    eps = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}[precision]  # the format's relative rounding
+    for key in ("image_score", "anomaly_map"):
+        assert low[key].dtype == torch.float32 and torch.isfinite(low[key]).all()
+        delta = (low[key] - ref[key]).abs().max().item()
+        # measured: ~5 eps (bf16) and ~3 eps (fp16) of the output's scale after the tiny tower's layers
+        assert 0 < delta < 16 * eps * ref[key].abs().max().item(), (key, delta)
+    assert 0 < (g_low.float() - g_ref).abs().max().item() < 16 * eps
