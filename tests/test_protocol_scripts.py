@@ -45,4 +45,9 @@ def test_train_and_test_scripts_run_a_setting(tmp_path):
     assert (tmp_path / "runs" / "visa2mvtec" / "alpha_1.0" / "test" / "mvtec" / "results.json").is_file()
     summary = (tmp_path / "runs" / "summary.md").read_text()
     assert "91.4" in summary  # the paper's MVTec pixel AUROC beside ours
+    import json
+
+    ours = json.loads((tmp_path / "runs" / "visa2mvtec" / "alpha_1.0" / "test" / "mvtec" / "results.json")
+                      .read_text())["mean"]["pixel_auroc"]
+    assert f"{100 * ours:.1f}" in summary  # ... and our own number from the run's results
     assert "summary of 1 test runs" in run.stdout
