@@ -1,11 +1,15 @@
 """Prompt layout and the deep-token text encoder (DESIGN.md §3)."""
 from __future__ import annotations
 
+import copy
+
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 
 from glocalclip import GlocalCLIP, GlocalCLIPConfig
+from glocalclip.text_encoder import DeepPromptTextEncoder
 
 from conftest import tiny_config
 
@@ -99,3 +103,131 @@ def test_anomalyclip_prompt_style_layout(tiny_clip):
 def test_t_n_ctx_larger_than_n_ctx_is_refused():
     with pytest.raises(ValueError, match="t_n_ctx"):
         GlocalCLIPConfig(backbone="tiny", pretrained=None, n_ctx=3, t_n_ctx=4)
+
+
+# --------------------------------------------------------------------------------------------------
+# The text tower checked against CLIP itself (open_clip's ``CLIP.encode_text``).
+
+SENTENCES = ["a photo of a damaged object.", "x", "flawless metal nut with a scratch on its left side .",
+             " ".join(["word"] * 60)]
+
+
+@pytest.fixture(scope="module")
+def varied_clip(tiny_clip):
+    """A copy of the tiny CLIP whose ln_final / positional embedding are far from their init
+    (LayerNorm weight 1, bias 0), so that skipping or misplacing them shows in the features."""
+    clip = copy.deepcopy(tiny_clip)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        clip.ln_final.weight.copy_(1 + 0.5 * torch.randn(clip.ln_final.weight.shape, generator=g))
+        clip.ln_final.bias.copy_(0.5 * torch.randn(clip.ln_final.bias.shape, generator=g))
+        clip.positional_embedding.add_(0.1 * torch.randn(clip.positional_embedding.shape, generator=g))
+    clip.requires_grad_(False)
+    return clip.eval()
+
+
+def _clip_text_features(clip, tokens):
+    with torch.no_grad():
+        return F.normalize(clip.encode_text(tokens).float(), dim=-1)
+
+
+def test_encoder_without_deep_tokens_equals_open_clip_encode_text(varied_clip):
+    # depth=1: no block gets deep tokens, so the tower must be CLIP's own text tower
+    tokens = open_clip.tokenize(SENTENCES)
+    eot = tokens.argmax(dim=-1)
+    assert len(set(eot.tolist())) == len(SENTENCES)  # different EOT rows per sequence
+    enc = DeepPromptTextEncoder(varied_clip, depth=1, t_n_ctx=2)
+    with torch.no_grad():
+        ours = enc(varied_clip.token_embedding(tokens), eot, [])
+    ref = _clip_text_features(varied_clip, tokens)
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape == (len(SENTENCES), 32)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    # the comparison has teeth: the row before EOT gives clearly different features
+    with torch.no_grad():
+        off = enc(varied_clip.token_embedding(tokens), eot - 1, [])
+    assert (off - ref).abs().max() > 1e-2
+
+
+def test_model_encode_text_with_depth_1_equals_clip_on_the_placeholder_prompts(varied_clip):
+    # Through the whole model: prompt learner + encoder + split. With the contexts set to the
+    # embedding of the placeholder word and no deep tokens, the features are CLIP's for the tokens.
+    model = GlocalCLIP(tiny_config(depth=1), clip=varied_clip)
+    pl = model.prompt_learner
+    x_row = varied_clip.token_embedding.weight[open_clip.tokenize(["X"])[0, 1]]
+    with torch.no_grad():
+        for name in ("ctx_global_pos", "ctx_global_neg", "ctx_local_pos", "ctx_local_neg"):
+            p = getattr(pl, name)
+            p.copy_(x_row.expand_as(p))
+        g, l = model.encode_text()
+    ref = _clip_text_features(varied_clip, pl.tokens)
+    torch.testing.assert_close(g, ref[:2], rtol=0, atol=1e-6)
+    torch.testing.assert_close(l, ref[2:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_feature_is_causal_up_to_the_eot_token(varied_clip, depth):
+    torch.manual_seed(11)
+    model = GlocalCLIP(tiny_config(depth=depth, t_n_ctx=2), clip=varied_clip)
+    enc = model.text_encoder
+    with torch.no_grad():
+        prompts, eot, deep = model.prompt_learner()
+        f0 = enc(prompts, eot, deep)
+        after = prompts.clone()
+        for p, e in enumerate(eot.tolist()):
+            after[p, e + 1:] = torch.randn_like(after[p, e + 1:])
+        torch.testing.assert_close(enc(after, eot, deep), f0, rtol=0, atol=1e-6)
+        t = model.cfg.t_n_ctx
+        for pos in ("eot", "before_eot", "first_after_deep"):
+            before = prompts.clone()
+            for p, e in enumerate(eot.tolist()):
+                k = {"eot": e, "before_eot": e - 1, "first_after_deep": 1 + t}[pos]
+                before[p, k] += torch.randn_like(before[p, k])
+            f1 = enc(before, eot, deep)
+            assert ((f1 - f0).norm(dim=-1) > 1e-3).all(), pos
+
+
+def _trace_blocks(clip, fn):
+    inputs, outputs = {}, {}
+    hooks = []
+    for i, blk in enumerate(clip.transformer.resblocks):
+        hooks.append(blk.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].detach().clone())))
+        hooks.append(blk.register_forward_hook(lambda mod, args, out, i=i: outputs.__setitem__(i, out.detach().clone())))
+    try:
+        result = fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return result, inputs, outputs
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_outside_the_deep_span_every_block_runs_as_in_clip(varied_clip, depth):
+    # DESIGN §3.2: before blocks 2..D only positions 1..t are overwritten; SOS and positions > t
+    # carry the previous block's output; every block runs with CLIP's causal mask; the tail is
+    # ln_final -> EOT row -> text_projection -> L2-normalise.
+    torch.manual_seed(5)
+    t = 2
+    model = GlocalCLIP(tiny_config(depth=depth, t_n_ctx=t), clip=varied_clip)
+    blocks = varied_clip.transformer.resblocks
+    assert varied_clip.transformer.batch_first
+    with torch.no_grad():
+        prompts, eot, deep = model.prompt_learner()
+        feats, inputs, outputs = _trace_blocks(varied_clip, lambda: model.text_encoder(prompts, eot, deep))
+        assert sorted(inputs) == sorted(outputs) == list(range(len(blocks)))
+        torch.testing.assert_close(inputs[0], prompts + varied_clip.positional_embedding, rtol=0, atol=0)
+        for i in range(1, len(blocks)):
+            x_in, prev = inputs[i], outputs[i - 1]
+            if i < depth:
+                torch.testing.assert_close(x_in[:, :1], prev[:, :1], rtol=0, atol=0)
+                torch.testing.assert_close(x_in[:, 1 + t:], prev[:, 1 + t:], rtol=0, atol=0)
+                z = deep[i - 1].half().float().expand(x_in.shape[0], -1, -1)
+                torch.testing.assert_close(x_in[:, 1:1 + t], z, rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(x_in, prev, rtol=0, atol=0)
+        for i, blk in enumerate(blocks):  # each block as CLIP runs it: with the causal mask
+            x_in = inputs[i]
+            ref = blk(x_in, attn_mask=varied_clip.attn_mask)
+            torch.testing.assert_close(outputs[i], ref, rtol=0, atol=1e-6)
+        last = varied_clip.ln_final(outputs[len(blocks) - 1])
+        ref = F.normalize(last[torch.arange(len(eot)), eot] @ varied_clip.text_projection, dim=-1)
+    torch.testing.assert_close(feats, ref, rtol=0, atol=1e-6)
