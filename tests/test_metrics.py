@@ -433,3 +433,19 @@ def test_pixel_metrics_accept_a_singleton_channel_axis():
         dev = metrics.pixel_metrics(torch.from_numpy(m), torch.from_numpy(v), backend="torch")
         ref = metrics.pixel_metrics(m, v)
         assert dev == pytest.approx(ref, abs=1e-12)
+
+
+def test_masks_as_0_255_bool_or_float_are_the_same_masks():
+    """Documented: values > 0.5 are positive, so {0,1}, bool, {0,255} uint8 and float masks all work."""
+    rng = np.random.default_rng(12)
+    masks = make_masks(rng, n=3, size=20)
+    maps = make_maps(rng, masks, levels=None)
+    ref = metrics.pixel_metrics(masks, maps)
+    assert not any(np.isnan(v) for v in ref.values())
+    for variant in (masks.astype(bool), (masks * 255).astype(np.uint8), masks.astype(np.float32),
+                    torch.from_numpy((masks * 255).astype(np.uint8))):
+        assert metrics.pixel_metrics(variant, maps) == ref
+    labels = masks.reshape(3, -1).max(1)
+    labels[0] = 1 - labels[0] if labels.min() == labels.max() else labels[0]
+    scores = maps.reshape(3, -1).mean(1)
+    assert metrics.image_metrics(labels * 255, scores) == metrics.image_metrics(labels, scores)

@@ -231,3 +231,18 @@ def test_outside_the_deep_span_every_block_runs_as_in_clip(varied_clip, depth):
         last = varied_clip.ln_final(outputs[len(blocks) - 1])
         ref = F.normalize(last[torch.arange(len(eot)), eot] @ varied_clip.text_projection, dim=-1)
     torch.testing.assert_close(feats, ref, rtol=0, atol=1e-6)
+
+
+def test_prompt_parameters_start_from_n_0_002(tiny_clip):
+    """DESIGN §3.1: every learnable context and deep token is drawn from N(0, 0.02²), in fp32, and they
+    are the only trainable parameters (no unused projection layers)."""
+    from glocalclip import GlocalCLIP
+
+    torch.manual_seed(0)
+    model = GlocalCLIP(tiny_config(n_ctx=12, ab_ctx=12, depth=4, t_n_ctx=4), clip=tiny_clip)
+    named = dict(model.prompt_learner.named_parameters())
+    assert all(p.dtype == torch.float32 for p in named.values())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {f"prompt_learner.{n}" for n in named}
+    values = torch.cat([p.detach().flatten() for p in named.values()])
+    assert values.numel() > 2000
+    assert abs(values.mean().item()) < 0.003 and 0.018 < values.std().item() < 0.022
