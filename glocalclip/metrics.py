@@ -348,7 +348,10 @@ def _label_regions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _prepare(masks: Any, maps: Any, backend: str | None) -> _Pixels | None:
     be = _resolve_backend(maps, backend)
     values = _float_torch(maps) if be == "torch" else _float_numpy(maps)
-    mask = _binary_numpy(masks)
+    # masks already on the maps' device stay there for the device path; the host copy is for labelling
+    on_device = be == "torch" and isinstance(masks, torch.Tensor) and masks.device == values.device
+    mask_dev = _binary_tensor(masks) if on_device else None
+    mask = mask_dev.cpu().numpy() if mask_dev is not None else _binary_numpy(masks)
     if values.ndim == 4 and values.shape[1] == 1:  # [N, 1, H, W], as the original code passed them
         values = values[:, 0]
     if mask.ndim == 4 and mask.shape[1] == 1:
@@ -368,10 +371,7 @@ def _prepare(masks: Any, maps: Any, backend: str | None) -> _Pixels | None:
 
     if be == "torch":
         device = values.device
-        if isinstance(masks, torch.Tensor) and masks.device == device:  # no copy back of what is there
-            mask_t = _binary_tensor(masks).reshape(mask.shape)
-        else:
-            mask_t = torch.from_numpy(mask).to(device)
+        mask_t = mask_dev.reshape(mask.shape) if mask_dev is not None else torch.from_numpy(mask).to(device)
         neg = torch.sort(values[~mask_t]).values
         pos = values[mask_t]
         region_t = torch.from_numpy(region).to(device)

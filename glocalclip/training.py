@@ -33,7 +33,6 @@ from .model import GlocalCLIP
 from .resources import plan_loader, resolve_num_workers
 
 
-
 @dataclass
 class TrainConfig:
     """Everything about a training run that is not the model (the model is ``GlocalCLIPConfig``)."""
