@@ -49,4 +49,4 @@ if [ ${#ran[@]} -eq 0 ]; then
 fi
 echo
 echo "== summary of ${#ran[@]} test runs (paper numbers beside yours) -> $OUT_ROOT/summary.md"
-$PYTHON -m glocalclip.cli report "${ran[@]}" --out "$OUT_ROOT/summary.md"
+$PYTHON -m glocalclip report "${ran[@]}" --out "$OUT_ROOT/summary.md"

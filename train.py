@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from glocalclip.cli import run_command, train_main  # noqa: E402
+from glocalclip.apps.cli import run_command, train_main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_command("train.py", train_main))

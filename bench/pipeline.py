@@ -31,12 +31,12 @@ from tabulate import tabulate  # noqa: E402
 
 from glocalclip import GlocalCLIP, GlocalCLIPConfig  # noqa: E402
 from glocalclip.datasets import AnomalyDataset, normalize_image, write_meta  # noqa: E402
-from glocalclip.distributed import DistContext  # noqa: E402
-from glocalclip.evaluation import evaluate, evaluation_loader  # noqa: E402
-from glocalclip.resources import default_num_workers  # noqa: E402
-from glocalclip.scoring import GaussianSmoothing  # noqa: E402
-from glocalclip.synthetic import make_sample, synthetic_meta  # noqa: E402
-from glocalclip.training import TrainConfig, Trainer  # noqa: E402
+from glocalclip.engine.distributed import DistContext  # noqa: E402
+from glocalclip.engine.evaluation import evaluate, evaluation_loader  # noqa: E402
+from glocalclip.engine.loaders import default_num_workers  # noqa: E402
+from glocalclip.engine.smoothing import GaussianSmoothing  # noqa: E402
+from glocalclip.datasets.synthetic import make_sample, synthetic_meta  # noqa: E402
+from glocalclip.engine.training import TrainConfig, Trainer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MID_CONFIG = HERE / "mid_clip.json"

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tabulate import tabulate  # noqa: E402
 
 from glocalclip import GlocalCLIP  # noqa: E402
-from glocalclip.scoring import GaussianSmoothing, _symmetric_index, gaussian_kernel1d  # noqa: E402
+from glocalclip.engine.smoothing import GaussianSmoothing, _symmetric_index, gaussian_kernel1d  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

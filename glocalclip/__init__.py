@@ -1,15 +1,32 @@
-"""glocalclip: GlocalCLIP zero-shot anomaly detection on open_clip (see DESIGN.md / README.md)."""
+"""glocalclip: GlocalCLIP zero-shot anomaly detection on open_clip (see README.md, docs/design.md).
+
+Layers, imports running one way: ``model`` (torch modules only) <- ``engine`` (training, testing,
+metrics) <- ``apps`` (command lines, predict, reports); ``datasets`` is the data layer beside them.
+Names are imported on first use, so ``import glocalclip`` (and ``glocalclip --help``) load no torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ._compat import install_old_module_paths
+
 __version__ = "0.1.0"
 
-from .config import GlocalCLIPConfig  # noqa: E402
-from .model import GlocalCLIP  # noqa: E402
+#: public name -> module that defines it
+_PUBLIC = {
+    "GlocalCLIPConfig": "glocalclip.model.config",
+    "GlocalCLIP": "glocalclip.model.glocalclip",
+    "Predictor": "glocalclip.apps.predict",
+    "metrics": "glocalclip.engine",
+}
 
-__all__ = ["GlocalCLIPConfig", "GlocalCLIP", "Predictor", "__version__"]
+__all__ = [*_PUBLIC, "__version__"]
+
+install_old_module_paths()
 
 
-def __getattr__(name: str):
-    if name == "Predictor":  # imported on first use: glocalclip.Predictor.from_checkpoint(...)
-        from .predict import Predictor
-
-        return Predictor
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'glocalclip' has no attribute {name!r}")

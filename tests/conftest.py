@@ -9,7 +9,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 from glocalclip import GlocalCLIP, GlocalCLIPConfig  # noqa: E402
-from glocalclip.backbone import create_backbone  # noqa: E402
+from glocalclip.model.backbone import create_backbone  # noqa: E402
 
 TINY_SIZE = 112  # 8×8 patch grid, not the tiny config's native 4×4: positional tables get resized
 

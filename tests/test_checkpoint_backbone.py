@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from glocalclip import GlocalCLIP, GlocalCLIPConfig
-from glocalclip.backbone import (PretrainedWeightsUnavailable, build_clip, create_backbone,
+from glocalclip.model.backbone import (PretrainedWeightsUnavailable, build_clip, create_backbone,
                                  resolve_model_config)
-from glocalclip.checkpoint import atomic_save
+from glocalclip.engine.checkpoint import atomic_save
 
 from conftest import TINY_SIZE, tiny_config
 
@@ -123,7 +123,7 @@ def test_local_state_dict_and_torchscript_archive_load(tmp_path):
     cfg, _ = resolve_model_config("tiny", None)
     for path in (sd_path, ts_path):
         model = build_clip(cfg)
-        from glocalclip.backbone import load_clip_weights, read_clip_state_dict
+        from glocalclip.model.backbone import load_clip_weights, read_clip_state_dict
         load_clip_weights(model, read_clip_state_dict(path), str(path))
         for k, v in src.state_dict().items():
             assert torch.equal(model.state_dict()[k], v), (path.name, k)
@@ -141,7 +141,7 @@ def test_openai_weights_offline_fail_fast_with_instructions(tmp_path, offline_en
     """With an empty cache and no network (or HF_HUB_OFFLINE=1), asking for 'openai' fails
     within 10 s and says how to get the weights. The hub host is pointed at an unresolvable name
     so the test never downloads, even on a machine with network."""
-    code = ("import time\nimport glocalclip.backbone as b\nb._HUB_HOST = 'hub.invalid'\nt=time.time()\n"
+    code = ("import time\nimport glocalclip.model.backbone as b\nb._HUB_HOST = 'hub.invalid'\nt=time.time()\n"
             "try:\n    b.create_backbone('ViT-L-14-336', 'openai')\nexcept Exception as e:\n"
             "    print(type(e).__name__, time.time()-t); print(e)\n")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": offline_env}

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from glocalclip.losses import dice_loss, focal_loss, glocal_contrastive_loss, local_loss
-from glocalclip.scoring import (anomaly_map, gaussian_kernel1d, gaussian_smooth, layer_probability_maps,
-                                patch_probabilities, separable_smooth)
+from glocalclip.model.losses import dice_loss, focal_loss, glocal_contrastive_loss, local_loss
+from glocalclip.engine.smoothing import gaussian_kernel1d, gaussian_smooth, separable_smooth
+from glocalclip.model.scoring import anomaly_map, layer_probability_maps, patch_probabilities
 
 
 def test_focal_loss_hand_computed():
@@ -105,7 +105,7 @@ def test_gaussian_smooth_equals_scipy(sigma, shape):
 
 def test_global_plus_max_fuses_with_the_smoothed_map(tiny_clip):
     from glocalclip import GlocalCLIP
-    from glocalclip.scoring import smoothed_scores
+    from glocalclip.engine.smoothing import smoothed_scores
 
     from conftest import TINY_SIZE, tiny_config
 

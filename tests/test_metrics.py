@@ -1,4 +1,4 @@
-"""glocalclip.metrics against scikit-learn and straightforward implementations written here (DESIGN §6)."""
+"""glocalclip.engine.metrics against scikit-learn and straightforward implementations written here (DESIGN §6)."""
 from __future__ import annotations
 
 import warnings

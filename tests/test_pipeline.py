@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from glocalclip.cli import test_main as run_test, train_main
-from glocalclip.resources import default_num_workers
-from glocalclip.synthetic import make_synthetic_dataset
+from glocalclip.apps.cli import test_main as run_test, train_main
+from glocalclip.engine.loaders import default_num_workers
+from glocalclip.datasets.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_FLAGS = ["--backbone", "tiny", "--pretrained", "none", "--image_size", "56", "--features_list", "2", "4",
@@ -193,7 +193,7 @@ def test_unmasked_anomalies_are_skipped_for_folder_data_and_zeroed_on_request(tm
     from PIL import Image
 
     from glocalclip.datasets import prepare_dataset
-    from glocalclip.synthetic import make_sample
+    from glocalclip.datasets.synthetic import make_sample
 
     import numpy as np
 
@@ -214,9 +214,9 @@ def test_unmasked_anomalies_are_skipped_for_folder_data_and_zeroed_on_request(tm
 
 
 def test_evaluation_keeps_finished_classes_in_a_partial_file(data, tmp_path):
-    from glocalclip.cli import build_test_model
-    from glocalclip.distributed import DistContext
-    from glocalclip.evaluation import evaluate
+    from glocalclip.apps.cli import build_test_model
+    from glocalclip.engine.distributed import DistContext
+    from glocalclip.engine.evaluation import evaluate
 
     save = _train(data, tmp_path / "ck", "--epoch", "1")
     model, _ = build_test_model(str(save / "epoch_1.pth"), {})
@@ -251,8 +251,8 @@ def test_scripts_report_input_errors_in_one_message_without_a_traceback(tmp_path
 
 
 def test_run_command_turns_only_input_errors_into_messages(capsys):
-    from glocalclip.backbone import PretrainedWeightsUnavailable
-    from glocalclip.cli import run_command
+    from glocalclip.model.backbone import PretrainedWeightsUnavailable
+    from glocalclip.apps.cli import run_command
 
     def failing(error):
         def command(argv):

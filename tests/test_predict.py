@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from glocalclip import GlocalCLIP, Predictor
-from glocalclip.backbone import create_backbone
+from glocalclip.model.backbone import create_backbone
 from glocalclip import cli
-from glocalclip.convert import convert_main
-from glocalclip.predict import predict_main
-from glocalclip.synthetic import make_synthetic_dataset
+from glocalclip.apps.convert import convert_main
+from glocalclip.apps.predict import predict_main
+from glocalclip.datasets.synthetic import make_synthetic_dataset
 
 from conftest import tiny_config
 
@@ -233,7 +233,7 @@ def test_anomalyclip_checkpoint_loads_with_its_prompt_layout_and_scores(trained,
 
 
 def _class_scores(trained):
-    from glocalclip.evaluation import ClassScores
+    from glocalclip.engine.evaluation import ClassScores
 
     entries = json.loads((trained["data"] / "meta.json").read_text())["test"]["grain"]
     n = len(entries)
@@ -246,7 +246,7 @@ def _class_scores(trained):
 
 
 def test_save_vis_writes_a_grid_and_curves_without_matplotlib(trained, tmp_path):
-    from glocalclip.visualize import save_class_visuals
+    from glocalclip.apps.visualize import save_class_visuals
 
     cs = _class_scores(trained)
     written = save_class_visuals(tmp_path / "vis", cs, k=2)
@@ -263,7 +263,7 @@ def test_save_vis_writes_a_grid_and_curves_without_matplotlib(trained, tmp_path)
 
 def test_plot_curves_writes_roc_and_pro(trained, tmp_path):
     pytest.importorskip("matplotlib")
-    from glocalclip.visualize import class_curves, plot_curves
+    from glocalclip.apps.visualize import class_curves, plot_curves
 
     paths = plot_curves({"grain": class_curves(_class_scores(trained))}, tmp_path)
     assert [p.name for p in paths] == ["roc.png", "pro.png"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from glocalclip.synthetic import make_synthetic_dataset
+from glocalclip.datasets.synthetic import make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ("--backbone tiny --pretrained none --image_size 56 --features_list 2 4 6 8 --dpam 6 "

@@ -6,9 +6,9 @@ import statistics
 import pytest
 import torch
 
-from glocalclip.checkpoint import make_checkpoint
-from glocalclip.report import report_main
-from glocalclip.results import results_markdown, write_results
+from glocalclip.model.checkpoint_format import make_checkpoint
+from glocalclip.apps.report import report_main
+from glocalclip.apps.results import results_markdown, write_results
 
 CONFIG = {"backbone": "tiny", "pretrained": None, "image_size": 112, "features_list": [2, 4, 6, 8],
           "dpam_layer": 6, "n_ctx": 12, "ab_ctx": 13, "depth": 10, "t_n_ctx": 2, "multilayer": "reference",
@@ -103,6 +103,6 @@ def test_results_md_has_paper_config_versions_and_wall_time():
 @pytest.mark.parametrize("values,text", [([0.5], "50.0"), ([None, 0.5, float("nan")], "50.0"), ([], "n/a"),
                                          ([0.1, 0.3], "20.0 ± 14.1")])
 def test_mean_std_formatting(values, text):
-    from glocalclip.report import fmt_mean_std
+    from glocalclip.apps.report import fmt_mean_std
 
     assert fmt_mean_std(values) == text

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from glocalclip import resources as R
-from glocalclip.cli import test_parser as make_test_parser, train_parser as make_train_parser
+from glocalclip.engine import loaders as R
+from glocalclip.apps.cli import test_parser as make_test_parser, train_parser as make_train_parser
 
 
 @pytest.mark.parametrize("cpus, processes, expected", [
@@ -108,7 +108,7 @@ class _Items:
 
 
 def test_test_and_train_loaders_scale_down_on_docker_shared_memory(monkeypatch, capsys):
-    from glocalclip.evaluation import evaluation_loader
+    from glocalclip.engine.evaluation import evaluation_loader
 
     batches = [list(range(i, i + 16)) for i in range(0, 64, 16)]
     monkeypatch.setattr(R, "shared_memory_bytes", lambda path="/dev/shm": 64 * MIB)
@@ -126,7 +126,7 @@ def test_test_and_train_loaders_scale_down_on_docker_shared_memory(monkeypatch, 
 def test_feature_cache_auto_goes_where_it_takes_under_half_the_free_memory(monkeypatch):
     import torch
 
-    from glocalclip import feature_cache as FC
+    from glocalclip.engine import feature_cache as FC
 
     gib = 2**30
     monkeypatch.setattr(FC, "_free_host_bytes", lambda: 16 * gib)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from glocalclip import GlocalCLIP, GlocalCLIPConfig
-from glocalclip.text_encoder import DeepPromptTextEncoder
+from glocalclip.model.text import DeepPromptTextEncoder
 
 from conftest import tiny_config
 

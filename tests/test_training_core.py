@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from glocalclip import GlocalCLIP
-from glocalclip.synthetic import make_batch
+from glocalclip.datasets.synthetic import make_batch
 
 from conftest import TINY_SIZE, tiny_config
 
@@ -101,7 +101,7 @@ TRAIN_SIZE = 56  # 4×4 patch grid: fast
 
 @pytest.fixture(scope="module")
 def train_root(tmp_path_factory):
-    from glocalclip.synthetic import make_synthetic_dataset
+    from glocalclip.datasets.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("train_data")
     return make_synthetic_dataset(root, classes=("stripes",), n_train=1, n_test_good=2, n_test_defect=3,
@@ -109,8 +109,8 @@ def train_root(tmp_path_factory):
 
 
 def _trainer(tiny_clip, root, save, **changes):
-    from glocalclip.distributed import DistContext
-    from glocalclip.training import TrainConfig, Trainer
+    from glocalclip.engine.distributed import DistContext
+    from glocalclip.engine.training import TrainConfig, Trainer
 
     base = dict(train_data_path=str(root), save_path=str(save), batch_size=8, epoch=1, device="cpu",
                 num_workers=0, progress=False, feature_cache="host")
@@ -163,7 +163,7 @@ def _dataset_batch(root):
 def test_trainer_optimizer_is_adam_with_the_spec_settings(tiny_clip, train_root, tmp_path):
     """DESIGN §5: Adam on the prompt parameters only, lr 1e-3, betas (0.5, 0.999); defaults batch 8,
     15 epochs, seed 111, α 1, margin 0."""
-    from glocalclip.training import TrainConfig
+    from glocalclip.engine.training import TrainConfig
 
     d = TrainConfig()
     assert (d.learning_rate, d.batch_size, d.epoch, d.seed, d.alpha, d.margin) == (1e-3, 8, 15, 111, 1.0, 0.0)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from glocalclip import GlocalCLIP
-from glocalclip.vv_attention import DualPathVisionEncoder, PositionalEmbeddingCache, VVAttention
+from glocalclip.model.vision import DualPathVisionEncoder, PositionalEmbeddingCache, VVAttention
 
 from conftest import TINY_SIZE, tiny_config
 

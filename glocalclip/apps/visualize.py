@@ -171,7 +171,7 @@ def class_curves(cs) -> dict[str, Any]:
         fx, ty = _thin(fpr, tpr)
         out["roc"] = {"fpr": fx, "tpr": ty, "auc": float(roc_auc_score(labels, np.asarray(cs.scores)))}
     if cs.maps is not None and cs.masks is not None:
-        from . import metrics as M
+        from ..engine import metrics as M
 
         # the metric's own curve: the same thresholds as the AUPRO number
         curve = M.pro_curve(cs.masks, cs.maps)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .config import GlocalCLIPConfig, MULTILAYER_MODES, PRECISIONS
+from ..model.config import GlocalCLIPConfig, MULTILAYER_MODES, PRECISIONS
 
 #: flag name -> GlocalCLIPConfig field
 MODEL_FLAGS = {"backbone": "backbone", "pretrained": "pretrained", "image_size": "image_size",
@@ -118,7 +118,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    from .training import TrainConfig, train
+    from ..engine.training import TrainConfig, train
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = train_parser().parse_args(argv)
@@ -152,7 +152,7 @@ def _model_fields(args: argparse.Namespace, defaults: bool) -> dict[str, Any]:
 def _dataset(name: Optional[str]) -> Optional[str]:
     if name is None:
         return None
-    from .datasets import resolve_dataset_name
+    from ..datasets import resolve_dataset_name
 
     return resolve_dataset_name(name)
 
@@ -184,8 +184,8 @@ def test_parser() -> argparse.ArgumentParser:
 def build_test_model(checkpoint_path: str, overrides: dict[str, Any]):
     """Our checkpoint: its config, then ``overrides``. An original-format checkpoint: defaults,
     prompt shapes read off its tensors, then ``overrides``."""
-    from .checkpoint import infer_prompt_shape, is_ours, prompt_state_of, read_checkpoint
-    from .model import GlocalCLIP
+    from ..model.checkpoint_format import infer_prompt_shape, is_ours, prompt_state_of, read_checkpoint
+    from ..model.glocalclip import GlocalCLIP
 
     ckpt = read_checkpoint(checkpoint_path)
     if is_ours(ckpt):
@@ -202,10 +202,11 @@ def build_test_model(checkpoint_path: str, overrides: dict[str, Any]):
 def test_main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
-    from .checkpoint import atomic_save, is_ours
-    from .datasets import load_meta
-    from .distributed import init_distributed
-    from .evaluation import evaluate
+    from ..engine.checkpoint import atomic_save
+    from ..model.checkpoint_format import is_ours
+    from ..datasets import load_meta
+    from ..engine.distributed import init_distributed
+    from ..engine.evaluation import evaluate
     from .results import results_table, software_versions, write_results
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -240,52 +241,22 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-# ---------------------------------------------------------------------------- demo
-def demo_main(argv: Optional[Sequence[str]] = None) -> int:
-    """Synthetic data in the MVTec layout -> train the tiny backbone -> test -> table + overlays."""
-    p = argparse.ArgumentParser(prog="glocalclip demo", description=demo_main.__doc__)
-    p.add_argument("--out", default="./demo_out")
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--device", default=None)
-    args = p.parse_args(argv)
-    from .synthetic import make_synthetic_dataset
-
-    t0 = time.time()
-    out = Path(args.out)
-    data = out / "data"
-    if not (data / "meta.json").is_file():
-        print(f"writing a synthetic dataset (MVTec layout) to {data}")
-        make_synthetic_dataset(data, n_train=2, n_test_good=16, n_test_defect=16, size=160, seed=0)
-    model_flags = ["--backbone", "tiny", "--pretrained", "none", "--image_size", str(args.image_size),
-                   "--features_list", "2", "4", "6", "8", "--dpam", "6", "--n_ctx", "5", "--ab_ctx", "3",
-                   "--depth", "3", "--t_n_ctx", "2"]
-    dev = ["--device", args.device] if args.device else []
-    train_main(["--train_data_path", str(data), "--save_path", str(out / "checkpoints"), "--epoch",
-                str(args.epochs), "--batch_size", "8", "--num_workers", "0"] + model_flags + dev)
-    ckpt = out / "checkpoints" / f"epoch_{args.epochs}.pth"
-    test_main(["--data_path", str(data), "--checkpoint_path", str(ckpt), "--save_path", str(out / "results"),
-               "--sigma", "4", "--num_workers", "0", "--save_vis"] + dev)
-    print(f"demo finished in {time.time() - t0:.0f}s; results in {out / 'results'}")
-    return 0
-
-
 # ---------------------------------------------------------------------------- entry
 def _lazy(module: str, func: str):
     def run(argv: Sequence[str]) -> int:
         import importlib
 
-        return getattr(importlib.import_module(f"glocalclip.{module}"), func)(list(argv))
+        return getattr(importlib.import_module(f"glocalclip.apps.{module}"), func)(list(argv))
     return run
 
 
-COMMANDS = {"train": train_main, "test": test_main, "demo": demo_main,
+COMMANDS = {"train": train_main, "test": test_main, "demo": _lazy("demo", "demo_main"),
             "predict": _lazy("predict", "predict_main"), "convert": _lazy("convert", "convert_main"),
             "report": _lazy("report", "report_main")}
 
 
 def _input_errors() -> tuple[type, ...]:
-    from .backbone import PretrainedWeightsUnavailable
+    from ..model.backbone import PretrainedWeightsUnavailable
 
     return (ValueError, FileNotFoundError, PretrainedWeightsUnavailable)  # DatasetError is a ValueError
 

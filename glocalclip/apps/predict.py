@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from .cli import positive_int
-from .datasets import DatasetError, load_image
-from .datasets.preprocess import decoded, open_image
-from .scoring import GaussianSmoothing, smoothed_scores
+from ..datasets import DatasetError, load_image
+from ..datasets.preprocess import decoded, open_image
+from ..engine.smoothing import GaussianSmoothing, smoothed_scores
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 FIELDS = ("image_path", "pred_score", "pred_label", "anomaly_map", "map_max", "overlay")
@@ -80,7 +80,7 @@ def _read(item: ImageInput, image_size: int, want_rgb: bool = False
 
 def _to_rgb(im) -> np.ndarray:
     """uint8 RGB at the image's own size (16-bit/float grey scaled as load_image does)."""
-    from .datasets.preprocess import _is_high_depth, to_8bit_grey
+    from ..datasets.preprocess import _is_high_depth, to_8bit_grey
 
     if _is_high_depth(im.mode):
         im = to_8bit_grey(im)

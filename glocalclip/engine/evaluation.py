@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import metrics as M
-from .datasets import AnomalyDataset, collate, default_metrics, load_meta, normalize_image
+from ..datasets import AnomalyDataset, collate, default_metrics, load_meta, normalize_image
 from .distributed import DistContext
-from .model import GlocalCLIP
-from .resources import plan_loader, resolve_batch_size, resolve_num_workers
-from .scoring import GaussianSmoothing, smoothed_scores
+from ..model.glocalclip import GlocalCLIP
+from .loaders import plan_loader, resolve_batch_size, resolve_num_workers
+from .smoothing import GaussianSmoothing, smoothed_scores
 
 METRIC_MODES = ("image-level", "pixel-level", "image-pixel-level")
 IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1max")
@@ -226,7 +226,7 @@ def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: Dis
             _write_partial(partial_path, {"data_path": str(data_path), "dataset": dataset, "metrics_mode": mode,
                                           "sigma": sigma, "classes": per_class})
         if vis_dir is not None:
-            from .visualize import save_class_visuals
+            from ..apps.visualize import save_class_visuals
 
             save_class_visuals(vis_dir, cs)
 

@@ -14,8 +14,9 @@ import re
 import sys
 from typing import Any, Optional, Sequence
 
-from .checkpoint import atomic_save, infer_prompt_shape, is_ours, make_checkpoint, prompt_state_of, read_checkpoint
-from .config import GlocalCLIPConfig
+from ..engine.checkpoint import atomic_save
+from ..model.checkpoint_format import infer_prompt_shape, is_ours, make_checkpoint, prompt_state_of, read_checkpoint
+from ..model.config import GlocalCLIPConfig
 
 SHAPE_FIELDS = ("prompt_style", "n_ctx", "ab_ctx", "depth", "t_n_ctx")
 

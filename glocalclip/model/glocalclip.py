@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt_io
+from . import checkpoint_format as ckpt_io
 from .backbone import create_backbone
 from .config import GlocalCLIPConfig
 from .losses import glocal_contrastive_loss, local_loss
 from .prompts import GlocalPromptLearner
 from .scoring import anomaly_map, fuse_image_score, image_logits, layer_probability_maps
-from .text_encoder import DeepPromptTextEncoder
-from .vv_attention import DualPathVisionEncoder
+from .text import DeepPromptTextEncoder
+from .vision import DualPathVisionEncoder
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -1,15 +1,14 @@
-"""Checkpoint files: ours (config + prompts + training state) and the original code's.
+"""Checkpoint dict formats, as pure functions: ours and the original code's.
 
-Ours: ``{"format": "glocalclip", "version", "config", "prompt_learner", "epoch", "optimizer",
-...}``, written atomically (temp file, then rename) so an interrupted save never leaves a broken
-file. The original GlocalCLIP / AnomalyCLIP code saved ``{"prompt_learner": state_dict}`` with
-contexts of shape [1, 1, n, W], deep tokens ``compound_prompts_text.{i}`` [t, W], and unused
-projection weights and buffers, which we drop.
+Ours: ``{"format": "glocalclip", "version", "config", "prompt_learner", "epoch", "optimizer", ...}``.
+The original GlocalCLIP / AnomalyCLIP code saved ``{"prompt_learner": state_dict}`` with contexts of
+shape [1, 1, n, W], deep tokens ``compound_prompts_text.{i}`` [t, W], and unused projection weights
+and buffers, which we drop. ``read_checkpoint`` is the one file read of the model layer: the public
+``GlocalCLIP.load_prompts(path)`` takes a path.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,21 +17,6 @@ import torch
 FORMAT = "glocalclip"
 GLOCAL_KEYS = ("ctx_global_pos", "ctx_global_neg", "ctx_local_pos", "ctx_local_neg")
 ANOMALYCLIP_KEYS = ("ctx_pos", "ctx_neg")
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def read_checkpoint(source: str | os.PathLike | dict) -> dict:
@@ -100,7 +84,7 @@ def prompt_state_of(ckpt: dict) -> dict[str, torch.Tensor]:
 
 def make_checkpoint(config: dict, prompt_state: dict, epoch: int, optimizer: Optional[dict] = None,
                     **extra: Any) -> dict:
-    from . import __version__
+    from .. import __version__
 
     return {"format": FORMAT, "version": __version__, "config": config,
             "prompt_learner": {k: v.detach().cpu() for k, v in prompt_state.items()},

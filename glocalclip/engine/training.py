@@ -23,14 +23,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import atomic_save, read_checkpoint, is_ours
-from .config import GlocalCLIPConfig
-from .datasets import AnomalyDataset, collate, normalize_image
+from .checkpoint import atomic_save
+from ..model.checkpoint_format import read_checkpoint, is_ours
+from ..model.config import GlocalCLIPConfig
+from ..datasets import AnomalyDataset, collate, normalize_image
 from .distributed import DistContext, init_distributed
 from .feature_cache import FeatureCache, choose_location
-from .losses import glocal_contrastive_loss
-from .model import GlocalCLIP
-from .resources import plan_loader, resolve_num_workers
+from ..model.losses import glocal_contrastive_loss
+from ..model.glocalclip import GlocalCLIP
+from .loaders import plan_loader, resolve_num_workers
 
 
 @dataclass

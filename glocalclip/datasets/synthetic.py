@@ -145,7 +145,7 @@ def synthetic_meta(root: str | Path) -> dict:
 
 def make_synthetic_dataset(root: str | Path, **kwargs) -> Path:
     """Write the synthetic MVTec-layout tree and its meta.json; returns the root."""
-    from .datasets import write_meta
+    from .meta import write_meta
 
     root = write_mvtec_layout(root, **kwargs)
     write_meta(str(root), synthetic_meta(root))

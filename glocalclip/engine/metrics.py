@@ -45,7 +45,7 @@ from scipy import ndimage
 from sklearn.metrics import auc as _sk_auc
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from .resources import available_cpus
+from .loaders import available_cpus
 
 __all__ = ["image_metrics", "pixel_metrics", "aupro", "aupro_exact", "f1_max"]
 

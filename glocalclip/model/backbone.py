@@ -36,7 +36,7 @@ class PretrainedWeightsUnavailable(RuntimeError):
 
 
 def _packaged_config(name: str) -> dict[str, Any]:
-    text = resources.files("glocalclip").joinpath("model_configs", f"{name}.json").read_text()
+    text = resources.files("glocalclip.model").joinpath("model_configs", f"{name}.json").read_text()
     return json.loads(text)
 
 

@@ -66,7 +66,7 @@ def software_versions() -> dict[str, str]:
     import sklearn
     import torch
 
-    from . import __version__
+    from .. import __version__
 
     return {"glocalclip": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
             "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,
