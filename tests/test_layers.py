@@ -46,6 +46,8 @@ def _term(m: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     ((2, 3, 4, 8), "reference", 2, (1, 3)),      # block 3 (last standard block) is aliased too
     ((1, 2), "reference", 2, (1, 1)),            # nothing from the surgery on: no sharing
     ((5, 8), "reference", 1, (2,)),
+    ((4, 5, 6, 8), "reference", 1, (4,)),        # the default's shape ((6, 12, 18, 24), dpam 20 of 24)
+    ((4, 5, 6, 8), "snapshot", 4, (1, 1, 1, 1)),
 ])
 def test_encoder_layer_data_has_the_expected_distinct_tensors_and_counts(
         tiny_clip, features, multilayer, n_distinct, counts):
