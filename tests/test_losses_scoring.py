@@ -11,6 +11,7 @@ from scipy.ndimage import gaussian_filter
 
 from glocalclip.model.losses import dice_loss, focal_loss, glocal_contrastive_loss, local_loss
 from glocalclip.engine.smoothing import gaussian_kernel1d, gaussian_smooth, separable_smooth
+from glocalclip.model.layers import LayerFeatures
 from glocalclip.model.scoring import anomaly_map, layer_probability_maps, patch_probabilities
 
 
@@ -67,6 +68,9 @@ def test_local_loss_counts_shared_layers():
     two = focal_loss(m2, mask) + dice_loss(m2[:, 1], mask) + dice_loss(m2[:, 0], 1 - mask)
     got = local_loss([m2, m1, m1, m1], mask)
     assert got.item() == pytest.approx((two + 3 * one).item(), rel=1e-6)
+    # as layer data (m1 shared by three layers): its term once, times three, bit for bit
+    shared = local_loss(LayerFeatures((m2, m1), (1, 3)), mask)
+    assert torch.equal(shared, torch.zeros(()) + two + 3 * one)
 
 
 def test_anomaly_map_and_probabilities_by_hand():
@@ -77,7 +81,7 @@ def test_anomaly_map_and_probabilities_by_hand():
     p = tokens[0, 1:] / tokens[0, 1:].norm(dim=-1, keepdim=True)
     ref = torch.softmax(p @ text.t() / 0.07, dim=-1)  # [4, 2]
     torch.testing.assert_close(probs[0].permute(1, 2, 0).reshape(4, 2), ref)
-    maps = layer_probability_maps([tokens, tokens], text, 2, 0.07)
+    maps = layer_probability_maps(LayerFeatures((tokens,), (2,)), text, 2, 0.07)  # one tensor, two layers
     assert maps[0] is maps[1]
     amap = anomaly_map(maps)
     single = (probs[0, 1] + 1 - probs[0, 0]) / 2

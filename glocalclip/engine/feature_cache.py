@@ -1,9 +1,10 @@
 """A store of encoded training images, so later epochs skip the frozen image encoder.
 
 CLIP is frozen and training has no augmentation: an image's global feature and patch tokens
-are the same every epoch, so caching them is exact (DESIGN.md §9). Only the distinct patch
-tensors are kept — with ``multilayer="reference"`` the four selected layers share one — plus
-the masks (as uint8) and labels. The store lives on the GPU when it fits, else in host memory,
+are the same every epoch, so caching them is exact (docs/design.md §9). Only the distinct patch
+tensors of the encoder's layer data are kept, with their counts — with ``multilayer="reference"``
+the last three selected layers are one tensor counted three times — plus the masks (as uint8)
+and labels. The store lives on the GPU when it fits, else in host memory,
 else in a disk memmap (``location="auto"``).
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Optional
 
 import numpy as np
 import torch
+
+from ..model.layers import LayerFeatures
 
 LOCATIONS = ("auto", "device", "host", "disk", "off")
 
@@ -46,17 +49,17 @@ def choose_location(requested: str, nbytes: int, device: torch.device) -> str:
 class FeatureCache:
     """Features of ``n`` images, filled batch by batch, read back by dataset index.
 
-    ``layer_slots[i]`` says which stored patch tensor serves selected layer ``i``; layers that
-    share a slot come back as one shared tensor, as the encoder returns them.
+    One patch store per distinct layer tensor; ``layer_counts[s]`` is how many selected layers
+    store ``s`` stands for (the encoder's :class:`LayerFeatures` counts), given back by :meth:`get`.
     """
 
-    def __init__(self, n: int, global_dim: int, tokens: int, width: int, layer_slots: list[int],
+    def __init__(self, n: int, global_dim: int, tokens: int, width: int, layer_counts: tuple[int, ...],
                  mask_size: int, location: str, device: torch.device, disk_dir: Optional[str] = None):
         self.n = n
-        self.layer_slots = layer_slots
+        self.layer_counts = tuple(layer_counts)
         self.location = location
         self.device = device
-        n_slots = max(layer_slots) + 1
+        n_slots = len(self.layer_counts)
         store = device if location == "device" else torch.device("cpu")
         self._tmpdir = None
         if location == "disk":
@@ -77,27 +80,14 @@ class FeatureCache:
     def nbytes(n: int, global_dim: int, tokens: int, width: int, n_slots: int, mask_size: int) -> int:
         return n * (4 * (global_dim + n_slots * tokens * width) + mask_size * mask_size + 9)
 
-    @staticmethod
-    def slots_of(patch_feats: list[torch.Tensor]) -> list[int]:
-        """Map each layer to the index of its distinct tensor (by identity)."""
-        ids: dict[int, int] = {}
-        return [ids.setdefault(id(p), len(ids)) for p in patch_feats]
-
-    def distinct(self, patch_feats: list[torch.Tensor]) -> list[torch.Tensor]:
-        out: list[Optional[torch.Tensor]] = [None] * len(self.patches)
-        for slot, p in zip(self.layer_slots, patch_feats):
-            out[slot] = p
-        return out  # type: ignore[return-value]
-
-    def has(self, indices: torch.Tensor) -> bool:
-        return bool(self.filled[indices.cpu()].all())
-
-    def put(self, indices: torch.Tensor, global_features: torch.Tensor, patch_feats: list[torch.Tensor],
+    def put(self, indices: torch.Tensor, global_features: torch.Tensor, layers: LayerFeatures,
             masks: torch.Tensor, labels: torch.Tensor, mask_valid: torch.Tensor) -> None:
+        if layers.counts != self.layer_counts:
+            raise ValueError(f"layer counts {layers.counts} differ from the cache's {self.layer_counts}")
         idx = indices.cpu()
         store_idx = idx.to(self.global_features.device)
         self.global_features[store_idx] = global_features.detach().to(self.global_features.device)
-        for slot, p in enumerate(self.distinct(patch_feats)):
+        for slot, p in enumerate(layers.tensors):
             dst = self.patches[slot]
             if self.location == "disk":
                 dst[idx] = p.detach().cpu()
@@ -125,16 +115,16 @@ class FeatureCache:
     def row_shapes(self, n_rows: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         return [((n_rows, *f.shape[1:]), f.dtype) for f in self.fields()]
 
-    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor,
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, LayerFeatures, torch.Tensor,
                                                   torch.Tensor, torch.Tensor]:
-        """(global features, per-layer patch features (shared per slot), masks float, labels,
-        mask_valid), all on the training device."""
+        """(global features, patch features as layer data, masks float, labels, mask_valid), all
+        on the training device."""
         idx = indices.cpu()
         dev = self.device
         store_idx = idx.to(self.global_features.device)
         slots = [p[idx if self.location == "disk" else store_idx].to(dev, non_blocking=True)
                  for p in self.patches]
-        return (self.global_features[store_idx].to(dev), [slots[s] for s in self.layer_slots],
+        return (self.global_features[store_idx].to(dev), LayerFeatures(tuple(slots), self.layer_counts),
                 self.masks[store_idx].to(dev).float(), self.labels[store_idx].to(dev),
                 self.mask_valid[store_idx].to(dev))
 

@@ -1,4 +1,4 @@
-"""The test protocol's Gaussian smoothing of anomaly maps, with scipy's exact semantics (DESIGN.md §4)."""
+"""The test protocol's Gaussian smoothing of anomaly maps, with scipy's exact semantics (docs/design.md §4)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,19 +8,19 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from ..model.scoring import fuse_image_score
+from ..model.scoring import final_image_score
 
 
 def smoothed_scores(out: dict[str, torch.Tensor], sigma: "float | GaussianSmoothing", image_score: str = "global"
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test protocol on a forward's output: the map smoothed with σ, and the image score (with
-    ``image_score="global+max"`` fused with the *smoothed* map). Returns (score [B], map [B,H,W]).
+    """The test protocol on a forward's output: the map smoothed with σ, and the image score of
+    :func:`final_image_score` on the *smoothed* map. Returns (score [B], map [B,H,W]).
     Loops over batches pass a :class:`GaussianSmoothing` made once instead of σ."""
     smooth = sigma if isinstance(sigma, GaussianSmoothing) else GaussianSmoothing(sigma, out["anomaly_map"].device)
     amap = smooth(out["anomaly_map"])
-    if image_score == "global+max":
-        return fuse_image_score(out["global_score"], amap), amap
-    return out["image_score"], amap
+    if image_score != "global+max":
+        return out["image_score"], amap  # nothing to fuse: forward's score as it is
+    return final_image_score(out["global_score"], amap, image_score), amap
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -31,6 +31,7 @@ from .distributed import DistContext, init_distributed
 from .feature_cache import FeatureCache, choose_location
 from ..model.losses import glocal_contrastive_loss
 from ..model.glocalclip import GlocalCLIP
+from ..model.layers import LayerFeatures
 from .loaders import plan_loader, resolve_num_workers
 
 
@@ -158,20 +159,19 @@ class Trainer:
 
     def _encode(self, batch: dict) -> tuple:
         x = normalize_image(batch["image"].to(self.device, non_blocking=True))
-        img, patches = self.model.encode_image(x)
+        img, layers = self.model.encode_image_layers(x)
         nb = {"non_blocking": True}  # pinned batches: no wait for the device
-        return (img, patches, batch["mask"].to(self.device, **nb).float(), batch["label"].to(self.device, **nb),
+        return (img, layers, batch["mask"].to(self.device, **nb).float(), batch["label"].to(self.device, **nb),
                 batch["has_mask"].to(self.device, **nb))
 
-    def _new_cache(self, img: torch.Tensor, patches: list[torch.Tensor]) -> FeatureCache:
-        slots = FeatureCache.slots_of(patches)
+    def _new_cache(self, img: torch.Tensor, layers: LayerFeatures) -> FeatureCache:
         n = len(self.dataset)
-        tokens, width = patches[0].shape[1:]
+        tokens, width = layers.tensors[0].shape[1:]
         size = self.model.cfg.image_size
-        nbytes = FeatureCache.nbytes(n, img.shape[1], tokens, width, max(slots) + 1, size)
+        nbytes = FeatureCache.nbytes(n, img.shape[1], tokens, width, len(layers.tensors), size)
         where = choose_location(self.cfg.feature_cache, nbytes, self.device)
         self.log(f"feature cache: {nbytes / 2**30:.2f} GiB in {where} memory")
-        return FeatureCache(n, img.shape[1], tokens, width, slots, size, where, self.device,
+        return FeatureCache(n, img.shape[1], tokens, width, layers.counts, size, where, self.device,
                             disk_dir=str(self.save_dir))
 
     def build_cache(self) -> FeatureCache:
@@ -185,10 +185,10 @@ class Trainer:
         bar = tqdm(self._loader(mine), total=len(mine), desc="encoding images", leave=False,
                    disable=not (self.cfg.progress and ctx.is_main))
         for batch in bar:
-            img, patches, masks, labels, valid = self._encode(batch)
+            img, layers, masks, labels, valid = self._encode(batch)
             if cache is None:
-                cache = self._new_cache(img, patches)
-            cache.put(batch["index"], img, patches, masks, labels, valid)
+                cache = self._new_cache(img, layers)
+            cache.put(batch["index"], img, layers, masks, labels, valid)
         if ctx.enabled:
             cache = self._share_chunks(cache, chunks)
         return cache

@@ -1,13 +1,14 @@
 """GlocalCLIP: a frozen CLIP with V-V attention surgery and trainable global/local prompts.
 
-Public API (DESIGN.md §1): ``encode_image``, ``encode_text``, ``forward``, ``losses``,
-``load_prompts``. Training on cached image features goes through ``losses_from_features``.
+Public API (docs/design.md §1): ``encode_image``, ``encode_text``, ``forward``, ``losses``,
+``load_prompts``. Training on cached image features goes through ``encode_image_layers`` and
+``losses_from_features``.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import open_clip
 import torch
@@ -17,13 +18,17 @@ from torch import nn
 from . import checkpoint_format as ckpt_io
 from .backbone import create_backbone
 from .config import GlocalCLIPConfig
+from .layers import LayerFeatures
 from .losses import glocal_contrastive_loss, local_loss
 from .prompts import GlocalPromptLearner
-from .scoring import anomaly_map, fuse_image_score, image_logits, layer_probability_maps
+from .scoring import anomaly_map, final_image_score, image_logits, layer_probability_maps
 from .text import DeepPromptTextEncoder
 from .vision import DualPathVisionEncoder
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: the selected layers' patch features: layer data, or a plain list with one tensor per layer
+PatchFeatures = Union[LayerFeatures, Sequence[torch.Tensor]]
 
 
 class GlocalCLIP(nn.Module):
@@ -72,15 +77,17 @@ class GlocalCLIP(nn.Module):
     def encode_image(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Global image feature [B, E] (not normalised) and per selected layer the patch features
         [B, N, E] with the class row. Runs without autograd: CLIP is frozen."""
+        g, layers = self.encode_image_layers(x)
+        return g, layers.per_layer()
+
+    def encode_image_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerFeatures]:
+        """As :meth:`encode_image`, with the patch features as layer data: the distinct tensors
+        and how many selected layers each stands for (docs/design.md §2.4)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an image batch [B, 3, H, W], got shape {tuple(x.shape)}")
         with torch.no_grad(), self._autocast(x.device):
-            g, patches = self.visual(x)
-        as_float: dict[int, torch.Tensor] = {}  # layers sharing one tensor keep sharing it
-        for p in patches:
-            if id(p) not in as_float:
-                as_float[id(p)] = p.float()
-        return g.float(), [as_float[id(p)] for p in patches]
+            g, layers = self.visual(x)
+        return g.float(), layers.map(lambda t: t.float())
 
     def encode_text(self, prompt_output: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised text features from the current prompts: global [2, E] and local [2, E],
@@ -97,16 +104,17 @@ class GlocalCLIP(nn.Module):
         return feats[:2], feats[2:]
 
     # ------------------------------------------------------------------ scoring
-    def score_features(self, image_features: torch.Tensor, patch_feats: list[torch.Tensor],
+    def score_features(self, image_features: torch.Tensor, patch_feats: PatchFeatures,
                        text: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
         """Image score [B] and unsmoothed anomaly map [B, H, W] from encoded features."""
         g_text, l_text = text if text is not None else self.encode_text()
         prob = image_logits(image_features, g_text, self.cfg.temperature).softmax(dim=-1)[:, 1]
         maps = layer_probability_maps(patch_feats, l_text, self.cfg.image_size, self.cfg.temperature)
         amap = anomaly_map(maps)
+        out = {"image_score": final_image_score(prob, amap, self.cfg.image_score), "anomaly_map": amap}
         if self.cfg.image_score == "global+max":
-            return {"image_score": fuse_image_score(prob, amap), "anomaly_map": amap, "global_score": prob}
-        return {"image_score": prob, "anomaly_map": amap}
+            out["global_score"] = prob  # the protocol fuses it again with the smoothed map
+        return out
 
     def forward(self, x: torch.Tensor, text: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                 ) -> dict[str, torch.Tensor]:
@@ -114,8 +122,8 @@ class GlocalCLIP(nn.Module):
         ``image_score="global+max"`` also "global_score", the global branch's probability. Pass
         ``text`` (from ``encode_text``) to reuse text features across batches."""
         self._check_size(x)
-        img, patches = self.encode_image(x)
-        return self.score_features(img, patches, text)
+        img, layers = self.encode_image_layers(x)
+        return self.score_features(img, layers, text)
 
     def _check_size(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or tuple(x.shape[-2:]) != (self.cfg.image_size, self.cfg.image_size):
@@ -125,29 +133,30 @@ class GlocalCLIP(nn.Module):
     # ------------------------------------------------------------------ training
     def losses(self, x: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
                margin: float = 0.0, mask_valid: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-        """``{"global", "local", "contrastive", "total"}`` for one batch (DESIGN.md §5).
+        """``{"global", "local", "contrastive", "total"}`` for one batch (docs/design.md §5).
 
         ``mask_valid`` [B] (bool, optional) marks images whose mask is known; the local loss skips
         the others (e.g. anomalous images of a folder dataset without masks). Default: all valid.
         """
         self._check_size(x)
-        img, patches = self.encode_image(x)
-        return self.losses_from_features(img, patches, masks, labels, alpha, margin, mask_valid)
+        img, layers = self.encode_image_layers(x)
+        return self.losses_from_features(img, layers, masks, labels, alpha, margin, mask_valid)
 
-    def losses_from_features(self, image_features: torch.Tensor, patch_feats: list[torch.Tensor],
+    def losses_from_features(self, image_features: torch.Tensor, patch_feats: PatchFeatures,
                              masks: torch.Tensor, labels: torch.Tensor, alpha: float = 1.0,
                              margin: float = 0.0, mask_valid: Optional[torch.Tensor] = None,
                              text: Optional[tuple[torch.Tensor, torch.Tensor]] = None
                              ) -> dict[str, torch.Tensor]:
         """Losses from (possibly cached) image features; the text side is recomputed unless
-        ``text`` (differentiable output of ``encode_text``) is given."""
+        ``text`` (differentiable output of ``encode_text``) is given. ``patch_feats`` as
+        :meth:`encode_image_layers` gives them; a plain list counts each entry as its own layer."""
         g_text, l_text = text if text is not None else self.encode_text()
         labels = labels.to(image_features.device).long()
         masks = masks.to(image_features.device).float()
         glob = F.cross_entropy(image_logits(image_features, g_text, self.cfg.temperature), labels)
         if mask_valid is not None and not bool(mask_valid.all()):
             keep = mask_valid.to(image_features.device).bool()
-            patch_feats = _select_rows(patch_feats, keep)
+            patch_feats = LayerFeatures.of(patch_feats).map(lambda t: t[keep])
             masks = masks[keep]
         if masks.shape[0] > 0:
             maps = layer_probability_maps(patch_feats, l_text, self.cfg.image_size, self.cfg.temperature)
@@ -202,11 +211,3 @@ class GlocalCLIP(nn.Module):
         model.load_prompts(ckpt)
         return model
 
-
-def _select_rows(patch_feats: list[torch.Tensor], keep: torch.Tensor) -> list[torch.Tensor]:
-    """Row-select each distinct tensor once, keeping shared objects shared."""
-    done: dict[int, torch.Tensor] = {}
-    for p in patch_feats:
-        if id(p) not in done:
-            done[id(p)] = p[keep]
-    return [done[id(p)] for p in patch_feats]

@@ -1,9 +1,13 @@
-"""Training losses (DESIGN.md §5): focal and dice on each local map, cross-entropy on the
+"""Training losses (docs/design.md §5): focal and dice on each local map, cross-entropy on the
 global branch, and the glocal contrastive loss that ties global and local prompts together."""
 from __future__ import annotations
 
+from typing import Sequence, Union
+
 import torch
 import torch.nn.functional as F
+
+from .layers import LayerFeatures
 
 
 def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = 1e-5) -> torch.Tensor:
@@ -29,17 +33,14 @@ def dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> 
     return 1 - dice.sum() / b
 
 
-def local_loss(prob_maps: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
+def local_loss(prob_maps: Union[LayerFeatures, Sequence[torch.Tensor]], masks: torch.Tensor) -> torch.Tensor:
     """Σ_layers Focal(S, M) + Dice(S[:,1], M) + Dice(S[:,0], 1 − M).
 
-    Layers sharing one map object (``multilayer="reference"``) are computed once and counted
-    as many times as they appear.
+    A weighted sum over the distinct maps: each term is computed once and multiplied by its count
+    (a map shared by k layers under ``multilayer="reference"``, docs/design.md §2.4).
     """
-    counts: dict[int, list] = {}
-    for m in prob_maps:
-        counts.setdefault(id(m), [m, 0])[1] += 1
     total = masks.new_zeros((), dtype=torch.float32)
-    for m, k in counts.values():
+    for m, k in LayerFeatures.of(prob_maps).weighted():
         term = focal_loss(m, masks) + dice_loss(m[:, 1], masks) + dice_loss(m[:, 0], 1 - masks)
         total = total + (term if k == 1 else k * term)
     return total

@@ -1,16 +1,14 @@
 """From features to scores: image score, per-layer probability maps and the anomaly map
-(DESIGN.md §4). The test protocol's Gaussian smoothing is ``engine/smoothing.py``."""
+(docs/design.md §4). The test protocol's Gaussian smoothing is ``engine/smoothing.py``."""
 from __future__ import annotations
 
 import math
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-
-def image_probabilities(image_features: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax([f̂·t_normal, f̂·t_anomalous] / τ) -> [B, 2]; f̂ is the normalised image feature."""
-    return (image_logits(image_features, text, temperature)).softmax(dim=-1)
+from .layers import LayerFeatures
 
 
 def image_logits(image_features: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -31,36 +29,39 @@ def patch_probabilities(patch_tokens: torch.Tensor, text: torch.Tensor, temperat
     return probs.reshape(b, side, side, 2).permute(0, 3, 1, 2)
 
 
-def layer_probability_maps(patch_feats: list[torch.Tensor], text: torch.Tensor, image_size: int,
-                           temperature: float) -> list[torch.Tensor]:
-    """Per selected layer, the class probabilities upsampled bilinearly to the image: [B, 2, H, W].
+def layer_probability_maps(patch_feats: Union[LayerFeatures, Sequence[torch.Tensor]], text: torch.Tensor,
+                           image_size: int, temperature: float) -> LayerFeatures:
+    """Per layer, the class probabilities upsampled bilinearly to the image: [B, 2, H, W].
 
-    Layers that share one tensor (``multilayer="reference"``) share one result object, so the
-    work is done once; summing them gives the same numbers as computing each.
+    Computed once per distinct tensor; a shared layer keeps its count (docs/design.md §2.4).
     """
-    done: dict[int, torch.Tensor] = {}
-    maps = []
-    for tokens in patch_feats:
-        key = id(tokens)
-        if key not in done:
-            probs = patch_probabilities(tokens, text, temperature)
-            done[key] = F.interpolate(probs, size=(image_size, image_size), mode="bilinear",
-                                      align_corners=False)
-        maps.append(done[key])
-    return maps
+    def upsampled(tokens: torch.Tensor) -> torch.Tensor:
+        probs = patch_probabilities(tokens, text, temperature)  # [B, 2, G, G]
+        return F.interpolate(probs, size=(image_size, image_size), mode="bilinear", align_corners=False)
+
+    return LayerFeatures.of(patch_feats).map(upsampled)
 
 
-def anomaly_map(prob_maps: list[torch.Tensor]) -> torch.Tensor:
-    """Σ_layers (p_anomalous + 1 − p_normal) / 2 -> [B, H, W] (unsmoothed)."""
-    per_object: dict[int, torch.Tensor] = {}
+def anomaly_map(prob_maps: Union[LayerFeatures, Sequence[torch.Tensor]]) -> torch.Tensor:
+    """Σ_layers (p_anomalous + 1 − p_normal) / 2 -> [B, H, W] (unsmoothed).
+
+    Each distinct map is formed once and then added as many times as it is counted, one addition
+    per layer in layer order: the original's sequential sum, bit for bit (k·m would round otherwise).
+    """
     total = None
-    for m in prob_maps:
-        if id(m) not in per_object:
-            per_object[id(m)] = (m[:, 1] + 1 - m[:, 0]) / 2
-        total = per_object[id(m)] if total is None else total + per_object[id(m)]
+    for m, k in LayerFeatures.of(prob_maps).weighted():
+        per_layer = (m[:, 1] + 1 - m[:, 0]) / 2
+        for _ in range(k):
+            total = per_layer if total is None else total + per_layer
     return total
 
 
-def fuse_image_score(global_probability: torch.Tensor, amap: torch.Tensor) -> torch.Tensor:
-    """``image_score="global+max"``: the global probability plus the map's maximum (opt-in)."""
-    return global_probability + amap.flatten(1).max(dim=1).values
+def final_image_score(global_probability: torch.Tensor, amap: torch.Tensor, mode: str) -> torch.Tensor:
+    """The final image score [B] for ``image_score`` ``mode`` (docs/design.md §4): the global
+    branch's probability, plus the map's maximum with the opt-in ``"global+max"``. The one place
+    the two are fused; the test protocol passes the smoothed map, ``forward`` the raw one."""
+    if mode == "global+max":
+        return global_probability + amap.flatten(1).max(dim=1).values
+    if mode == "global":
+        return global_probability
+    raise ValueError(f"unknown image_score mode {mode!r}")

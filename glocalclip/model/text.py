@@ -1,4 +1,4 @@
-"""CLIP's text tower with deep learnable tokens (DESIGN.md §3.2).
+"""CLIP's text tower with deep learnable tokens (docs/design.md §3.2).
 
 Before text blocks 2..D (1-based), positions 1..t of every sequence are overwritten by the
 deep token Z_{i} shared by all prompts. As in the original code, Z is rounded to fp16 and back
@@ -13,7 +13,7 @@ from torch import nn
 
 
 class DeepPromptTextEncoder(nn.Module):
-    def __init__(self, clip: nn.Module, depth: int, t_n_ctx: int, round_deep_tokens_fp16: bool = True):
+    def __init__(self, clip: nn.Module, depth: int, t_n_ctx: int):
         super().__init__()
         n_blocks = len(clip.transformer.resblocks)
         if depth > n_blocks:
@@ -28,7 +28,6 @@ class DeepPromptTextEncoder(nn.Module):
         self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
         self.depth = depth
         self.t_n_ctx = t_n_ctx
-        self.round_deep_tokens_fp16 = round_deep_tokens_fp16
 
     def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         mask = self.attn_mask.to(x.dtype)
@@ -43,9 +42,7 @@ class DeepPromptTextEncoder(nn.Module):
         x = prompts + self.positional_embedding.to(prompts.dtype)
         for i, block in enumerate(self.transformer.resblocks):
             if 1 <= i < self.depth:
-                z = deep_tokens[i - 1]
-                if self.round_deep_tokens_fp16:
-                    z = z.half()
+                z = deep_tokens[i - 1].half()  # the original's fp16 round trip, always
                 z = z.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
                 x = torch.cat([x[:, :1], z, x[:, 1 + t:]], dim=1)
             x = self._run_block(block, x)

@@ -5,15 +5,15 @@ original open_clip block and reuses its LayerNorms, packed in-projection, out-pr
 It runs the block exactly as CLIP does on the *original* stream ``o`` and, from the same
 LayerNorm'd input, a V-V attention (query and key replaced by the value) whose output is added
 to a second *V-V* stream ``v``. ``v`` never feeds an attention, LayerNorm or MLP, and skips the
-FFN (DESIGN.md §2.3). No pretrained tensor is written to.
+FFN (docs/design.md §2.3). No pretrained tensor is written to.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layers import LayerFeatures
 
 
 class VVAttention(nn.Module):
@@ -103,11 +103,12 @@ class PositionalEmbeddingCache(nn.Module):
 class DualPathVisionEncoder(nn.Module):
     """open_clip's ``VisionTransformer`` with the dual-path surgery and multi-layer patch outputs.
 
-    ``features_list`` and ``dpam_layer`` as in DESIGN.md §2.3–2.4. ``multilayer="reference"``
+    ``features_list`` and ``dpam_layer`` as in docs/design.md §2.3–2.4. ``multilayer="reference"``
     reproduces the original code, where every selected layer from the first modified block on —
     and the last standard block too, whose output tensor the first modified block adds to in
-    place — equals the V-V stream after the last block; ``"snapshot"`` takes each layer's own
-    V-V stream (and a standard block's own output before the surgery).
+    place — equals the V-V stream after the last block: one tensor, counted once per such layer.
+    ``"snapshot"`` takes each layer's own V-V stream (and a standard block's own output before
+    the surgery), each counted once.
     """
 
     def __init__(self, visual: nn.Module, features_list: tuple[int, ...], dpam_layer: int,
@@ -122,6 +123,9 @@ class DualPathVisionEncoder(nn.Module):
         if bad:
             raise ValueError(f"features_list {list(features_list)} names blocks {bad} outside the "
                              f"vision tower's 1..{n_blocks}")
+        if list(features_list) != sorted(set(features_list)):
+            raise ValueError(f"features_list must be increasing block numbers (layers are read in block "
+                             f"order), got {list(features_list)}")
         if getattr(visual, "attn_pool", None) is not None:
             raise ValueError("vision towers with attentional pooling are not supported")
         self.visual = visual
@@ -135,9 +139,6 @@ class DualPathVisionEncoder(nn.Module):
     @property
     def patch_size(self) -> int:
         return int(self.visual.conv1.kernel_size[0])
-
-    def grid_size(self, image_size: int) -> int:
-        return image_size // self.patch_size
 
     def _run_standard(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if getattr(self.visual.transformer, "batch_first", True):
@@ -159,9 +160,9 @@ class DualPathVisionEncoder(nn.Module):
         """ln_post then the visual projection, on all tokens."""
         return self.visual.ln_post(tokens) @ self.visual.proj
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Return the global image feature [B, E] (not normalised) and, per selected layer, the
-        projected patch tokens [B, N, E] including the class row."""
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, LayerFeatures]:
+        """Return the global image feature [B, E] (not normalised) and the selected layers' projected
+        patch tokens [B, N, E] including the class row, each distinct tensor with its count."""
         x = self.embed(images)
         selected = set(self.features_list)
         raw: dict[int, torch.Tensor] = {}  # 1-based block -> unprojected tokens of the local branch
@@ -176,22 +177,26 @@ class DualPathVisionEncoder(nn.Module):
             layer = self.first_dual + j
             if layer in selected and self.multilayer == "snapshot":
                 raw[layer] = v
-        if self.multilayer == "reference" and self.dual_blocks:
-            # The original kept references to one tensor and added to it in place: every selected
-            # layer from the last standard block on (its output is the tensor the first modified
-            # block adds to) ends as the V-V stream after the last block.
-            for f in self.features_list:
-                if f >= self.first_dual - 1:
-                    raw[f] = v
-        projected: dict[int, torch.Tensor] = {}
-        by_tensor: dict[int, torch.Tensor] = {}
-        for f in self.features_list:
-            t = raw[f]
-            if id(t) not in by_tensor:  # project each distinct tensor once
-                by_tensor[id(t)] = self.project(t)
-            projected[f] = by_tensor[id(t)]
+        layers = self._select_layers(raw, v).map(self.project)  # each distinct tensor projected once
         cls = o[:, 0]
         if self.cls_ln_post:
             cls = self.visual.ln_post(cls)
         global_feature = cls @ self.visual.proj
-        return global_feature, [projected[f] for f in self.features_list]
+        return global_feature, layers
+
+    def _select_layers(self, raw: dict[int, torch.Tensor], v_last: torch.Tensor) -> LayerFeatures:
+        """The selected layers' unprojected tokens, in ``features_list`` order.
+
+        Under ``"reference"`` the original kept references to one tensor and added to it in place:
+        every selected layer from the last standard block on (its output is the tensor the first
+        modified block adds to) ends as ``v_last``, the V-V stream after the last block. Those
+        layers close the (sorted) list, so they become one entry counted once per such layer.
+        """
+        if self.multilayer != "reference" or not self.dual_blocks:
+            return LayerFeatures.of([raw[f] for f in self.features_list])
+        aliased_from = self.first_dual - 1
+        own = [raw[f] for f in self.features_list if f < aliased_from]
+        n_aliased = sum(f >= aliased_from for f in self.features_list)
+        if n_aliased == 0:
+            return LayerFeatures.of(own)
+        return LayerFeatures((*own, v_last), (1,) * len(own) + (n_aliased,))
