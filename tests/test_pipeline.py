@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from glocalclip.apps.cli import test_main as run_test, train_main
+from glocalclip.engine.checkpoint import read_threshold
 from glocalclip.engine.loaders import default_num_workers
 from glocalclip.datasets.synthetic import make_synthetic_dataset
 
@@ -74,7 +75,9 @@ def test_train_then_test_scripts_write_checkpoint_results_and_table(data, tmp_pa
     assert "waiting for the loader" in (tmp_path / "res" / "results.md").read_text()
     csv_lines = (tmp_path / "res" / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("class,") and csv_lines[-1].startswith("mean,") and len(csv_lines) == 5
-    assert "threshold" in torch.load(ckpt_path, weights_only=False)
+    # the F1-max threshold goes beside the checkpoint, which test.py leaves as it was
+    assert read_threshold(ckpt_path)["image_score"] == res["image_threshold"]
+    assert torch.load(ckpt_path, weights_only=False).keys() == ckpt.keys() and "threshold" not in ckpt
 
 
 def test_resume_equals_uninterrupted(data, tmp_path):
@@ -214,12 +217,12 @@ def test_unmasked_anomalies_are_skipped_for_folder_data_and_zeroed_on_request(tm
 
 
 def test_evaluation_keeps_finished_classes_in_a_partial_file(data, tmp_path):
-    from glocalclip.apps.cli import build_test_model
+    from glocalclip import load_model
     from glocalclip.engine.distributed import DistContext
     from glocalclip.engine.evaluation import evaluate
 
     save = _train(data, tmp_path / "ck", "--epoch", "1")
-    model, _ = build_test_model(str(save / "epoch_1.pth"), {})
+    model = load_model(save / "epoch_1.pth")
     partial = tmp_path / "out" / "results.partial.json"
     res = evaluate(model, str(data), None, DistContext(), num_workers=0, progress=False, partial_path=partial,
                    classes=["grain", "stripes"])
