@@ -270,3 +270,40 @@ def test_run_command_turns_only_input_errors_into_messages(capsys):
         run_command("prog", failing(RuntimeError("bug")), [])
     assert run_command("prog", lambda argv: None, []) == 0
     assert run_command("prog", lambda argv: 3, ["a"]) == 3
+
+
+def test_tiny_backbone_needs_no_layer_flags_and_test_leaves_the_checkpoint_alone(data, tmp_path):
+    """--backbone tiny brings its own layers, prompt lengths and random weights; test.py stores the
+    F1-max threshold beside the checkpoint and never rewrites the checkpoint itself."""
+    from glocalclip.engine.checkpoint import file_sha256
+    from glocalclip.model.config import BACKBONE_DEFAULTS
+
+    save = tmp_path / "ck"
+    assert train_main(["--train_data_path", str(data), "--save_path", str(save), "--epoch", "1", "--num_workers",
+                       "0", "--no_progress", "--device", "cpu", "--backbone", "tiny", "--image_size", "56"]) == 0
+    ckpt = save / "epoch_1.pth"
+    cfg = torch.load(ckpt, weights_only=False)["config"]
+    preset = BACKBONE_DEFAULTS["tiny"]
+    assert {k: cfg[k] for k in preset} == {**preset, "features_list": list(preset["features_list"])}
+    sha, mtime = file_sha256(ckpt), ckpt.stat().st_mtime_ns
+    out = tmp_path / "res"
+    assert run_test(["--data_path", str(data), "--checkpoint_path", str(ckpt), "--save_path", str(out),
+                     "--sigma", "4", "--num_workers", "0", "--no_progress", "--device", "cpu"]) == 0
+    assert file_sha256(ckpt) == sha and ckpt.stat().st_mtime_ns == mtime
+    res = json.loads((out / "results.json").read_text())
+    side = read_threshold(ckpt)
+    assert side["image_score"] == res["image_threshold"] is not None
+    assert (side["dataset"], side["data_path"], side["sigma"]) == (None, str(data), 4.0)
+    assert sorted(p.name for p in save.iterdir() if p.name.startswith("epoch_1")) == \
+        ["epoch_1.pth", "epoch_1.pth.threshold.json"]
+
+
+def test_demo_runs_with_the_tiny_backbone_alone(tmp_path, capsys):
+    from glocalclip.apps.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--image_size", "56", "--device", "cpu"]) == 0
+    cfg = torch.load(out / "checkpoints" / "epoch_1.pth", weights_only=False)["config"]
+    assert (cfg["backbone"], cfg["pretrained"], cfg["dpam_layer"], cfg["image_size"]) == ("tiny", None, 6, 56)
+    assert (out / "results" / "results.json").is_file() and list((out / "results" / "vis").glob("*_grid.png"))
+    assert "demo finished" in capsys.readouterr().out
