@@ -283,14 +283,51 @@ def _label_text(label: Optional[int]) -> str:
     return "" if label is None else ("anomalous" if label else "normal")
 
 
-def predict_main(argv: Optional[Sequence[str]] = None) -> int:
+def _save_batch(predictor: Predictor, batch: list[tuple[torch.Tensor, tuple[int, int], str, Optional[np.ndarray]]],
+                out: Path, names: dict[str, str], value_range: Optional[tuple[float, float]]) -> list[dict[str, Any]]:
+    """Score one batch of read images; save each map (.npy) and, where the pixels were kept, its
+    overlay (.png). Returns the batch's records."""
     import cv2
-    from tqdm import tqdm
 
     from .visualize import annotate, overlay
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = predict_parser().parse_args(argv)
+    preds = predictor.predict_tensors(torch.stack([b[0] for b in batch]), [b[1] for b in batch],
+                                      [b[2] for b in batch])
+    records = []
+    for (_, _, path, rgb), p in zip(batch, preds):
+        name = names[path]
+        npy = out / "maps" / f"{name}.npy"
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        np.save(npy, p.anomaly_map.astype(np.float32))
+        png = None
+        if rgb is not None:
+            png = out / "overlays" / f"{name}.png"
+            png.parent.mkdir(parents=True, exist_ok=True)
+            vis = overlay(rgb, p.anomaly_map, value_range=value_range)
+            vis = annotate(vis, f"{p.pred_score:.3f} {_label_text(p.pred_label)}".strip())
+            cv2.imwrite(str(png), cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
+        records.append(p.record(anomaly_map=str(npy), overlay=str(png) if png else None))
+    return records
+
+
+def _overlay_range(cfg: PredictConfig, predictor: Predictor) -> Optional[tuple[float, float]]:
+    if cfg.map_range:
+        return (cfg.map_range[0], cfg.map_range[1])
+    # each layer adds (p_anomalous + 1 - p_normal) / 2 in [0, 1]
+    return None if cfg.per_image_range else (0.0, float(len(predictor.model.cfg.features_list)))
+
+
+def _summary(records: list[dict[str, Any]], threshold: Optional[float], skipped: int, csv_path: Path) -> str:
+    n_anom = sum(1 for r in records if r["pred_label"] == 1)
+    anomalous = f"{n_anom} anomalous (threshold {threshold:.4g})" if threshold is not None else \
+        "anomalous: n/a (no threshold: pass --threshold or run test.py on the checkpoint)"
+    return f"predict: {len(records)} scored, {anomalous}, {skipped} skipped -> {csv_path}"
+
+
+def predict_main(argv: Optional[Sequence[str]] = None) -> int:
+    from tqdm import tqdm
+
+    args = predict_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     cfg = settings_from_args(PredictConfig, args)
     files, missing = expand_inputs(cfg.inputs)
     for inp, why in missing:
@@ -305,30 +342,9 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
     if cfg.overlays:
         (out / "overlays").mkdir(parents=True, exist_ok=True)
     names = dict(zip(map(str, files), output_names(files)))
-    if cfg.map_range:
-        value_range: Optional[tuple[float, float]] = (cfg.map_range[0], cfg.map_range[1])
-    else:  # each layer adds (p_anomalous + 1 - p_normal) / 2 in [0, 1]
-        value_range = None if cfg.per_image_range else (0.0, float(len(predictor.model.cfg.features_list)))
+    value_range = _overlay_range(cfg, predictor)
     records: list[dict[str, Any]] = []
     skipped = len(missing)
-
-    def flush(batch: list[tuple[torch.Tensor, tuple[int, int], str, Optional[np.ndarray]]]) -> None:
-        preds = predictor.predict_tensors(torch.stack([b[0] for b in batch]), [b[1] for b in batch],
-                                          [b[2] for b in batch])
-        for (_, _, path, rgb), p in zip(batch, preds):
-            name = names[path]
-            npy = out / "maps" / f"{name}.npy"
-            npy.parent.mkdir(parents=True, exist_ok=True)
-            np.save(npy, p.anomaly_map.astype(np.float32))
-            png = None
-            if rgb is not None:
-                png = out / "overlays" / f"{name}.png"
-                png.parent.mkdir(parents=True, exist_ok=True)
-                vis = overlay(rgb, p.anomaly_map, value_range=value_range)
-                vis = annotate(vis, f"{p.pred_score:.3f} {_label_text(p.pred_label)}".strip())
-                cv2.imwrite(str(png), cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
-            records.append(p.record(anomaly_map=str(npy), overlay=str(png) if png else None))
-
     batch: list = []
     bar = tqdm(files, desc="predict", unit="img", disable=not cfg.progress)
     for f in bar:
@@ -340,18 +356,13 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         batch.append((x, size, str(f), rgb))
         if len(batch) == predictor.batch_size:
-            flush(batch)
+            records += _save_batch(predictor, batch, out, names, value_range)
             batch = []
     if batch:
-        flush(batch)
+        records += _save_batch(predictor, batch, out, names, value_range)
     bar.close()
-
     write_predictions(records, out)
-    thr = predictor.threshold
-    n_anom = sum(1 for r in records if r["pred_label"] == 1)
-    anomalous = f"{n_anom} anomalous (threshold {thr:.4g})" if thr is not None else \
-        "anomalous: n/a (no threshold: pass --threshold or run test.py on the checkpoint)"
-    print(f"predict: {len(records)} scored, {anomalous}, {skipped} skipped -> {out / 'predictions.csv'}")
+    print(_summary(records, predictor.threshold, skipped, out / "predictions.csv"))
     return 0 if records else 1
 
 
