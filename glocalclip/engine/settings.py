@@ -21,7 +21,7 @@ def dataset_setting() -> Any:
 
 
 def device_setting() -> Any:
-    return setting(None, parse=str, help="cuda, cuda:1, cpu", default_text="a GPU if present")
+    return setting(None, help="cuda, cuda:1, cpu", default_text="a GPU if present")
 
 
 def workers_setting() -> Any:
@@ -66,7 +66,7 @@ class TrainConfig:
                                  help="where the image features encoded in the first epoch are kept; off "
                                       "encodes every epoch; auto picks by free memory")
     num_workers: Optional[int] = workers_setting()
-    resume: Optional[str] = setting(None, parse=str, help="a checkpoint, or a save folder (its latest epoch)",
+    resume: Optional[str] = setting(None, help="a checkpoint, or a save folder (its latest epoch)",
                                     default_text="start afresh")
     progress: bool = progress_setting()
     unmasked_anomalies: str = setting(
@@ -107,7 +107,7 @@ class TestConfig:
                                         default_text="16 on a GPU, 8 on a CPU")
     num_workers: Optional[int] = workers_setting()
     device: Optional[str] = device_setting()
-    classes: Optional[list[str]] = setting(None, parse=str, nargs="+", help="test only these classes",
+    classes: Optional[list[str]] = setting(None, nargs="+", help="test only these classes",
                                            default_text="every class")
     save_vis: bool = setting(False, switch=True, help="write heat-map grids and curves to SAVE_PATH/vis")
     progress: bool = progress_setting()
