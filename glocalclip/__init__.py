@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "GlocalCLIPConfig": "glocalclip.model.config",
     "GlocalCLIP": "glocalclip.model.glocalclip",
+    "load_model": "glocalclip.engine.checkpoint",
     "Predictor": "glocalclip.apps.predict",
     "metrics": "glocalclip.engine",
 }

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from glocalclip.apps.cli import test_main as run_test, train_main
+from glocalclip.engine.checkpoint import read_threshold
 from glocalclip.engine.loaders import default_num_workers
 from glocalclip.datasets.synthetic import make_synthetic_dataset
 
@@ -74,7 +75,9 @@ def test_train_then_test_scripts_write_checkpoint_results_and_table(data, tmp_pa
     assert "waiting for the loader" in (tmp_path / "res" / "results.md").read_text()
     csv_lines = (tmp_path / "res" / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("class,") and csv_lines[-1].startswith("mean,") and len(csv_lines) == 5
-    assert "threshold" in torch.load(ckpt_path, weights_only=False)
+    # the F1-max threshold goes beside the checkpoint, which test.py leaves as it was
+    assert read_threshold(ckpt_path)["image_score"] == res["image_threshold"]
+    assert torch.load(ckpt_path, weights_only=False).keys() == ckpt.keys() and "threshold" not in ckpt
 
 
 def test_resume_equals_uninterrupted(data, tmp_path):
@@ -214,12 +217,12 @@ def test_unmasked_anomalies_are_skipped_for_folder_data_and_zeroed_on_request(tm
 
 
 def test_evaluation_keeps_finished_classes_in_a_partial_file(data, tmp_path):
-    from glocalclip.apps.cli import build_test_model
+    from glocalclip import load_model
     from glocalclip.engine.distributed import DistContext
     from glocalclip.engine.evaluation import evaluate
 
     save = _train(data, tmp_path / "ck", "--epoch", "1")
-    model, _ = build_test_model(str(save / "epoch_1.pth"), {})
+    model = load_model(save / "epoch_1.pth")
     partial = tmp_path / "out" / "results.partial.json"
     res = evaluate(model, str(data), None, DistContext(), num_workers=0, progress=False, partial_path=partial,
                    classes=["grain", "stripes"])
@@ -267,3 +270,40 @@ def test_run_command_turns_only_input_errors_into_messages(capsys):
         run_command("prog", failing(RuntimeError("bug")), [])
     assert run_command("prog", lambda argv: None, []) == 0
     assert run_command("prog", lambda argv: 3, ["a"]) == 3
+
+
+def test_tiny_backbone_needs_no_layer_flags_and_test_leaves_the_checkpoint_alone(data, tmp_path):
+    """--backbone tiny brings its own layers, prompt lengths and random weights; test.py stores the
+    F1-max threshold beside the checkpoint and never rewrites the checkpoint itself."""
+    from glocalclip.engine.checkpoint import file_sha256
+    from glocalclip.model.config import BACKBONE_DEFAULTS
+
+    save = tmp_path / "ck"
+    assert train_main(["--train_data_path", str(data), "--save_path", str(save), "--epoch", "1", "--num_workers",
+                       "0", "--no_progress", "--device", "cpu", "--backbone", "tiny", "--image_size", "56"]) == 0
+    ckpt = save / "epoch_1.pth"
+    cfg = torch.load(ckpt, weights_only=False)["config"]
+    preset = BACKBONE_DEFAULTS["tiny"]
+    assert {k: cfg[k] for k in preset} == {**preset, "features_list": list(preset["features_list"])}
+    sha, mtime = file_sha256(ckpt), ckpt.stat().st_mtime_ns
+    out = tmp_path / "res"
+    assert run_test(["--data_path", str(data), "--checkpoint_path", str(ckpt), "--save_path", str(out),
+                     "--sigma", "4", "--num_workers", "0", "--no_progress", "--device", "cpu"]) == 0
+    assert file_sha256(ckpt) == sha and ckpt.stat().st_mtime_ns == mtime
+    res = json.loads((out / "results.json").read_text())
+    side = read_threshold(ckpt)
+    assert side["image_score"] == res["image_threshold"] is not None
+    assert (side["dataset"], side["data_path"], side["sigma"]) == (None, str(data), 4.0)
+    assert sorted(p.name for p in save.iterdir() if p.name.startswith("epoch_1")) == \
+        ["epoch_1.pth", "epoch_1.pth.threshold.json"]
+
+
+def test_demo_runs_with_the_tiny_backbone_alone(tmp_path, capsys):
+    from glocalclip.apps.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--image_size", "56", "--device", "cpu"]) == 0
+    cfg = torch.load(out / "checkpoints" / "epoch_1.pth", weights_only=False)["config"]
+    assert (cfg["backbone"], cfg["pretrained"], cfg["dpam_layer"], cfg["image_size"]) == ("tiny", None, 6, 56)
+    assert (out / "results" / "results.json").is_file() and list((out / "results" / "vis").glob("*_grid.png"))
+    assert "demo finished" in capsys.readouterr().out

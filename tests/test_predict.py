@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from glocalclip import GlocalCLIP, Predictor
+from glocalclip import GlocalCLIP, Predictor, load_model
 from glocalclip.model.backbone import create_backbone
 from glocalclip import cli
+from glocalclip.engine.checkpoint import read_threshold
 from glocalclip.apps.convert import convert_main
 from glocalclip.apps.predict import predict_main
 from glocalclip.datasets.synthetic import make_synthetic_dataset
@@ -78,7 +79,7 @@ def test_predict_cli_writes_every_output_and_skips_a_corrupt_file(trained, tmp_p
     with open(tmp_path / "out" / "predictions.csv") as f:
         header = next(csv.reader(f))
     assert header[:4] == ANOMALIB_FIELDS
-    thr = torch.load(trained["ckpt"], weights_only=False)["threshold"]["image_score"]
+    thr = read_threshold(trained["ckpt"])["image_score"]
     jsonl = [json.loads(line) for line in open(tmp_path / "out" / "predictions.jsonl")]
     assert [j["image_path"] for j in jsonl] == [r["image_path"] for r in rows]
     n_anom = 0
@@ -130,7 +131,7 @@ def test_api_and_cli_give_identical_scores_and_maps_at_input_resolution(trained,
 
 def test_labels_follow_explicit_then_stored_then_no_threshold(trained):
     pred = Predictor.from_checkpoint(trained["ckpt"], device="cpu", sigma=4)
-    stored = torch.load(trained["ckpt"], weights_only=False)["threshold"]["image_score"]
+    stored = read_threshold(trained["ckpt"])["image_score"]
     assert pred.threshold == pytest.approx(stored)
     img = str(good_inputs(trained)[0])
     s = pred.predict(img).pred_score
@@ -210,7 +211,7 @@ def test_anomalyclip_checkpoint_loads_with_its_prompt_layout_and_scores(trained,
     torch.save(original_format(state, ("ctx_pos", "ctx_neg"), 128), old)
 
     # the layout is inferred from the tensor names; the rest of the config from the overrides
-    model, _ = cli.build_test_model(str(old), dict(trained["overrides"]))
+    model = load_model(old, **trained["overrides"])
     assert model.cfg.prompt_style == "anomalyclip" and model.cfg.n_ctx == 4
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():

@@ -1,135 +1,42 @@
-"""Command lines: ``glocalclip {train,test,demo}`` and the root scripts ``train.py`` / ``test.py``.
+"""Command lines: ``glocalclip {train,test,predict,convert,report,demo}`` and the root scripts
+``train.py`` / ``test.py``.
 
-The flag names are the original code's (``--train_data_path``, ``--n_ctx``, ``--dpam``, ...)
-plus ours (``--backbone``, ``--pretrained``, ``--precision``, ``--multilayer``, ``--resume``,
-``--feature_cache``, ...). ``test`` takes every model setting from the checkpoint unless a
-flag overrides it.
+The flags are generated from the settings dataclasses (``TrainConfig``, ``TestConfig``,
+``GlocalCLIPConfig``) with the original code's names (``--train_data_path``, ``--n_ctx``,
+``--dpam``, ...). ``test`` takes every model setting from the checkpoint unless a flag overrides it.
+Nothing here imports torch until a command runs, so ``glocalclip --help`` answers at once.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
+import importlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from ..model.config import GlocalCLIPConfig, MULTILAYER_MODES, PRECISIONS
-
-#: flag name -> GlocalCLIPConfig field
-MODEL_FLAGS = {"backbone": "backbone", "pretrained": "pretrained", "image_size": "image_size",
-               "features_list": "features_list", "dpam": "dpam_layer", "n_ctx": "n_ctx", "ab_ctx": "ab_ctx",
-               "depth": "depth", "t_n_ctx": "t_n_ctx", "multilayer": "multilayer", "precision": "precision",
-               "cls_ln_post": "cls_ln_post", "image_score": "image_score", "prompt_style": "prompt_style"}
-
-
-def _pretrained(value: str) -> Optional[str]:
-    return None if value.lower() in ("none", "random", "") else value
-
-
-def positive_int(value: str) -> int:
-    """argparse type: an integer >= 1."""
-    n = int(value)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return n
-
-
-def non_negative_int(value: str) -> int:
-    """argparse type: an integer >= 0 (0 workers = load in the main process)."""
-    n = int(value)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return n
-
-
-def add_model_args(p: argparse.ArgumentParser, defaults: bool) -> None:
-    """Model flags; with ``defaults=False`` they default to None (= take from the checkpoint)."""
-    d = GlocalCLIPConfig() if defaults else None
-
-    def dflt(name: str):
-        return getattr(d, name) if d is not None else None
-
-    g = p.add_argument_group("model (saved in every checkpoint)")
-    g.add_argument("--backbone", default=dflt("backbone"),
-                   help="open_clip model name, 'tiny', or an open_clip model-config JSON (default ViT-L-14-336)")
-    g.add_argument("--pretrained", type=_pretrained, default=dflt("pretrained"),
-                   help="open_clip tag ('openai'), a local weights file (e.g. ViT-L-14-336px.pt), or 'none'")
-    g.add_argument("--image_size", type=int, default=dflt("image_size"))
-    g.add_argument("--features_list", type=int, nargs="+", default=list(dflt("features_list") or []) or None)
-    g.add_argument("--dpam", type=int, default=dflt("dpam_layer"), help="V-V attention in the last dpam-1 blocks")
-    g.add_argument("--n_ctx", type=int, default=dflt("n_ctx"))
-    g.add_argument("--ab_ctx", type=int, default=dflt("ab_ctx"))
-    g.add_argument("--depth", type=int, default=dflt("depth"))
-    g.add_argument("--t_n_ctx", type=int, default=dflt("t_n_ctx"))
-    g.add_argument("--multilayer", choices=MULTILAYER_MODES, default=dflt("multilayer"))
-    g.add_argument("--precision", choices=PRECISIONS, default=dflt("precision"),
-                   help="autocast for the frozen encoders; fp32 reproduces the paper")
-    g.add_argument("--cls_ln_post", action="store_true", default=None if not defaults else False,
-                   help="apply ln_post to the global feature (the original code did not)")
-    g.add_argument("--image_score", choices=("global", "global+max"), default=dflt("image_score"))
-    g.add_argument("--prompt_style", choices=("glocal", "anomalyclip"), default=dflt("prompt_style"))
-
-
-def _flag_given(argv: Sequence[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
-
-
-def model_overrides(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
-    """Config fields given on a command line whose model flags default to None (test, predict,
-    convert): the checkpoint's config is used for everything else. ``--pretrained none`` counts."""
-    overrides = _model_fields(args, defaults=False)
-    if _flag_given(argv, "--pretrained"):
-        overrides["pretrained"] = args.pretrained
-    if "features_list" in overrides:
-        overrides["features_list"] = tuple(overrides["features_list"])
-    return overrides
+from .flags import add_model_flags, add_settings, model_overrides, new_parser, settings_from_args
 
 
 # ---------------------------------------------------------------------------- train
-def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description="Train GlocalCLIP prompts on an auxiliary "
-                                "dataset's labelled test split (the paper's protocol).")
-    p.add_argument("--train_data_path", required=True, help="dataset root holding meta.json")
-    p.add_argument("--dataset", default=None, help="dataset name (mvtec, visa, ...); omit for folder-mode data")
-    p.add_argument("--save_path", default="./checkpoints/run")
-    p.add_argument("--batch_size", type=positive_int, default=8)
-    p.add_argument("--epoch", type=positive_int, default=15)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of the glocal contrastive loss")
-    p.add_argument("--margin", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=111)
-    p.add_argument("--print_freq", type=int, default=1)
-    p.add_argument("--save_freq", type=int, default=1)
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: GPU if present)")
-    p.add_argument("--feature_cache", choices=("auto", "device", "host", "disk", "off"), default="auto")
-    p.add_argument("--num_workers", type=non_negative_int, default=None,
-                   help="loader worker processes (default: from the device and the CPU cores: on a GPU the "
-                        "cores minus 2, at most 12; on a CPU 1)")
-    p.add_argument("--resume", default=None, help="a checkpoint, or a save folder (its latest epoch)")
-    p.add_argument("--unmasked_anomalies", choices=("auto", "skip", "zero"), default="auto",
-                   help="anomalous images without a mask: zero = all-normal target (original), skip = no "
-                        "local loss for them; auto = zero for a named --dataset, skip for folder-mode data")
-    p.add_argument("--no_progress", action="store_true")
-    add_model_args(p, defaults=True)
+def train_parser():
+    from ..engine.settings import TrainConfig
+
+    p = new_parser("train.py", "Train GlocalCLIP prompts on an auxiliary dataset's labelled test split "
+                               "(the paper's protocol).")
+    add_settings(p, TrainConfig)
+    add_model_flags(p, for_training=True)
     return p
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..engine.training import TrainConfig, train
+    args = train_parser().parse_args(list(sys.argv[1:] if argv is None else argv))  # --help: no torch yet
+    from ..engine.settings import TrainConfig
+    from ..engine.training import train
+    from ..model.config import GlocalCLIPConfig
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = train_parser().parse_args(argv)
-    model_cfg = GlocalCLIPConfig(**{f: (tuple(v) if f == "features_list" else v)
-                                    for f, v in _model_fields(args, defaults=True).items()})
-    cfg = TrainConfig(train_data_path=args.train_data_path, dataset=_dataset(args.dataset),
-                      save_path=args.save_path, batch_size=args.batch_size, epoch=args.epoch,
-                      learning_rate=args.learning_rate, alpha=args.alpha, margin=args.margin, seed=args.seed,
-                      print_freq=args.print_freq, save_freq=args.save_freq, device=args.device,
-                      feature_cache=args.feature_cache, num_workers=args.num_workers, resume=args.resume,
-                      progress=not args.no_progress, unmasked_anomalies=args.unmasked_anomalies)
+    cfg = settings_from_args(TrainConfig, args)
+    model_cfg = GlocalCLIPConfig.for_backbone(**model_overrides(args))
     try:
         last = train(model_cfg, cfg)
     except KeyboardInterrupt:
@@ -139,120 +46,93 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _model_fields(args: argparse.Namespace, defaults: bool) -> dict[str, Any]:
-    out = {}
-    for flag, field in MODEL_FLAGS.items():
-        v = getattr(args, flag)
-        if v is None and not (flag == "pretrained" and defaults):
-            continue
-        out[field] = v
-    return out
-
-
-def _dataset(name: Optional[str]) -> Optional[str]:
-    if name is None:
-        return None
-    from ..datasets import resolve_dataset_name
-
-    return resolve_dataset_name(name)
-
-
 # ---------------------------------------------------------------------------- test
-def test_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="test.py", description="Zero-shot test of trained GlocalCLIP prompts.")
-    p.add_argument("--data_path", required=True, help="dataset root holding meta.json")
-    p.add_argument("--dataset", default=None, help="dataset name (mvtec, visa, ...); omit for folder-mode data")
-    p.add_argument("--checkpoint_path", required=True,
-                   help="our checkpoint (config inside) or an original GlocalCLIP/AnomalyCLIP one")
-    p.add_argument("--save_path", default="./results/run")
-    p.add_argument("--sigma", type=float, default=8.0, help="Gaussian smoothing of the maps (paper: 8)")
-    p.add_argument("--metrics", choices=("image-level", "pixel-level", "image-pixel-level"), default=None,
-                   help="default: per dataset as in the paper")
-    p.add_argument("--batch_size", type=positive_int, default=None,
-                   help="images per batch; metrics do not depend on it (default: 16 on a GPU, 8 on a CPU)")
-    p.add_argument("--num_workers", type=non_negative_int, default=None,
-                   help="loader worker processes (default: from the device and the CPU cores: on a GPU the "
-                        "cores minus 2, at most 12; on a CPU 1)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--classes", nargs="+", default=None, help="test only these classes")
-    p.add_argument("--save_vis", action="store_true", help="write heat-map overlays")
-    p.add_argument("--no_progress", action="store_true")
-    add_model_args(p, defaults=False)
+def test_parser():
+    from ..engine.settings import TestConfig
+
+    p = new_parser("test.py", "Zero-shot test of trained GlocalCLIP prompts.")
+    add_settings(p, TestConfig)
+    add_model_flags(p, for_training=False)
     return p
 
 
-def build_test_model(checkpoint_path: str, overrides: dict[str, Any]):
-    """Our checkpoint: its config, then ``overrides``. An original-format checkpoint: defaults,
-    prompt shapes read off its tensors, then ``overrides``."""
-    from ..model.checkpoint_format import infer_prompt_shape, is_ours, prompt_state_of, read_checkpoint
-    from ..model.glocalclip import GlocalCLIP
-
-    ckpt = read_checkpoint(checkpoint_path)
-    if is_ours(ckpt):
-        base = dict(ckpt["config"])
-    else:
-        base = GlocalCLIPConfig().to_dict()
-        base.update(infer_prompt_shape(prompt_state_of(ckpt)))
-    base.update(overrides)
-    model = GlocalCLIP(GlocalCLIPConfig.from_dict(base))
-    model.load_prompts(ckpt)
-    return model, ckpt
-
-
 def test_main(argv: Optional[Sequence[str]] = None) -> int:
-    import torch
-
-    from ..engine.checkpoint import atomic_save
-    from ..model.checkpoint_format import is_ours
+    args = test_parser().parse_args(list(sys.argv[1:] if argv is None else argv))  # --help: no torch yet
     from ..datasets import load_meta
+    from ..engine.checkpoint import load_model_and_checkpoint
     from ..engine.distributed import init_distributed
     from ..engine.evaluation import evaluate
-    from .results import results_table, software_versions, write_results
+    from ..engine.settings import TestConfig
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = test_parser().parse_args(argv)
-    overrides = model_overrides(args, argv)
-    ctx = init_distributed(args.device)
+    cfg = settings_from_args(TestConfig, args)
+    ctx = init_distributed(cfg.device)
     t0 = time.time()
     try:
-        load_meta(args.data_path, _dataset(args.dataset))  # a wrong data path fails before the weights load
-        model, ckpt = build_test_model(args.checkpoint_path, overrides)
+        load_meta(cfg.data_path, cfg.dataset)  # a wrong data path fails before the weights load
+        model, ckpt = load_model_and_checkpoint(cfg.checkpoint_path, **model_overrides(args))
         model = model.to(ctx.device)
-        out_dir = Path(args.save_path)
-        results = evaluate(model, args.data_path, _dataset(args.dataset), ctx, mode=args.metrics,
-                           sigma=args.sigma, batch_size=args.batch_size, num_workers=args.num_workers,
-                           classes=args.classes, vis_dir=out_dir / "vis" if args.save_vis else None,
-                           progress=not args.no_progress, partial_path=out_dir / "results.partial.json")
+        out_dir = Path(cfg.save_path)
+        results = evaluate(model, cfg.data_path, cfg.dataset, ctx, mode=cfg.metrics, sigma=cfg.sigma,
+                           batch_size=cfg.batch_size, num_workers=cfg.num_workers, classes=cfg.classes,
+                           vis_dir=out_dir / "vis" if cfg.save_vis else None, progress=cfg.progress,
+                           partial_path=out_dir / "results.partial.json")
         if ctx.is_main:
-            results.update({"checkpoint": str(args.checkpoint_path), "config": model.cfg.to_dict(),
-                            "train_config": ckpt.get("train_config"),
-                            "versions": software_versions(), "total_wall_time_s": time.time() - t0})
-            print(results_table(results, fmt="simple"))
-            paths = write_results(results, out_dir)
-            (out_dir / "results.partial.json").unlink(missing_ok=True)
-            print(f"results: {paths['json']} {paths['csv']} {paths['md']}")
-            thr = results.get("image_threshold")
-            if thr is not None and is_ours(ckpt) and Path(args.checkpoint_path).is_file():
-                ckpt["threshold"] = {"image_score": thr, "dataset": results["dataset"],
-                                     "data_path": str(args.data_path), "sigma": args.sigma}
-                atomic_save(ckpt, args.checkpoint_path)
+            results.update({"checkpoint": str(cfg.checkpoint_path), "config": model.cfg.to_dict(),
+                            "train_config": ckpt.get("train_config")})
+            _finish_test(results, cfg, ckpt, t0)
     finally:
         ctx.shutdown()
     return 0
 
 
+def _finish_test(results: dict[str, Any], cfg: Any, ckpt: dict, t0: float) -> None:
+    """Print and write the results; store the F1-max threshold beside the checkpoint for predict
+    (the checkpoint itself is never rewritten)."""
+    from ..engine.checkpoint import write_threshold
+    from ..model.checkpoint_format import is_ours
+    from .results import results_table, software_versions, write_results
+
+    out_dir = Path(cfg.save_path)
+    results.update({"versions": software_versions(), "total_wall_time_s": time.time() - t0})
+    print(results_table(results, fmt="simple"))
+    paths = write_results(results, out_dir)
+    (out_dir / "results.partial.json").unlink(missing_ok=True)
+    print(f"results: {paths['json']} {paths['csv']} {paths['md']}")
+    thr = results.get("image_threshold")
+    if thr is not None and is_ours(ckpt) and Path(cfg.checkpoint_path).is_file():
+        side = write_threshold(cfg.checkpoint_path, thr, dataset=results["dataset"],
+                               data_path=str(cfg.data_path), sigma=cfg.sigma)
+        print(f"threshold {thr:.4g} (F1-max) for predict: {side}")
+
+
 # ---------------------------------------------------------------------------- entry
-def _lazy(module: str, func: str):
-    def run(argv: Sequence[str]) -> int:
-        import importlib
+class Command(NamedTuple):
+    """A ``glocalclip`` command: where its function lives (imported when it runs) and what it does."""
 
-        return getattr(importlib.import_module(f"glocalclip.apps.{module}"), func)(list(argv))
-    return run
+    module: str
+    function: str
+    summary: str
+
+    def load(self) -> Callable[[list[str]], Optional[int]]:
+        return getattr(importlib.import_module(f"glocalclip.apps.{self.module}"), self.function)
 
 
-COMMANDS = {"train": train_main, "test": test_main, "demo": _lazy("demo", "demo_main"),
-            "predict": _lazy("predict", "predict_main"), "convert": _lazy("convert", "convert_main"),
-            "report": _lazy("report", "report_main")}
+COMMANDS = {
+    "train": Command("cli", "train_main", "train the prompts on a dataset's labelled test split (= train.py)"),
+    "test": Command("cli", "test_main", "zero-shot metrics of a checkpoint on a dataset (= test.py)"),
+    "predict": Command("predict", "predict_main", "score your own images: anomaly score, label, heat map"),
+    "convert": Command("convert", "convert_main", "an original GlocalCLIP/AnomalyCLIP checkpoint to ours"),
+    "report": Command("report", "report_main", "merge test runs into one table per dataset (mean ± std)"),
+    "demo": Command("demo", "demo_main", "the whole pipeline in seconds on synthetic data, tiny backbone"),
+}
+
+
+def overview() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: glocalclip COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {c.summary}" for name, c in COMMANDS.items()]
+    lines += ["", "glocalclip COMMAND --help lists a command's flags, each with its default."]
+    return "\n".join(lines)
 
 
 def _input_errors() -> tuple[type, ...]:
@@ -282,10 +162,15 @@ def run_command(prog: str, command: Callable[[list[str]], Optional[int]],
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: glocalclip {" + ",".join(COMMANDS) + "} [options]  (glocalclip CMD --help for each)")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    return run_command(f"glocalclip {argv[0]}", COMMANDS[argv[0]], argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview())
+        return 0
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"glocalclip: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} "
+              f"(glocalclip --help says what each does)", file=sys.stderr)
+        return 2
+    return run_command(f"glocalclip {argv[0]}", command.load(), argv[1:])
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 
 The prompt shapes (n_ctx, ab_ctx, depth, t_n_ctx, prompt style) are read off the tensors; any of
 them given as a flag must agree. Everything else the tensors cannot tell (backbone, image size,
-feature layers, V-V attention depth, ...) comes from the flags, else from the defaults, which are
-the original code's. Unused projection weights and buffers are dropped. The converted file scores
+feature layers, V-V attention depth, ...) comes from the flags, else from the backbone's defaults
+(for ViT-L-14-336 the original code's). Unused projection weights and buffers are dropped. The converted file scores
 exactly as loading the original with the same flags.
 """
 from __future__ import annotations
@@ -15,44 +15,24 @@ import sys
 from typing import Any, Optional, Sequence
 
 from ..engine.checkpoint import atomic_save
-from ..model.checkpoint_format import infer_prompt_shape, is_ours, make_checkpoint, prompt_state_of, read_checkpoint
-from ..model.config import GlocalCLIPConfig
-
-SHAPE_FIELDS = ("prompt_style", "n_ctx", "ab_ctx", "depth", "t_n_ctx")
+from ..model.checkpoint_format import adapt_checkpoint, is_ours, make_checkpoint, read_checkpoint, tensor_settings
+from .flags import add_model_flags, model_overrides, new_parser
 
 
 def convert_parser() -> argparse.ArgumentParser:
-    from .cli import add_model_args
-
-    p = argparse.ArgumentParser(prog="glocalclip convert", description=__doc__.split("\n\n")[0],
-                                epilog="AnomalyCLIP's released weights: --prompt_style anomalyclip --n_ctx 12 "
-                                       "--depth 9 --t_n_ctx 4 (the defaults give features 6 12 18 24, dpam 20, "
-                                       "image 518)")
+    p = new_parser("glocalclip convert", __doc__.split("\n\n")[0],
+                   epilog="AnomalyCLIP's released weights: --prompt_style anomalyclip --n_ctx 12 --depth 9 "
+                          "--t_n_ctx 4 (the defaults give features 6 12 18 24, dpam 20, image 518)")
     p.add_argument("source", metavar="OLD.pth", help="original-format checkpoint (or one of ours)")
     p.add_argument("target", metavar="NEW.pt", help="where to write our format")
-    add_model_args(p, defaults=False)
+    add_model_flags(p, for_training=False)
     return p
 
 
 def convert_checkpoint(source: Any, overrides: dict[str, Any]) -> tuple[dict, dict[str, Any], list[str]]:
     """(our checkpoint dict, the prompt shape read off the tensors, dropped keys)."""
     ckpt = read_checkpoint(source)
-    state = prompt_state_of(ckpt)
-    found = infer_prompt_shape(state)
-    if found["prompt_style"] == "anomalyclip":
-        found.pop("ab_ctx")  # one context length for both prompts: ab_ctx plays no part
-    clash = {k: (overrides[k], v) for k, v in found.items() if k in overrides and overrides[k] != v}
-    if clash:
-        detail = ", ".join(f"--{k} {a} but the checkpoint has {b}" for k, (a, b) in clash.items())
-        raise ValueError(f"the flags do not fit the checkpoint's tensors: {detail}")
-    base = dict(ckpt["config"]) if is_ours(ckpt) else GlocalCLIPConfig().to_dict()
-    base.update(overrides)
-    base.update(found)
-    if base["prompt_style"] == "anomalyclip" and "ab_ctx" not in overrides:
-        base["ab_ctx"] = base["n_ctx"]
-    if "features_list" in base:
-        base["features_list"] = tuple(base["features_list"])
-    cfg = GlocalCLIPConfig.from_dict(base)
+    cfg, state = adapt_checkpoint(ckpt, overrides)
     raw = ckpt["prompt_learner"]
     dropped = sorted(k for k in raw if k not in state)
     extra = {"converted_from": str(source) if not isinstance(source, dict) else "<dict>"}
@@ -60,16 +40,14 @@ def convert_checkpoint(source: Any, overrides: dict[str, Any]) -> tuple[dict, di
         extra["threshold"] = ckpt["threshold"]
     epoch = ckpt.get("epoch")
     new = make_checkpoint(cfg.to_dict(), state, int(epoch) if isinstance(epoch, int) else 0, None, **extra)
-    return new, found, dropped
+    return new, tensor_settings(state), dropped
 
 
 def convert_main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import model_overrides
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = convert_parser().parse_args(argv)
     try:
-        new, found, dropped = convert_checkpoint(args.source, model_overrides(args, argv))
+        new, found, dropped = convert_checkpoint(args.source, model_overrides(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"convert: {e}", file=sys.stderr)
         return 2

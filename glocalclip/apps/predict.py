@@ -1,9 +1,10 @@
 """Score your own images: ``glocalclip predict`` and the :class:`Predictor` API.
 
-For every image: the anomaly score (the model's image score, DESIGN.md §4), a predicted label
+For every image: the anomaly score (the model's image score, docs/design.md §4), a predicted label
 (score >= threshold, where the threshold is given explicitly, else the F1-max threshold that
-``test.py`` stored in the checkpoint, else there is no label), the maximum of the smoothed anomaly
-map, and the smoothed map resized back from the model's resolution to the image's own.
+``test.py`` stored beside the checkpoint (``epoch_15.pth.threshold.json``), else one embedded in a
+checkpoint of an older version, else there is no label), the maximum of the smoothed anomaly map,
+and the smoothed map resized back from the model's resolution to the image's own.
 
     from glocalclip import Predictor
     pred = Predictor.from_checkpoint("checkpoints/epoch_15.pth", device="cuda")
@@ -24,16 +25,18 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cli import positive_int
 from ..datasets import DatasetError, load_image
 from ..datasets.preprocess import decoded, open_image
+from ..engine.settings import device_setting, progress_setting
 from ..engine.smoothing import GaussianSmoothing, smoothed_scores
+from ..settings import check_settings, setting
+from .flags import add_model_flags, add_settings, model_overrides, new_parser, settings_from_args
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 FIELDS = ("image_path", "pred_score", "pred_label", "anomaly_map", "map_max", "overlay")
@@ -108,15 +111,13 @@ class Predictor:
                         threshold: Optional[float] = None, sigma: float = 8.0, batch_size: int = 8,
                         **overrides: Any) -> "Predictor":
         """Our checkpoint (config inside), or an original GlocalCLIP/AnomalyCLIP one (settings from
-        ``overrides``, prompt shapes from its tensors). ``threshold`` None: the checkpoint's stored
-        F1-max threshold if ``test.py`` wrote one, else no labels."""
-        from .cli import build_test_model
+        ``overrides``, prompt shapes from its tensors). ``threshold`` None: the F1-max threshold
+        ``test.py`` stored beside the checkpoint, else one embedded in an older checkpoint, else no labels."""
+        from ..engine.checkpoint import load_model_and_checkpoint
 
-        if "features_list" in overrides:
-            overrides["features_list"] = tuple(overrides["features_list"])
-        model, ckpt = build_test_model(os.fspath(path), overrides)
+        model, ckpt = load_model_and_checkpoint(os.fspath(path), **overrides)
         if threshold is None:
-            threshold = stored_threshold(ckpt)
+            threshold = checkpoint_threshold(path, ckpt)
         return cls(model, threshold=threshold, sigma=sigma, batch_size=batch_size, device=device)
 
     @property
@@ -163,8 +164,17 @@ class Predictor:
         return preds
 
 
+def checkpoint_threshold(path: Union[str, os.PathLike], ckpt: dict) -> Optional[float]:
+    """The threshold of the sidecar ``test.py`` wrote beside ``path`` (if it belongs to these
+    contents), else the one embedded in an older checkpoint, else None."""
+    from ..engine.checkpoint import read_threshold
+
+    record = read_threshold(path)
+    return record["image_score"] if record is not None else stored_threshold(ckpt)
+
+
 def stored_threshold(ckpt: dict) -> Optional[float]:
-    """The image-score threshold ``test.py`` stored in one of our checkpoints, if any."""
+    """The image-score threshold embedded in a checkpoint by ``test.py`` of older versions, if any."""
     thr = ckpt.get("threshold") if isinstance(ckpt, dict) else None
     if isinstance(thr, dict) and thr.get("image_score") is not None:
         return float(thr["image_score"])
@@ -233,29 +243,39 @@ def output_names(files: Sequence[Path]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- CLI
-def predict_parser() -> argparse.ArgumentParser:
-    from .cli import add_model_args
+@dataclass
+class PredictConfig:
+    """The settings of ``glocalclip predict`` other than the model's (those come from the checkpoint)."""
 
-    p = argparse.ArgumentParser(prog="glocalclip predict", description="Score images with a trained "
-                                "checkpoint: anomaly score, label, heat map.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively) "
-                   "or glob patterns (quote them: 'data/**/*.png')")
-    p.add_argument("--checkpoint", "--checkpoint_path", dest="checkpoint", required=True,
-                   help="our checkpoint, or an original GlocalCLIP/AnomalyCLIP one (then give its model flags)")
-    p.add_argument("--out", default="./predictions", help="output folder (default ./predictions)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="label = score >= T (default: the threshold test.py stored in the checkpoint)")
-    p.add_argument("--batch_size", type=positive_int, default=8)
-    p.add_argument("--sigma", type=float, default=8.0, help="Gaussian smoothing of the maps (paper: 8)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: GPU if present)")
-    p.add_argument("--map_range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="colour scale of the overlays (default: 0 .. number of feature layers, the map's "
-                        "full range, so that images compare)")
-    p.add_argument("--per_image_range", action="store_true",
-                   help="colour each overlay by its own map's min..max (shows where, even when faint)")
-    p.add_argument("--no_overlays", action="store_true", help="do not write overlay PNGs")
-    p.add_argument("--no_progress", action="store_true")
-    add_model_args(p, defaults=False)
+    inputs: list[str] = setting(default_factory=list, positional=True, nargs="+", metavar="INPUT",
+                                help="image files, folders (searched recursively) or glob patterns "
+                                     "(quote them: 'data/**/*.png')")
+    checkpoint: str = setting("", aliases=("checkpoint_path",), required=True,
+                              help="our checkpoint, or an original GlocalCLIP/AnomalyCLIP one (then give its "
+                                   "model flags)")
+    out: str = setting("./predictions", help="output folder")
+    threshold: Optional[float] = setting(None, parse=float, metavar="T",
+                                         help="label = score >= T",
+                                         default_text="the threshold test.py stored beside the checkpoint")
+    batch_size: int = setting(8, minimum=1, help="images per batch")
+    sigma: float = setting(8.0, help="Gaussian smoothing of the maps (paper: 8)")
+    device: Optional[str] = device_setting()
+    map_range: Optional[Tuple[float, float]] = setting(
+        None, parse=float, nargs=2, metavar=("LO", "HI"), help="colour scale of the overlays",
+        default_text="0 .. number of feature layers, the map's full range, so that images compare")
+    per_image_range: bool = setting(False, switch=True,
+                                    help="colour each overlay by its own map's min..max (shows where, even when faint)")
+    overlays: bool = setting(True, flag="no_overlays", switch=False, help="do not write overlay PNGs")
+    progress: bool = progress_setting()
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    p = new_parser("glocalclip predict", "Score images with a trained checkpoint: anomaly score, label, heat map.")
+    add_settings(p, PredictConfig)
+    add_model_flags(p, for_training=False)
     return p
 
 
@@ -263,76 +283,86 @@ def _label_text(label: Optional[int]) -> str:
     return "" if label is None else ("anomalous" if label else "normal")
 
 
-def predict_main(argv: Optional[Sequence[str]] = None) -> int:
+def _save_batch(predictor: Predictor, batch: list[tuple[torch.Tensor, tuple[int, int], str, Optional[np.ndarray]]],
+                out: Path, names: dict[str, str], value_range: Optional[tuple[float, float]]) -> list[dict[str, Any]]:
+    """Score one batch of read images; save each map (.npy) and, where the pixels were kept, its
+    overlay (.png). Returns the batch's records."""
     import cv2
-    from tqdm import tqdm
 
-    from .cli import model_overrides
     from .visualize import annotate, overlay
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = predict_parser().parse_args(argv)
-    files, missing = expand_inputs(args.inputs)
+    preds = predictor.predict_tensors(torch.stack([b[0] for b in batch]), [b[1] for b in batch],
+                                      [b[2] for b in batch])
+    records = []
+    for (_, _, path, rgb), p in zip(batch, preds):
+        name = names[path]
+        npy = out / "maps" / f"{name}.npy"
+        npy.parent.mkdir(parents=True, exist_ok=True)
+        np.save(npy, p.anomaly_map.astype(np.float32))
+        png = None
+        if rgb is not None:
+            png = out / "overlays" / f"{name}.png"
+            png.parent.mkdir(parents=True, exist_ok=True)
+            vis = overlay(rgb, p.anomaly_map, value_range=value_range)
+            vis = annotate(vis, f"{p.pred_score:.3f} {_label_text(p.pred_label)}".strip())
+            cv2.imwrite(str(png), cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
+        records.append(p.record(anomaly_map=str(npy), overlay=str(png) if png else None))
+    return records
+
+
+def _overlay_range(cfg: PredictConfig, predictor: Predictor) -> Optional[tuple[float, float]]:
+    if cfg.map_range:
+        return (cfg.map_range[0], cfg.map_range[1])
+    # each layer adds (p_anomalous + 1 - p_normal) / 2 in [0, 1]
+    return None if cfg.per_image_range else (0.0, float(len(predictor.model.cfg.features_list)))
+
+
+def _summary(records: list[dict[str, Any]], threshold: Optional[float], skipped: int, csv_path: Path) -> str:
+    n_anom = sum(1 for r in records if r["pred_label"] == 1)
+    anomalous = f"{n_anom} anomalous (threshold {threshold:.4g})" if threshold is not None else \
+        "anomalous: n/a (no threshold: pass --threshold or run test.py on the checkpoint)"
+    return f"predict: {len(records)} scored, {anomalous}, {skipped} skipped -> {csv_path}"
+
+
+def predict_main(argv: Optional[Sequence[str]] = None) -> int:
+    from tqdm import tqdm
+
+    args = predict_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    cfg = settings_from_args(PredictConfig, args)
+    files, missing = expand_inputs(cfg.inputs)
     for inp, why in missing:
         print(f"skipped {inp}: {why}", file=sys.stderr)
     if not files:
         print("predict: no images to score", file=sys.stderr)
         return 2
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, threshold=args.threshold,
-                                          sigma=args.sigma, batch_size=args.batch_size,
-                                          **model_overrides(args, argv))
-    out = Path(args.out)
+    predictor = Predictor.from_checkpoint(cfg.checkpoint, device=cfg.device, threshold=cfg.threshold,
+                                          sigma=cfg.sigma, batch_size=cfg.batch_size, **model_overrides(args))
+    out = Path(cfg.out)
     (out / "maps").mkdir(parents=True, exist_ok=True)
-    if not args.no_overlays:
+    if cfg.overlays:
         (out / "overlays").mkdir(parents=True, exist_ok=True)
     names = dict(zip(map(str, files), output_names(files)))
-    if args.map_range:
-        value_range: Optional[tuple[float, float]] = (args.map_range[0], args.map_range[1])
-    else:  # each layer adds (p_anomalous + 1 - p_normal) / 2 in [0, 1]
-        value_range = None if args.per_image_range else (0.0, float(len(predictor.model.cfg.features_list)))
+    value_range = _overlay_range(cfg, predictor)
     records: list[dict[str, Any]] = []
     skipped = len(missing)
-
-    def flush(batch: list[tuple[torch.Tensor, tuple[int, int], str, Optional[np.ndarray]]]) -> None:
-        preds = predictor.predict_tensors(torch.stack([b[0] for b in batch]), [b[1] for b in batch],
-                                          [b[2] for b in batch])
-        for (_, _, path, rgb), p in zip(batch, preds):
-            name = names[path]
-            npy = out / "maps" / f"{name}.npy"
-            npy.parent.mkdir(parents=True, exist_ok=True)
-            np.save(npy, p.anomaly_map.astype(np.float32))
-            png = None
-            if rgb is not None:
-                png = out / "overlays" / f"{name}.png"
-                png.parent.mkdir(parents=True, exist_ok=True)
-                vis = overlay(rgb, p.anomaly_map, value_range=value_range)
-                vis = annotate(vis, f"{p.pred_score:.3f} {_label_text(p.pred_label)}".strip())
-                cv2.imwrite(str(png), cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
-            records.append(p.record(anomaly_map=str(npy), overlay=str(png) if png else None))
-
     batch: list = []
-    bar = tqdm(files, desc="predict", unit="img", disable=args.no_progress)
+    bar = tqdm(files, desc="predict", unit="img", disable=not cfg.progress)
     for f in bar:
         try:
-            x, size, _, rgb = _read(f, predictor.image_size, want_rgb=not args.no_overlays)
+            x, size, _, rgb = _read(f, predictor.image_size, want_rgb=cfg.overlays)
         except (DatasetError, OSError, ValueError) as e:  # unreadable: report, skip, go on
             skipped += 1
             bar.write(f"skipped {f}: {e}", file=sys.stderr)
             continue
         batch.append((x, size, str(f), rgb))
         if len(batch) == predictor.batch_size:
-            flush(batch)
+            records += _save_batch(predictor, batch, out, names, value_range)
             batch = []
     if batch:
-        flush(batch)
+        records += _save_batch(predictor, batch, out, names, value_range)
     bar.close()
-
     write_predictions(records, out)
-    thr = predictor.threshold
-    n_anom = sum(1 for r in records if r["pred_label"] == 1)
-    anomalous = f"{n_anom} anomalous (threshold {thr:.4g})" if thr is not None else \
-        "anomalous: n/a (no threshold: pass --threshold or run test.py on the checkpoint)"
-    print(f"predict: {len(records)} scored, {anomalous}, {skipped} skipped -> {out / 'predictions.csv'}")
+    print(_summary(records, predictor.threshold, skipped, out / "predictions.csv"))
     return 0 if records else 1
 
 

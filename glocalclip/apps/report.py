@@ -209,15 +209,22 @@ def build_report(runs: list[dict[str, Any]], per_class: bool = False, all_metric
     return "\n".join(lines) + "\n"
 
 
-def report_main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="glocalclip report", description="Merge test runs (results.json, "
-                                "searched recursively) into one table per dataset: mean ± std over seeds.")
+def report_parser() -> argparse.ArgumentParser:
+    from .flags import new_parser
+
+    p = new_parser("glocalclip report", "Merge test runs (results.json, searched recursively) into one table "
+                                        "per dataset: mean ± std over seeds.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders holding results.json (nested is fine)")
-    p.add_argument("--out", default=None, metavar="FILE.md", help="also write the report here")
+    p.add_argument("--out", default=None, metavar="FILE.md", help="also write the report here (default: "
+                                                                    "print it only)")
     p.add_argument("--per_class", action="store_true", help="add a per-class table per setting")
     p.add_argument("--all_metrics", action="store_true",
                    help="every metric of the runs, not only the paper's four")
-    args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    return p
+
+
+def report_main(argv: Optional[Sequence[str]] = None) -> int:
+    args = report_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         files = find_results(args.runs)
         if not files:

@@ -1,26 +1,110 @@
-"""Checkpoint files: writing ours atomically (temp file, then rename, so an interrupted save never
-leaves a broken file). The formats themselves are ``model/checkpoint_format.py``.
+"""Checkpoint files: loading any supported checkpoint into a model (:func:`load_model`), writing ours
+atomically (temp file, then rename, so an interrupted save never leaves a broken file), and the
+threshold sidecar that ``test.py`` writes beside a checkpoint instead of rewriting it. The formats
+themselves are ``model/checkpoint_format.py``.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
+from ..model.checkpoint_format import adapt_checkpoint, read_checkpoint
+from ..model.glocalclip import GlocalCLIP
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same folder, then rename over ``path``."""
+THRESHOLD_SUFFIX = ".threshold.json"
+
+
+# ---------------------------------------------------------------------------- loading
+def load_model_and_checkpoint(source: str | os.PathLike | dict, clip: Optional[torch.nn.Module] = None,
+                              **overrides: Any) -> tuple[GlocalCLIP, dict]:
+    """:func:`load_model`, also returning the checkpoint dict (its ``train_config``, ``epoch``, ...)."""
+    ckpt = read_checkpoint(source)
+    cfg, prompts = adapt_checkpoint(ckpt, overrides)
+    model = GlocalCLIP(cfg, clip=clip)
+    model.load_prompts({"prompt_learner": prompts})
+    return model, ckpt
+
+
+def load_model(source: str | os.PathLike | dict, clip: Optional[torch.nn.Module] = None,
+               **overrides: Any) -> GlocalCLIP:
+    """The model of a checkpoint: ours (config inside; ``overrides`` change fields, e.g. ``pretrained``
+    pointing at a local weights file), or an original GlocalCLIP / AnomalyCLIP one (prompt shapes
+    read off its tensors, the rest from ``overrides``, else the backbone's defaults). Pass ``clip``
+    to reuse a backbone you built."""
+    return load_model_and_checkpoint(source, clip, **overrides)[0]
+
+
+# ---------------------------------------------------------------------------- writing
+def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(temp path)`` in the same folder, then rename over ``path``; no temp file survives."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file in the same folder, then rename over ``path``."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+# ---------------------------------------------------------------------------- threshold sidecar
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def threshold_path(checkpoint: str | os.PathLike) -> Path:
+    """``epoch_15.pth`` -> ``epoch_15.pth.threshold.json``."""
+    return Path(os.fspath(checkpoint) + THRESHOLD_SUFFIX)
+
+
+def write_threshold(checkpoint: str | os.PathLike, image_score: float, **provenance: Any) -> Path:
+    """Store the F1-max image-score threshold beside ``checkpoint`` (which is left untouched), with
+    where it was measured (``provenance``: dataset, data_path, sigma) and the checkpoint's SHA-256,
+    so that a sidecar outliving its checkpoint is recognised as stale."""
+    record = {"image_score": float(image_score), **provenance, "checkpoint": Path(checkpoint).name,
+              "checkpoint_sha256": file_sha256(checkpoint)}
+    path = threshold_path(checkpoint)
+    atomic_write_text(json.dumps(record, indent=2) + "\n", path)
+    return path
+
+
+def read_threshold(checkpoint: str | os.PathLike) -> Optional[dict[str, Any]]:
+    """The sidecar record of ``checkpoint`` (see :func:`write_threshold`), or None when there is
+    none, it cannot be read, or it belongs to other checkpoint contents (a warning says which)."""
+    path = threshold_path(checkpoint)
+    if not path.is_file() or not Path(checkpoint).is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        image_score = float(record["image_score"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"ignoring the threshold file {path}: it cannot be read ({e})")
+        return None
+    if record.get("checkpoint_sha256") != file_sha256(checkpoint):
+        warnings.warn(f"ignoring the threshold file {path}: it was written for other contents of "
+                      f"{Path(checkpoint).name}; run test.py on the checkpoint again")
+        return None
+    return {**record, "image_score": image_score}

@@ -24,9 +24,9 @@ from ..datasets import AnomalyDataset, collate, default_metrics, load_meta, norm
 from .distributed import DistContext
 from ..model.glocalclip import GlocalCLIP
 from .loaders import plan_loader, resolve_batch_size, resolve_num_workers
+from .settings import METRIC_MODES
 from .smoothing import GaussianSmoothing, smoothed_scores
 
-METRIC_MODES = ("image-level", "pixel-level", "image-pixel-level")
 IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1max")
 PIXEL_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_aupro_exact", "pixel_f1max")
 

@@ -14,9 +14,8 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -33,42 +32,7 @@ from ..model.losses import glocal_contrastive_loss
 from ..model.glocalclip import GlocalCLIP
 from ..model.layers import LayerFeatures
 from .loaders import plan_loader, resolve_num_workers
-
-
-@dataclass
-class TrainConfig:
-    """Everything about a training run that is not the model (the model is ``GlocalCLIPConfig``)."""
-
-    train_data_path: str = ""
-    dataset: Optional[str] = None
-    save_path: str = "./checkpoints"
-    batch_size: int = 8
-    epoch: int = 15
-    learning_rate: float = 1e-3
-    alpha: float = 1.0
-    margin: float = 0.0
-    seed: int = 111
-    print_freq: int = 1
-    save_freq: int = 1
-    device: Optional[str] = None
-    feature_cache: str = "auto"
-    num_workers: Optional[int] = None  # None: chosen for the device (resources.default_num_workers)
-    resume: Optional[str] = None
-    progress: bool = True
-    # Anomalous images without a mask: "zero" trains their maps toward all-normal (the original
-    # code's behaviour), "skip" leaves them out of the local loss (they still train the global
-    # branch); "auto" = "zero" for a named dataset, "skip" for folder-mode data (--dataset omitted).
-    unmasked_anomalies: str = "auto"
-
-    def skip_unmasked(self) -> bool:
-        if self.unmasked_anomalies not in ("auto", "skip", "zero"):
-            raise ValueError(f"--unmasked_anomalies must be auto, skip or zero, got {self.unmasked_anomalies!r}")
-        if self.unmasked_anomalies == "auto":
-            return self.dataset is None
-        return self.unmasked_anomalies == "skip"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+from .settings import TrainConfig  # declared with the other settings; imported from here too
 
 
 def seed_everything(seed: int) -> None:
@@ -109,8 +73,6 @@ class Trainer:
 
     def __init__(self, model_cfg: GlocalCLIPConfig, cfg: TrainConfig, ctx: Optional[DistContext] = None,
                  clip: Optional[torch.nn.Module] = None):
-        if cfg.batch_size < 1 or cfg.epoch < 1:
-            raise ValueError("--batch_size and --epoch must be >= 1")
         if not cfg.train_data_path:
             raise ValueError("--train_data_path is required: the root of a dataset with a meta.json")
         self.ctx = ctx or init_distributed(cfg.device)

@@ -3,16 +3,19 @@
 Ours: ``{"format": "glocalclip", "version", "config", "prompt_learner", "epoch", "optimizer", ...}``.
 The original GlocalCLIP / AnomalyCLIP code saved ``{"prompt_learner": state_dict}`` with contexts of
 shape [1, 1, n, W], deep tokens ``compound_prompts_text.{i}`` [t, W], and unused projection weights
-and buffers, which we drop. ``read_checkpoint`` is the one file read of the model layer: the public
-``GlocalCLIP.load_prompts(path)`` takes a path.
+and buffers, which we drop. :func:`adapt_checkpoint` turns either layout into (config, prompt state)
+at load time, as timm's ``checkpoint_filter_fn`` does. ``read_checkpoint`` is the one file read of
+the model layer: the public ``GlocalCLIP.load_prompts(path)`` takes a path.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
+
+from .config import GlocalCLIPConfig
 
 FORMAT = "glocalclip"
 GLOCAL_KEYS = ("ctx_global_pos", "ctx_global_neg", "ctx_local_pos", "ctx_local_neg")
@@ -80,6 +83,34 @@ def prompt_state_of(ckpt: dict) -> dict[str, torch.Tensor]:
         raise ValueError("not a GlocalCLIP/AnomalyCLIP checkpoint: it has no 'prompt_learner' entry "
                          f"(keys: {sorted(ckpt)[:8]})")
     return normalise_prompt_state(ckpt["prompt_learner"])
+
+
+def tensor_settings(state: dict) -> dict[str, Any]:
+    """The config fields a prompt state fixes: prompt_style, n_ctx, depth, t_n_ctx, and ab_ctx for
+    the glocal layout (AnomalyCLIP's has one context length for both prompts: ab_ctx plays no part)."""
+    found = infer_prompt_shape(state)
+    if found["prompt_style"] == "anomalyclip":
+        found.pop("ab_ctx")
+    return found
+
+
+def adapt_checkpoint(ckpt: dict, overrides: Mapping[str, Any]) -> tuple[GlocalCLIPConfig, dict[str, torch.Tensor]]:
+    """Any supported checkpoint dict and config overrides -> (config, prompt state in our layout).
+
+    Ours: its config, then ``overrides``. The original code's (no config inside): the settings of
+    the backbone named in ``overrides`` (``GlocalCLIPConfig.for_backbone``), the prompt shape read off
+    the tensors, then ``overrides``. An override that contradicts the tensors is refused by name."""
+    state = prompt_state_of(ckpt)
+    found = tensor_settings(state)
+    clash = {k: (overrides[k], v) for k, v in found.items() if k in overrides and overrides[k] != v}
+    if clash:
+        detail = ", ".join(f"--{k} {a} but the checkpoint has {b}" for k, (a, b) in clash.items())
+        raise ValueError(f"the settings do not fit the checkpoint's tensors: {detail}")
+    if is_ours(ckpt):
+        return GlocalCLIPConfig.from_dict({**ckpt["config"], **overrides}), state
+    if found["prompt_style"] == "anomalyclip":
+        found["ab_ctx"] = found["n_ctx"]
+    return GlocalCLIPConfig.for_backbone(**{**found, **overrides}), state
 
 
 def make_checkpoint(config: dict, prompt_state: dict, epoch: int, optimizer: Optional[dict] = None,

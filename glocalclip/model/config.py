@@ -2,43 +2,67 @@
 
 One dataclass holds everything that changes the numbers a model produces. It is saved inside
 every checkpoint, so ``test.py`` and ``predict`` rebuild exactly the model that was trained
-without repeating any training flag.
+without repeating any training flag. Each field is declared once, with its help text and allowed
+values; the command-line flags are generated from these fields (``apps/flags.py``).
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+from ..settings import check_settings, setting
 
 MULTILAYER_MODES = ("reference", "snapshot")
 IMAGE_SCORE_MODES = ("global", "global+max")
 PROMPT_STYLES = ("glocal", "anomalyclip")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
+#: backbone -> the settings that fit it, used for the fields a caller does not give. The packaged
+#: tiny test backbone has 8 vision blocks, 4 text blocks and no pretrained weights.
+BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "tiny": {"pretrained": None, "features_list": (2, 4, 6, 8), "dpam_layer": 6, "n_ctx": 5, "ab_ctx": 3,
+             "depth": 3, "t_n_ctx": 2},
+}
+
+
+def pretrained_source(text: str) -> Optional[str]:
+    """A ``--pretrained`` value: 'none' (or 'random', or empty) means random initialisation."""
+    return None if text.lower() in ("none", "random", "") else text
+
 
 @dataclass
 class GlocalCLIPConfig:
-    """Every field defaults to the original code's value (DESIGN.md §1).
+    """Every field defaults to the original code's value (docs/design.md §1).
 
     Deviations from the original code are opt-in: ``multilayer="snapshot"``,
     ``cls_ln_post=True``, ``image_score="global+max"``. ``precision`` only affects speed.
     """
 
-    backbone: str = "ViT-L-14-336"
-    pretrained: Optional[str] = "openai"
-    image_size: int = 518
-    features_list: Tuple[int, ...] = (6, 12, 18, 24)
-    dpam_layer: int = 20
-    n_ctx: int = 12
-    ab_ctx: int = 12
-    depth: int = 9
-    t_n_ctx: int = 4
-    multilayer: str = "reference"
-    cls_ln_post: bool = False
-    image_score: str = "global"
-    prompt_style: str = "glocal"
-    temperature: float = 0.07
-    precision: str = "fp32"
+    backbone: str = setting("ViT-L-14-336", help="open_clip model name, 'tiny' (the packaged test "
+                            "backbone), or an open_clip model-config JSON")
+    pretrained: Optional[str] = setting("openai", parse=pretrained_source,
+                                        help="open_clip tag ('openai'), a local weights file (e.g. "
+                                             "ViT-L-14-336px.pt), or 'none' for random weights")
+    image_size: int = setting(518, minimum=1, help="side of the square input in pixels")
+    features_list: Tuple[int, ...] = setting((6, 12, 18, 24), parse=int, nargs="+", minimum=1,
+                                             help="1-based vision blocks whose patch tokens make the map")
+    dpam_layer: int = setting(20, flag="dpam", minimum=1, help="V-V attention in the last dpam-1 blocks")
+    n_ctx: int = setting(12, minimum=1, help="learnable context tokens of each normal prompt")
+    ab_ctx: int = setting(12, minimum=1, help="extra learnable tokens of each anomalous prompt")
+    depth: int = setting(9, minimum=1, help="text blocks reached by the deep prompt tokens (depth-1 sets)")
+    t_n_ctx: int = setting(4, minimum=1, help="deep prompt tokens per text block")
+    multilayer: str = setting("reference", choices=MULTILAYER_MODES,
+                              help="reference: the original's aliased layers; snapshot: each block's own")
+    cls_ln_post: bool = setting(False, switch=True,
+                                help="apply ln_post to the global feature (the original code did not)")
+    image_score: str = setting("global", choices=IMAGE_SCORE_MODES,
+                               help="global: the global branch's probability; global+max adds the map's max")
+    prompt_style: str = setting("glocal", choices=PROMPT_STYLES,
+                                help="prompt layout: glocal, or anomalyclip (AnomalyCLIP's checkpoints)")
+    temperature: float = setting(0.07, cli=False, help="softmax temperature of every similarity")
+    precision: str = setting("fp32", choices=PRECISIONS,
+                             help="autocast for the frozen encoders; fp32 reproduces the paper")
 
     def __post_init__(self) -> None:
         # Blocks are read once each, in block order, as the original's encoder returned them.
@@ -46,31 +70,16 @@ class GlocalCLIPConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Checks that need no backbone; the backbone-dependent ones live in ``GlocalCLIP``."""
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ValueError(msg)
-
-        need(self.image_size > 0, f"image_size must be positive, got {self.image_size}")
-        need(len(self.features_list) > 0, "features_list must name at least one vision block")
-        need(all(f >= 1 for f in self.features_list),
-             f"features_list holds 1-based block numbers (>= 1), got {list(self.features_list)}")
-        need(self.dpam_layer >= 1, f"dpam_layer must be >= 1, got {self.dpam_layer}")
-        need(self.n_ctx >= 1 and self.ab_ctx >= 1, "n_ctx and ab_ctx must be >= 1")
-        need(self.depth >= 1, f"depth must be >= 1, got {self.depth}")
-        need(self.t_n_ctx >= 1, f"t_n_ctx must be >= 1, got {self.t_n_ctx}")
-        need(self.t_n_ctx <= self.n_ctx,
-             f"t_n_ctx ({self.t_n_ctx}) must not exceed n_ctx ({self.n_ctx}): the deep tokens "
-             f"overwrite positions 1..t_n_ctx, which must lie inside the learnable context")
-        need(self.multilayer in MULTILAYER_MODES,
-             f"multilayer must be one of {MULTILAYER_MODES}, got {self.multilayer!r}")
-        need(self.image_score in IMAGE_SCORE_MODES,
-             f"image_score must be one of {IMAGE_SCORE_MODES}, got {self.image_score!r}")
-        need(self.prompt_style in PROMPT_STYLES,
-             f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
-        need(self.precision in PRECISIONS,
-             f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        need(self.temperature > 0, "temperature must be positive")
+        """Each field's own rule, then the checks across fields that need no backbone (the
+        backbone-dependent ones live in ``GlocalCLIP``)."""
+        if not self.features_list:
+            raise ValueError("features_list must name at least one vision block")
+        check_settings(self)
+        if self.t_n_ctx > self.n_ctx:
+            raise ValueError(f"t_n_ctx ({self.t_n_ctx}) must not exceed n_ctx ({self.n_ctx}): the deep tokens "
+                             f"overwrite positions 1..t_n_ctx, which must lie inside the learnable context")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -85,6 +94,14 @@ class GlocalCLIPConfig:
         if unknown:
             raise ValueError(f"unknown GlocalCLIPConfig fields {unknown}; known: {sorted(names)}")
         return cls(**d)
+
+    @classmethod
+    def for_backbone(cls, **given: Any) -> "GlocalCLIPConfig":
+        """The ``given`` fields; the others from the backbone's entry in BACKBONE_DEFAULTS (for
+        ``backbone="tiny"``: layers and prompt lengths that fit it, no pretrained weights), else
+        the class defaults."""
+        backbone = given.get("backbone", cls.backbone)
+        return cls.from_dict({**BACKBONE_DEFAULTS.get(backbone, {}), **given})
 
     def replace(self, **changes: Any) -> "GlocalCLIPConfig":
         return dataclasses.replace(self, **changes)

@@ -200,14 +200,15 @@ class GlocalCLIP(nn.Module):
     def from_checkpoint(cls, path: str | os.PathLike | dict, clip: Optional[nn.Module] = None,
                         **overrides) -> "GlocalCLIP":
         """Rebuild the model stored in one of our checkpoints (``overrides`` change config fields,
-        e.g. ``pretrained`` pointing at a local weights file)."""
+        e.g. ``pretrained`` pointing at a local weights file). Original-format checkpoints carry no
+        config and are refused here: ``glocalclip.load_model(path, **settings)`` takes them."""
         ckpt = ckpt_io.read_checkpoint(path)
         if not ckpt_io.is_ours(ckpt):
             raise ValueError(f"{path} is not a glocalclip checkpoint (original-format checkpoints carry "
-                             f"no config: build GlocalCLIP(cfg) and call load_prompts, or convert it "
-                             f"with `glocalclip convert`)")
-        cfg = GlocalCLIPConfig.from_dict({**ckpt["config"], **overrides})
+                             f"no config: load it with glocalclip.load_model(path, **settings), or convert "
+                             f"it with `glocalclip convert`)")
+        cfg, prompts = ckpt_io.adapt_checkpoint(ckpt, overrides)
         model = cls(cfg, clip=clip)
-        model.load_prompts(ckpt)
+        model.load_prompts({"prompt_learner": prompts})
         return model
 

@@ -1,0 +1,120 @@
+"""The settings of a training run and of a test run, declared once (see ``glocalclip/settings.py``):
+the command lines of ``train.py`` and ``test.py`` are generated from these fields. No torch here,
+so ``--help`` answers at once."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..settings import check_settings, setting
+
+FEATURE_CACHE_PLACES = ("auto", "device", "host", "disk", "off")
+UNMASKED_ANOMALY_MODES = ("auto", "skip", "zero")
+METRIC_MODES = ("image-level", "pixel-level", "image-pixel-level")
+
+
+# ---------------------------------------------------------------- fields shared by several commands
+def dataset_setting() -> Any:
+    return setting(None, help="dataset name (mvtec, visa, ...); omit it for folder-mode data",
+                   default_text="none: folder-mode data")
+
+
+def device_setting() -> Any:
+    return setting(None, help="cuda, cuda:1, cpu", default_text="a GPU if present")
+
+
+def workers_setting() -> Any:
+    return setting(None, parse=int, minimum=0, metavar="N",
+                   help="loader worker processes; 0 loads in the main process",
+                   default_text="from the device and the CPU cores: on a GPU the cores minus 2, at most 12; "
+                                "on a CPU 1")
+
+
+def progress_setting() -> Any:
+    return setting(True, flag="no_progress", switch=False, help="hide the progress bars")
+
+
+def canonical_dataset(name: Optional[str]) -> Optional[str]:
+    """The canonical ``--dataset`` name (unknown names are refused with the valid ones)."""
+    if name is None:
+        return None
+    from ..datasets.catalog import resolve_dataset_name
+
+    return resolve_dataset_name(name)
+
+
+# ---------------------------------------------------------------- training
+@dataclass
+class TrainConfig:
+    """Everything about a training run that is not the model (the model is ``GlocalCLIPConfig``);
+    defaults are the paper's protocol (docs/design.md §5)."""
+
+    train_data_path: str = setting("", required=True, help="dataset root holding meta.json")
+    dataset: Optional[str] = dataset_setting()
+    save_path: str = setting("./checkpoints/run", help="folder for epoch_N.pth, log.txt and train_history.json")
+    batch_size: int = setting(8, minimum=1, help="images per optimizer step")
+    epoch: int = setting(15, minimum=1, help="epochs to train")
+    learning_rate: float = setting(1e-3, help="Adam's learning rate")
+    alpha: float = setting(1.0, help="weight of the glocal contrastive loss")
+    margin: float = setting(0.0, help="margin of the glocal contrastive loss")
+    seed: int = setting(111, help="random seed")
+    print_freq: int = setting(1, help="log the losses every N epochs")
+    save_freq: int = setting(1, help="write a checkpoint every N epochs (and after the last)")
+    device: Optional[str] = device_setting()
+    feature_cache: str = setting("auto", choices=FEATURE_CACHE_PLACES,
+                                 help="where the image features encoded in the first epoch are kept; off "
+                                      "encodes every epoch; auto picks by free memory")
+    num_workers: Optional[int] = workers_setting()
+    resume: Optional[str] = setting(None, help="a checkpoint, or a save folder (its latest epoch)",
+                                    default_text="start afresh")
+    progress: bool = progress_setting()
+    unmasked_anomalies: str = setting(
+        "auto", choices=UNMASKED_ANOMALY_MODES,
+        help="anomalous images without a mask: zero = all-normal target (original), skip = no local loss "
+             "for them; auto = zero for a named --dataset, skip for folder-mode data")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        self.dataset = canonical_dataset(self.dataset)
+
+    def skip_unmasked(self) -> bool:
+        if self.unmasked_anomalies == "auto":
+            return self.dataset is None
+        return self.unmasked_anomalies == "skip"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- testing
+@dataclass
+class TestConfig:
+    """Everything about a test run that is not the model (the model comes from the checkpoint)."""
+
+    __test__ = False  # not a pytest test class
+
+    data_path: str = setting("", required=True, help="dataset root holding meta.json")
+    dataset: Optional[str] = dataset_setting()
+    checkpoint_path: str = setting("", required=True,
+                                   help="our checkpoint (config inside) or an original GlocalCLIP/AnomalyCLIP one")
+    save_path: str = setting("./results/run", help="folder for results.json/.csv/.md and vis/")
+    sigma: float = setting(8.0, help="Gaussian smoothing of the maps (paper: 8)")
+    metrics: Optional[str] = setting(None, choices=METRIC_MODES, help="which metrics",
+                                     default_text="per dataset as in the paper")
+    batch_size: Optional[int] = setting(None, parse=int, minimum=1,
+                                        help="images per batch; metrics do not depend on it",
+                                        default_text="16 on a GPU, 8 on a CPU")
+    num_workers: Optional[int] = workers_setting()
+    device: Optional[str] = device_setting()
+    classes: Optional[list[str]] = setting(None, nargs="+", help="test only these classes",
+                                           default_text="every class")
+    save_vis: bool = setting(False, switch=True, help="write heat-map grids and curves to SAVE_PATH/vis")
+    progress: bool = progress_setting()
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        self.dataset = canonical_dataset(self.dataset)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
