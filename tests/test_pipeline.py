@@ -68,10 +68,11 @@ def test_train_then_test_scripts_write_checkpoint_results_and_table(data, tmp_pa
     assert res["config"]["n_ctx"] == 5 and res["sigma"] == 8.0
     # no --num_workers given: chosen for the device; the run records what it used
     assert res["batch_size"] == 3 and res["num_workers"] == default_num_workers("cpu") and res["world_size"] == 1
-    waits = [res["startup_s"], res["loader_wait_s"], res["device_wait_s"], res["metrics_wait_s"]]
-    assert all(0.0 <= w for w in waits) and sum(waits) < res["wall_time_s"]
-    assert res["startup_s"] > 0 and "before the first batch arrived" in (tmp_path / "res" / "results.md").read_text()
-    assert "waiting for the loader" in (tmp_path / "res" / "results.md").read_text()
+    # wall times are the user's facts; where the time went is bench/'s business (tests/test_bench.py)
+    assert 0 < res["wall_time_s"] < res["total_wall_time_s"]
+    assert not any(k.endswith("_wait_s") or k == "startup_s" for k in res)
+    md = (tmp_path / "res" / "results.md").read_text()
+    assert "wall time, scoring and metrics" in md and "wall time, total" in md and "waiting" not in md
     csv_lines = (tmp_path / "res" / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("class,") and csv_lines[-1].startswith("mean,") and len(csv_lines) == 5
     assert "threshold" in torch.load(ckpt_path, weights_only=False)

@@ -208,6 +208,7 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
     from ..engine.distributed import init_distributed
     from ..engine.evaluation import evaluate
     from .results import results_table, software_versions, write_results
+    from .visualize import VisualWriter
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = test_parser().parse_args(argv)
@@ -219,12 +220,14 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
         model, ckpt = build_test_model(args.checkpoint_path, overrides)
         model = model.to(ctx.device)
         out_dir = Path(args.save_path)
+        t_eval = time.time()
         results = evaluate(model, args.data_path, _dataset(args.dataset), ctx, mode=args.metrics,
                            sigma=args.sigma, batch_size=args.batch_size, num_workers=args.num_workers,
-                           classes=args.classes, vis_dir=out_dir / "vis" if args.save_vis else None,
+                           classes=args.classes, hooks=VisualWriter(out_dir / "vis") if args.save_vis else None,
                            progress=not args.no_progress, partial_path=out_dir / "results.partial.json")
         if ctx.is_main:
-            results.update({"checkpoint": str(args.checkpoint_path), "config": model.cfg.to_dict(),
+            results.update({"wall_time_s": time.time() - t_eval,
+                            "checkpoint": str(args.checkpoint_path), "config": model.cfg.to_dict(),
                             "train_config": ckpt.get("train_config"),
                             "versions": software_versions(), "total_wall_time_s": time.time() - t0})
             print(results_table(results, fmt="simple"))
