@@ -16,6 +16,8 @@ from glocalclip.datasets.synthetic import make_synthetic_dataset
 from glocalclip.engine import evaluation
 from glocalclip.engine.distributed import DistContext
 
+pytestmark = pytest.mark.slow  # end to end: timed evaluate() runs with injected delays
+
 ITEM_DELAY = 0.03  # seconds added to reading each image
 METRICS_DELAY = 0.4  # seconds added to each class's metrics
 

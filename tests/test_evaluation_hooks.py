@@ -73,6 +73,7 @@ def test_hooks_hear_each_moment_once_in_order(data, tiny_clip, needs_maps):
         assert metrics == res["classes"][cls_name] and set(metrics) == {"image_auroc", "image_ap", "image_f1max"}
 
 
+@pytest.mark.slow  # test.py's main end to end
 def test_save_vis_writes_each_class_grid_and_curves_through_test_main(data, tiny_clip, tmp_path):
     from PIL import Image
 

@@ -15,6 +15,8 @@ from glocalclip.apps.cli import test_main as run_test, train_main
 from glocalclip.engine.loaders import default_num_workers
 from glocalclip.datasets.synthetic import make_synthetic_dataset
 
+pytestmark = pytest.mark.slow  # end to end: train.py / test.py runs, subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_FLAGS = ["--backbone", "tiny", "--pretrained", "none", "--image_size", "56", "--features_list", "2", "4",
               "6", "8", "--dpam", "6", "--n_ctx", "5", "--ab_ctx", "3", "--depth", "3", "--t_n_ctx", "2"]
