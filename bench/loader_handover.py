@@ -1,6 +1,6 @@
 """How fast can loader workers hand batches to the main process, with nothing to decode?
 
-    python bench/loader_handover.py [--workers 1 2 4] [--images 1024] [--size 518]
+    python -m bench.loader_handover [--workers 1 2 4] [--images 1024] [--size 518]
 
 Each item is a ready image [3, S, S] and mask [S, S], as float32 (the normalised tensors earlier
 versions handed over) or uint8 (what testing and training hand over now; the device normalises).
@@ -10,22 +10,16 @@ and writes JSON (default bench/results/loader_handover.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
-from pathlib import Path
 
 import torch
+from tabulate import tabulate
 from torch.utils.data import DataLoader, Dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from glocalclip.datasets import collate
 
-from tabulate import tabulate  # noqa: E402
-
-from glocalclip.datasets import collate  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
+from .common import RESULTS_DIR, write_report
 
 
 class ReadyItems(Dataset):
@@ -57,11 +51,11 @@ def rate(n: int, size: int, dtype: torch.dtype, workers: int, batch: int) -> flo
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--images", type=int, default=1024)
-    p.add_argument("--size", type=int, default=518)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--json", default=str(HERE / "results" / "loader_handover.json"))
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="loader worker counts to time")
+    p.add_argument("--images", type=int, default=1024, help="items handed over per measurement")
+    p.add_argument("--size", type=int, default=518, help="image side in pixels")
+    p.add_argument("--batch", type=int, default=16, help="batch size")
+    p.add_argument("--json", default=str(RESULTS_DIR / "loader_handover.json"), help="where to write the results")
     args = p.parse_args()
     rows = []
     for w in args.workers:
@@ -72,11 +66,8 @@ def main() -> None:
                      f"{r['speedup']:.1f}x"] for r in rows],
                    headers=["workers", "float32 handover img/s", "uint8 handover img/s", "uint8 / float32"],
                    tablefmt="github"))
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpus": os.cpu_count(), "size": args.size, "batch": args.batch,
-                               "images": args.images, "rows": rows}, indent=2))
-    print(f"\nwritten {out}")
+    write_report({"cpus": os.cpu_count(), "size": args.size, "batch": args.batch, "images": args.images,
+                  "rows": rows}, args.json)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Where one test forward spends its time: the diagnosis to take home from a lent GPU.
 
-    python bench/profile_forward.py --device cuda            # ViT-L-14-336, random weights, 518 px, bf16
-    python bench/profile_forward.py                          # CPU: the mid config (a smoke run)
+    python -m bench.profile_forward --device cuda            # ViT-L-14-336, random weights, 518 px, bf16
+    python -m bench.profile_forward                          # CPU: the mid config (a smoke run)
 
 Three measurements of the model + σ-8 smoothing on images already on the device (no loader):
   1. throughput at several batch sizes;
@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.ndimage import correlate1d
+from tabulate import tabulate
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from glocalclip import GlocalCLIP
+from glocalclip.engine.smoothing import GaussianSmoothing, gaussian_kernel1d
 
-from tabulate import tabulate  # noqa: E402
-
-from glocalclip import GlocalCLIP  # noqa: E402
-from glocalclip.engine.smoothing import GaussianSmoothing, _symmetric_index, gaussian_kernel1d  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from pipeline import model_config, sync  # noqa: E402
+from .common import RESULTS_DIR, device_name, model_config, peak_gib, reset_peak, sync, write_report
 
 
 def step(model: GlocalCLIP, x: torch.Tensor, text, smooth: GaussianSmoothing) -> None:
@@ -51,9 +46,8 @@ def throughput(model: GlocalCLIP, batch: int, text, smooth, device: torch.device
         enqueued = time.perf_counter() - t0  # the host is done; the device may still be working
         sync(device)
         total = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     return {"batch": batch, "images_per_s": reps * batch / total, "host_enqueue_ms_per_batch": 1e3 * enqueued / reps,
-            "wall_ms_per_batch": 1e3 * total / reps, "peak_gpu_gib": peak}
+            "wall_ms_per_batch": 1e3 * total / reps, "peak_gpu_gib": peak_gib(device)}
 
 
 def host_vs_device(model: GlocalCLIP, batch: int, text, smooth, device: torch.device, reps: int) -> dict:
@@ -74,15 +68,10 @@ def host_vs_device(model: GlocalCLIP, batch: int, text, smooth, device: torch.de
 
 
 def band_matrix(n: int, kernel: torch.Tensor) -> torch.Tensor:
-    """[n, n] matrix of the 1-D correlation with ``kernel`` under scipy's "reflect" padding."""
-    r = (kernel.numel() - 1) // 2
-    src = _symmetric_index(n, r, kernel.device)
-    rows = torch.arange(n, device=kernel.device).repeat_interleave(2 * r + 1)
-    offsets = torch.arange(2 * r + 1, device=kernel.device)
-    cols = src[(torch.arange(n, device=kernel.device)[:, None] + offsets).flatten()]
-    band = torch.zeros(n, n, dtype=kernel.dtype, device=kernel.device)
-    band.index_put_((rows, cols), kernel.repeat(n), accumulate=True)
-    return band
+    """[n, n] matrix of the 1-D correlation with ``kernel`` under scipy's "reflect" padding: scipy's
+    own correlation of the identity, column j being the response to the unit vector e_j."""
+    band = correlate1d(np.eye(n), kernel.cpu().numpy(), axis=0, mode="reflect")  # [n, n] float64
+    return torch.from_numpy(band).to(device=kernel.device, dtype=kernel.dtype)
 
 
 def banded_smooth(maps: torch.Tensor, band_h: torch.Tensor, band_w: torch.Tensor) -> torch.Tensor:
@@ -138,20 +127,23 @@ def op_table(model: GlocalCLIP, batch: int, text, smooth, device: torch.device, 
              "share": self_time(e) / total} for e in events[:top]]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device to profile (cpu, cuda, cuda:1, ...)")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
                    help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="default: 8 16 32 64 on a GPU, 1 2 on a CPU")
     p.add_argument("--profile_batch", type=int, default=None, help="default: 16 on a GPU, 2 on a CPU")
-    p.add_argument("--top", type=int, default=25)
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
-    device = torch.device(args.device)
+    p.add_argument("--top", type=int, default=25, help="operators listed in the profile table")
+    p.add_argument("--json", default=None,
+                   help="where to write the results (default bench/results/profile_forward_<device>.json)")
+    return p.parse_args()
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> dict:
+    """The throughput rows, host vs device for one batch, smoothing alone and the operator table."""
     gpu = device.type == "cuda"
     precision = args.precision or ("bf16" if gpu else "fp32")
-    batches = args.batches or ([8, 16, 32, 64] if gpu else [1, 2])
     prof_batch = args.profile_batch or (16 if gpu else 2)
     reps = 8 if gpu else 2
     torch.manual_seed(0)
@@ -159,23 +151,23 @@ def main() -> None:
     smooth = GaussianSmoothing(8, device)
     with torch.no_grad():
         text = model.encode_text()
-    report = {"device": torch.cuda.get_device_name(device) if gpu else "cpu", "torch": torch.__version__,
-              "precision": precision, "image_size": model.cfg.image_size}
-    rows = []
-    for b in batches:
-        if gpu:
-            torch.cuda.reset_peak_memory_stats(device)
-        rows.append(throughput(model, b, text, smooth, device, reps))
-        print(json.dumps(rows[-1]), flush=True)
-    report["throughput"] = rows
+    report = {"device": device_name(device), "torch": torch.__version__, "precision": precision,
+              "image_size": model.cfg.image_size, "profile_batch": prof_batch, "throughput": []}
+    for b in args.batches or ([8, 16, 32, 64] if gpu else [1, 2]):
+        reset_peak(device)
+        report["throughput"].append(throughput(model, b, text, smooth, device, reps))
+        print(json.dumps(report["throughput"][-1]), flush=True)
     report["host_vs_device"] = host_vs_device(model, prof_batch, text, smooth, device, 3)
     report["smoothing_alone"] = smoothing_alone(prof_batch, model.cfg.image_size, smooth, device, reps)
     report["ops"] = op_table(model, prof_batch, text, smooth, device, args.top)
+    return report
 
+
+def print_report(report: dict, gpu: bool) -> None:
     print()
     print(tabulate([[r["batch"], f"{r['images_per_s']:.1f}", f"{r['host_enqueue_ms_per_batch']:.1f}",
                      f"{r['wall_ms_per_batch']:.1f}", "-" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.1f}"]
-                    for r in rows],
+                    for r in report["throughput"]],
                    headers=["batch", "model+smoothing img/s", "host enqueue ms/batch (queued)", "wall ms/batch",
                             "peak GiB"], tablefmt="github"))
     hv = report["host_vs_device"]
@@ -190,12 +182,17 @@ def main() -> None:
     print()
     print(tabulate([[r["op"][:70], r["calls"], f"{r['self_ms_per_batch']:.2f}", f"{100 * r['share']:.1f}%"]
                     for r in report["ops"]],
-                   headers=[f"operator (batch {prof_batch})", "calls", f"self {'device' if gpu else 'CPU'} ms",
-                            "share"], tablefmt="github"))
-    out = Path(args.json or HERE / "results" / f"profile_forward_{'gpu' if gpu else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwritten {out}")
+                   headers=[f"operator (batch {report['profile_batch']})", "calls",
+                            f"self {'device' if gpu else 'CPU'} ms", "share"], tablefmt="github"))
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    report = measure(args, device)
+    print_report(report, gpu)
+    write_report(report, args.json or RESULTS_DIR / f"profile_forward_{'gpu' if gpu else 'cpu'}.json")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,7 @@ def test_local_state_dict_and_torchscript_archive_load(tmp_path):
         create_backbone("tiny", str(bad))
 
 
+@pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize("offline_env", ["0", "1"])
 def test_openai_weights_offline_fail_fast_with_instructions(tmp_path, offline_env):
     """With an empty cache and no network (or HF_HUB_OFFLINE=1), asking for 'openai' fails

@@ -100,6 +100,7 @@ def _run(args, cwd=REPO):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # the script in a subprocess
 def test_script_subprocess_writes_meta(tmp_path):
     tree = BUILDERS["btad"][0](tmp_path)
     r = _run(["generate_dataset_json/btad.py", "--root", str(tmp_path)])
@@ -109,6 +110,7 @@ def test_script_subprocess_writes_meta(tmp_path):
         assert json.load(f) == tree.expected_meta()
 
 
+@pytest.mark.slow  # the script in a subprocess
 def test_module_cli_dry_run_writes_nothing(tmp_path):
     build_polyp(tmp_path)
     r = _run(["-m", "glocalclip.datasets.prepare", "kvasir", "--root", str(tmp_path), "--dry-run"])
@@ -117,6 +119,7 @@ def test_module_cli_dry_run_writes_nothing(tmp_path):
     assert not (tmp_path / "meta.json").exists()
 
 
+@pytest.mark.slow  # the script in a subprocess
 def test_script_refusal_exit_code_and_message(tmp_path):
     build_polyp(tmp_path)
     os.remove(tmp_path / "masks" / "10.png")
@@ -296,6 +299,7 @@ def test_folder_mode_without_masks(tmp_path):
     assert default_metrics(None, meta) == "image-level"
 
 
+@pytest.mark.slow  # the script in a subprocess
 def test_folder_mode_script_and_refusals(tmp_path):
     _folder_tree(tmp_path, mask_names=("a.png", "b10_mask.png", "n1.png", "zzz.png"))
     args = ["generate_dataset_json/folder.py", "--root", str(tmp_path), "--normal", "data/ok", "--abnormal",

@@ -16,6 +16,8 @@ from glocalclip.engine.checkpoint import read_threshold
 from glocalclip.engine.loaders import default_num_workers
 from glocalclip.datasets.synthetic import make_synthetic_dataset
 
+pytestmark = pytest.mark.slow  # end to end: train.py / test.py runs, subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_FLAGS = ["--backbone", "tiny", "--pretrained", "none", "--image_size", "56", "--features_list", "2", "4",
               "6", "8", "--dpam", "6", "--n_ctx", "5", "--ab_ctx", "3", "--depth", "3", "--t_n_ctx", "2"]
@@ -69,10 +71,11 @@ def test_train_then_test_scripts_write_checkpoint_results_and_table(data, tmp_pa
     assert res["config"]["n_ctx"] == 5 and res["sigma"] == 8.0
     # no --num_workers given: chosen for the device; the run records what it used
     assert res["batch_size"] == 3 and res["num_workers"] == default_num_workers("cpu") and res["world_size"] == 1
-    waits = [res["startup_s"], res["loader_wait_s"], res["device_wait_s"], res["metrics_wait_s"]]
-    assert all(0.0 <= w for w in waits) and sum(waits) < res["wall_time_s"]
-    assert res["startup_s"] > 0 and "before the first batch arrived" in (tmp_path / "res" / "results.md").read_text()
-    assert "waiting for the loader" in (tmp_path / "res" / "results.md").read_text()
+    # wall times are the user's facts; where the time went is bench/'s business (tests/test_bench.py)
+    assert 0 < res["wall_time_s"] < res["total_wall_time_s"]
+    assert not any(k.endswith("_wait_s") or k == "startup_s" for k in res)
+    md = (tmp_path / "res" / "results.md").read_text()
+    assert "wall time, scoring and metrics" in md and "wall time, total" in md and "waiting" not in md
     csv_lines = (tmp_path / "res" / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("class,") and csv_lines[-1].startswith("mean,") and len(csv_lines) == 5
     # the F1-max threshold goes beside the checkpoint, which test.py leaves as it was

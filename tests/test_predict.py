@@ -22,6 +22,8 @@ from glocalclip.datasets.synthetic import make_synthetic_dataset
 
 from conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # end to end: every test uses a checkpoint trained and tested by the CLI
+
 ANOMALIB_FIELDS = ["image_path", "pred_score", "pred_label", "anomaly_map"]
 SIZES = [(90, 130), (150, 70), (64, 64), (121, 200)]  # (h, w): non-square, all different
 

@@ -12,6 +12,8 @@ import pytest
 
 from glocalclip.datasets.synthetic import make_synthetic_dataset
 
+pytestmark = pytest.mark.slow  # end to end: train.sh / test.sh in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ("--backbone tiny --pretrained none --image_size 56 --features_list 2 4 6 8 --dpam 6 "
         "--depth 3 --t_n_ctx 2 --num_workers 0 --no_progress --device cpu")

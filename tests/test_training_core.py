@@ -64,6 +64,7 @@ def test_mask_valid_skips_unknown_masks_in_local_loss(tiny_model):
     assert none["local"].item() == 0.0
 
 
+@pytest.mark.slow  # a training run of many steps
 def test_tiny_model_learns_synthetic_defects(tiny_clip):
     torch.manual_seed(111)
     model = GlocalCLIP(tiny_config(), clip=tiny_clip)

@@ -63,6 +63,7 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
     from ..engine.distributed import init_distributed
     from ..engine.evaluation import evaluate
     from ..engine.settings import TestConfig
+    from .visualize import VisualWriter
 
     cfg = settings_from_args(TestConfig, args)
     ctx = init_distributed(cfg.device)
@@ -72,13 +73,14 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
         model, ckpt = load_model_and_checkpoint(cfg.checkpoint_path, **model_overrides(args))
         model = model.to(ctx.device)
         out_dir = Path(cfg.save_path)
+        t_eval = time.time()
         results = evaluate(model, cfg.data_path, cfg.dataset, ctx, mode=cfg.metrics, sigma=cfg.sigma,
                            batch_size=cfg.batch_size, num_workers=cfg.num_workers, classes=cfg.classes,
-                           vis_dir=out_dir / "vis" if cfg.save_vis else None, progress=cfg.progress,
+                           hooks=VisualWriter(out_dir / "vis") if cfg.save_vis else None, progress=cfg.progress,
                            partial_path=out_dir / "results.partial.json")
         if ctx.is_main:
-            results.update({"checkpoint": str(cfg.checkpoint_path), "config": model.cfg.to_dict(),
-                            "train_config": ckpt.get("train_config")})
+            results.update({"wall_time_s": time.time() - t_eval, "checkpoint": str(cfg.checkpoint_path),
+                            "config": model.cfg.to_dict(), "train_config": ckpt.get("train_config")})
             _finish_test(results, cfg, ckpt, t0)
     finally:
         ctx.shutdown()

@@ -92,58 +92,55 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
     return paths
 
 
+RUN_FACTS = (("checkpoint", "checkpoint"), ("dataset", "dataset"), ("data_path", "data"),
+             ("metrics_mode", "metrics"), ("sigma", "sigma"), ("n_images", "images"),
+             ("image_threshold", "image-score threshold (pooled F1-max)"), ("batch_size", "batch size"),
+             ("num_workers", "loader workers per process"), ("world_size", "processes"))
+RUN_DURATIONS = (("wall_time_s", "wall time, scoring and metrics"), ("total_wall_time_s", "wall time, total"))
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """results.md: the per-class table, the mean beside the paper's number (datasets of DESIGN §8),
     and the run: checkpoint, data, sigma, wall time, the model config and the software versions."""
-    keys = list(results["metric_keys"])
     name = results.get("dataset") or results.get("data_path")
-    lines = [f"# Results: {name}", ""]
-    lines.append(results_table(results, keys, fmt="github"))
-    lines += ["", "## Beside the paper (GlocalCLIP, Table 1)", ""]
+    lines = [f"# Results: {name}", "", results_table(results, list(results["metric_keys"]), fmt="github")]
+    lines += ["", "## Beside the paper (GlocalCLIP, Table 1)", "", paper_comparison(results, name)]
+    lines += ["", "## Run", ""] + run_facts(results)
+    for title, key, headers, show in (("Config", "config", ["field", "value"], _value),
+                                      ("Software", "versions", ["package", "version"], str)):
+        if results.get(key):
+            lines += ["", f"### {title}", ""]
+            lines.append(tabulate([[k, show(v)] for k, v in results[key].items()], headers=headers,
+                                  tablefmt="github", disable_numparse=True))
+    return "\n".join(lines) + "\n"
+
+
+def paper_comparison(results: dict[str, Any], name: str) -> str:
+    """Our mean of each Table-1 metric beside the paper's, or a line saying the paper has none."""
     paper = PAPER_TABLE1.get(results.get("dataset") or "")
-    if paper:
-        shown = [k for k in TABLE_KEYS if k in paper]
-        rows = []
-        for k in shown:
-            ours = results["mean"].get(k)
-            ok = ours is not None and not (isinstance(ours, float) and math.isnan(ours))
-            rows.append([HEADERS[k], pct(ours), f"{paper[k]:.1f}",
-                         f"{100 * ours - paper[k]:+.1f}" if ok else "n/a"])
-        lines.append(tabulate(rows, headers=["metric (mean over classes)", "yours", "paper", "yours − paper"],
-                              tablefmt="github", disable_numparse=True))
-    else:
-        lines.append(f"The paper reports no number for {name!r} (its Table 1 covers: "
-                     f"{', '.join(PAPER_TABLE1)}).")
-    lines += ["", "## Run", ""]
-    run = results.get("run", {})
-    items = [("checkpoint", "checkpoint"), ("dataset", "dataset"), ("data_path", "data"),
-             ("metrics_mode", "metrics"), ("sigma", "sigma"), ("n_images", "images"),
-             ("image_threshold", "image-score threshold (pooled F1-max)"), ("batch_size", "batch size"),
-             ("num_workers", "loader workers per process"), ("world_size", "processes")]
-    for k, label in items:
-        v = results.get(k, run.get(k))
+    if not paper:
+        return (f"The paper reports no number for {name!r} (its Table 1 covers: "
+                f"{', '.join(PAPER_TABLE1)}).")
+    rows = []
+    for k in (k for k in TABLE_KEYS if k in paper):
+        ours = results["mean"].get(k)
+        ok = ours is not None and not (isinstance(ours, float) and math.isnan(ours))
+        rows.append([HEADERS[k], pct(ours), f"{paper[k]:.1f}", f"{100 * ours - paper[k]:+.1f}" if ok else "n/a"])
+    return tabulate(rows, headers=["metric (mean over classes)", "yours", "paper", "yours − paper"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def run_facts(results: dict[str, Any]) -> list[str]:
+    """The run's settings and wall times as markdown list items (those the results carry)."""
+    lines = []
+    for k, label in RUN_FACTS:
+        v = results.get(k)
         if v is not None:
             lines.append(f"- {label}: {v:.4g}" if k == "image_threshold" else f"- {label}: {v}")
-    for k, label in (("wall_time_s", "wall time, scoring and metrics"), ("total_wall_time_s", "wall time, total"),
-                     ("startup_s", "of which before the first batch arrived (dataset scan, text features, "
-                                   "loader start)"),
-                     ("loader_wait_s", "of which waiting for the loader after that (high: loading is the "
-                                       "bottleneck)"),
-                     ("device_wait_s", "of which waiting for the device to finish queued batches "
-                                       "(high: the device is the bottleneck)"),
-                     ("metrics_wait_s", "of which waiting for metrics (mostly the last class's)")):
-        v = results.get(k, run.get(k))
-        if v is not None:
-            lines.append(f"- {label}: {_duration(float(v))}")
-    if results.get("config"):
-        lines += ["", "### Config", ""]
-        lines.append(tabulate([[k, _value(v)] for k, v in results["config"].items()], headers=["field", "value"],
-                              tablefmt="github", disable_numparse=True))
-    if results.get("versions"):
-        lines += ["", "### Software", ""]
-        lines.append(tabulate([[k, str(v)] for k, v in results["versions"].items()], headers=["package", "version"],
-                              tablefmt="github", disable_numparse=True))
-    return "\n".join(lines) + "\n"
+    for k, label in RUN_DURATIONS:
+        if results.get(k) is not None:
+            lines.append(f"- {label}: {_duration(float(results[k]))}")
+    return lines
 
 
 def _value(v: Any) -> str:

@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
+from ..engine.hooks import EvaluationHooks
+
 PLOT_EXTRA_HINT = "ROC / PRO plots need matplotlib: pip install 'glocalclip[plot]' (or pip install matplotlib)"
 CURVES_FILE = "curves.json"
 
@@ -116,12 +118,10 @@ def class_grid(cs, k: int = 6, tile: int = 160) -> np.ndarray:
     return image_grid(rows, tile=tile, row_titles=titles)
 
 
-def save_class_visuals(out_dir: Path, cs, limit: Optional[int] = None, k: int = 6,
-                       per_image: bool = False) -> list[Path]:
+def save_class_visuals(out_dir: Path, cs, k: int = 6) -> list[Path]:
     """``test.py --save_vis``: per class, ``<cls>_grid.png`` (highest- and lowest-scoring images)
     and the class's ROC / PRO curve points added to ``curves.json``; with matplotlib installed,
-    ``roc.png`` / ``pro.png`` of all classes so far are (re)drawn. ``per_image=True`` also writes
-    one overlay per image (the first ``limit``) under ``<cls>/``."""
+    ``roc.png`` / ``pro.png`` of all classes so far are (re)drawn."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = cs.cls_name.replace(" ", "_").replace("/", "_")
@@ -129,16 +129,6 @@ def save_class_visuals(out_dir: Path, cs, limit: Optional[int] = None, k: int = 
     grid_path = out_dir / f"{name}_grid.png"
     cv2.imwrite(str(grid_path), cv2.cvtColor(class_grid(cs, k=k), cv2.COLOR_RGB2BGR))
     written.append(grid_path)
-    if per_image and cs.maps is not None:
-        d = out_dir / name
-        d.mkdir(parents=True, exist_ok=True)
-        maps = cs.maps.float().cpu().numpy()
-        masks = cs.masks.cpu().numpy() if cs.masks is not None else None
-        for i, path in enumerate(cs.img_paths[:limit]):
-            vis = overlay(read_rgb(path), maps[i], masks[i] if masks is not None else None)
-            p = d / f"{i:04d}_{Path(path).stem}_score{cs.scores[i]:.3f}.png"
-            cv2.imwrite(str(p), cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
-            written.append(p)
     curves_path = out_dir / CURVES_FILE
     curves = json.loads(curves_path.read_text()) if curves_path.is_file() else {}
     curves[cs.cls_name] = class_curves(cs)
@@ -149,6 +139,19 @@ def save_class_visuals(out_dir: Path, cs, limit: Optional[int] = None, k: int = 
     except ImportError:
         pass  # the optional extra is missing: curves.json holds the points
     return written
+
+
+class VisualWriter(EvaluationHooks):
+    """Hooks for ``evaluate()`` that save each finished class's pictures and curves in ``out_dir``
+    (``test.py --save_vis``); they need the maps even where only image metrics are computed."""
+
+    needs_maps = True
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+
+    def class_done(self, scores, metrics: dict[str, float]) -> None:
+        save_class_visuals(self.out_dir, scores)
 
 
 def _thin(x: np.ndarray, y: np.ndarray, n: int = 400) -> tuple[list[float], list[float]]:

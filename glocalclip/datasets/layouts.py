@@ -102,6 +102,9 @@ def headct(root: str) -> dict:
     return mvtec_like(root, "headct", masks=False)
 
 
+VISA_COLUMNS = ("object", "split", "label", "image", "mask")
+
+
 def visa(root: str) -> dict:
     """VisA: R/split_csv/1cls.csv with columns object,split,label,image,mask (paths relative to R)."""
     dataset = "visa"
@@ -112,48 +115,14 @@ def visa(root: str) -> dict:
         raise DatasetError(f"VisA split file {csv_path} is missing; it ships with VisA (split_csv/1cls.csv); "
                            + _fix(dataset))
     check_class_folders(root, classes, dataset, ignore=("split_csv",))
-    columns = ("object", "split", "label", "image", "mask")
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        raise DatasetError(f"{csv_path} is empty; restore it from the VisA download")
-    header = [h.strip().lower() for h in rows[0]]
-    if all(c in header for c in columns):
-        pos = {c: header.index(c) for c in columns}
-    else:
-        raise DatasetError(f"{csv_path} must have the header columns {','.join(columns)}; found {','.join(rows[0])}")
     per_class: dict[str, dict[str, list[dict]]] = {c: {s: [] for s in SPLITS} for c in classes}
     mask_dirs: dict[str, set[str]] = defaultdict(set)  # mask folder -> mask names referenced
-    for lineno, row in enumerate(rows[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue
-        try:
-            obj, split, label, image, mask = (row[pos[c]].strip() for c in columns)
-        except IndexError:
-            raise DatasetError(f"{csv_path} line {lineno} has {len(row)} columns, expected {len(columns)}") from None
-        where = f"{csv_path} line {lineno}"
-        if obj not in classes:
-            raise DatasetError(f"{where}: object {obj!r} is not a VisA class; expected one of {', '.join(classes)}")
-        if split not in SPLITS:
-            raise DatasetError(f"{where}: split {split!r} must be train or test")
-        if label not in ("normal", "anomaly"):
-            raise DatasetError(f"{where}: label {label!r} must be normal or anomaly")
-        image = image.replace("\\", "/")
-        if not os.path.isfile(abspath(root, image)):
-            raise DatasetError(f"{where}: image {abspath(root, image)} does not exist; re-extract VisA under {root}")
-        anomalous = label == "anomaly"
-        mask_rel = ""
-        if anomalous:
-            mask_rel = mask.replace("\\", "/")
-            if not mask_rel:
-                raise DatasetError(f"{where}: anomalous image {abspath(root, image)} has no mask in the csv; "
-                                   "restore split_csv/1cls.csv from the VisA download")
-            if not os.path.isfile(abspath(root, mask_rel)):
-                raise DatasetError(f"{where}: mask {abspath(root, mask_rel)} of anomalous image "
-                                   f"{abspath(root, image)} does not exist; re-extract VisA under {root}")
-            folder, _, name = mask_rel.rpartition("/")
+    for where, cells in _visa_rows(csv_path):
+        entry = _visa_entry(root, where, cells, classes)
+        if entry["mask_path"]:
+            folder, _, name = entry["mask_path"].rpartition("/")
             mask_dirs[folder].add(name)
-        per_class[obj][split].append(make_entry(image, mask_rel, obj, "", anomalous))
+        per_class[entry["cls_name"]][cells[1]].append(entry)
     for folder, referenced in mask_dirs.items():
         orphans = [abspath(root, join(folder, n)) for n in list_images(root, folder) if n not in referenced]
         if orphans:
@@ -165,6 +134,53 @@ def visa(root: str) -> dict:
             per_class[cls_name][split].sort(key=lambda e: e["img_path"])
         _add(meta, cls_name, per_class[cls_name], where=csv_path)
     return meta
+
+
+def _visa_rows(csv_path: str):
+    """Each non-empty row of VisA's split file as (where, its cells in ``VISA_COLUMNS`` order, stripped)."""
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        raise DatasetError(f"{csv_path} is empty; restore it from the VisA download")
+    header = [h.strip().lower() for h in rows[0]]
+    if not all(c in header for c in VISA_COLUMNS):
+        raise DatasetError(f"{csv_path} must have the header columns {','.join(VISA_COLUMNS)}; "
+                           f"found {','.join(rows[0])}")
+    pos = {c: header.index(c) for c in VISA_COLUMNS}
+    for lineno, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        try:
+            cells = tuple(row[pos[c]].strip() for c in VISA_COLUMNS)
+        except IndexError:
+            raise DatasetError(f"{csv_path} line {lineno} has {len(row)} columns, "
+                               f"expected {len(VISA_COLUMNS)}") from None
+        yield f"{csv_path} line {lineno}", cells
+
+
+def _visa_entry(root: str, where: str, cells: tuple[str, ...], classes) -> dict:
+    """The entry of one row of VisA's split file, its image (and mask, if anomalous) checked on disk."""
+    obj, split, label, image, mask = cells
+    if obj not in classes:
+        raise DatasetError(f"{where}: object {obj!r} is not a VisA class; expected one of {', '.join(classes)}")
+    if split not in SPLITS:
+        raise DatasetError(f"{where}: split {split!r} must be train or test")
+    if label not in ("normal", "anomaly"):
+        raise DatasetError(f"{where}: label {label!r} must be normal or anomaly")
+    image = image.replace("\\", "/")
+    if not os.path.isfile(abspath(root, image)):
+        raise DatasetError(f"{where}: image {abspath(root, image)} does not exist; re-extract VisA under {root}")
+    anomalous = label == "anomaly"
+    mask_rel = ""
+    if anomalous:
+        mask_rel = mask.replace("\\", "/")
+        if not mask_rel:
+            raise DatasetError(f"{where}: anomalous image {abspath(root, image)} has no mask in the csv; "
+                               "restore split_csv/1cls.csv from the VisA download")
+        if not os.path.isfile(abspath(root, mask_rel)):
+            raise DatasetError(f"{where}: mask {abspath(root, mask_rel)} of anomalous image "
+                               f"{abspath(root, image)} does not exist; re-extract VisA under {root}")
+    return make_entry(image, mask_rel, obj, "", anomalous)
 
 
 def dagm(root: str) -> dict:

@@ -166,7 +166,6 @@ class Group:
     image_dir: str
     anomalous: bool
     mask_dir: str | None = None  # None: the layout has no masks for this folder
-    allowed_subdirs: tuple[str, ...] = ()
 
 
 def _listing(paths: list[str], limit: int = 5) -> str:
@@ -186,48 +185,55 @@ def build_entries(root: str, cls_name: str, groups: list[Group], suffixes: tuple
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     users: dict[str, list[tuple[dict, str, str]]] = defaultdict(list)  # mask dir -> (entry, image dir, name)
     for g in groups:
-        for name in list_images(root, g.image_dir, g.allowed_subdirs):
+        for name in list_images(root, g.image_dir):
             e = make_entry(join(g.image_dir, name), "", cls_name, g.specie, g.anomalous)
             out[g.split].append(e)
             if g.anomalous and g.mask_dir is not None:
                 users[g.mask_dir].append((e, g.image_dir, name))
     for mask_dir in dict.fromkeys([*users, *check_mask_dirs]):
-        items = users.get(mask_dir, [])
-        if items:
-            require_dir(root, mask_dir, f"it must hold the masks of the anomalous images in "
-                                        f"{abspath(root, items[0][1])}")
-        elif not os.path.isdir(abspath(root, mask_dir)):
-            continue
-        mask_names = list_images(root, mask_dir)
-        by_dir: dict[str, list[tuple[dict, str]]] = defaultdict(list)
-        for e, image_dir, name in items:
-            by_dir[image_dir].append((e, name))
-        used: set[str] = set()
-        missing: list[str] = []
-        for image_dir, pairs_in in by_dir.items():
-            pairs = pair_by_name([n for _, n in pairs_in], mask_names, suffixes, abspath(root, image_dir))
-            for e, name in pairs_in:
-                m = pairs.get(name)
-                if m is None:
-                    missing.append(abspath(root, e["img_path"]))
-                    continue
-                if m in used:
-                    raise DatasetError(
-                        f"mask {abspath(root, join(mask_dir, m))} matches images in two folders "
-                        f"(the second is {abspath(root, e['img_path'])}); give the images distinct names")
-                used.add(m)
-                e["mask_path"] = join(mask_dir, m)
-        if missing:
-            wanted = " or ".join(f"<name>{s}.<ext>" for s in suffixes)
-            raise DatasetError(
-                f"{len(missing)} anomalous image(s) have no mask in {abspath(root, mask_dir)} "
-                f"(a mask is named {wanted}): {_listing(missing)}. Add the masks or remove those images")
-        orphans = [abspath(root, join(mask_dir, m)) for m in mask_names if m not in used
-                   and not (unmatched_ok is not None and unmatched_ok(m))]
-        if orphans:
-            raise DatasetError(
-                f"{len(orphans)} mask(s) have no anomalous image of the same name: {_listing(orphans)}. "
-                "Restore the images or remove those masks")
+        attach_masks(root, mask_dir, users.get(mask_dir, []), suffixes, unmatched_ok)
     for split in SPLITS:
         out[split].sort(key=lambda e: e["img_path"])
     return out
+
+
+def attach_masks(root: str, mask_dir: str, items: list[tuple[dict, str, str]], suffixes: tuple[str, ...],
+                 unmatched_ok: Callable[[str], bool] | None) -> None:
+    """Set ``mask_path`` of each anomalous entry in ``items`` (entry, image dir, image name) to its
+    mask in ``mask_dir``; refuses a missing mask, a mask matching two images and a mask without an
+    image (except where ``unmatched_ok(name)``). A mask folder no image uses may be absent."""
+    if items:
+        require_dir(root, mask_dir, f"it must hold the masks of the anomalous images in "
+                                    f"{abspath(root, items[0][1])}")
+    elif not os.path.isdir(abspath(root, mask_dir)):
+        return
+    mask_names = list_images(root, mask_dir)
+    by_dir: dict[str, list[tuple[dict, str]]] = defaultdict(list)
+    for e, image_dir, name in items:
+        by_dir[image_dir].append((e, name))
+    used: set[str] = set()
+    missing: list[str] = []
+    for image_dir, pairs_in in by_dir.items():
+        pairs = pair_by_name([n for _, n in pairs_in], mask_names, suffixes, abspath(root, image_dir))
+        for e, name in pairs_in:
+            m = pairs.get(name)
+            if m is None:
+                missing.append(abspath(root, e["img_path"]))
+                continue
+            if m in used:
+                raise DatasetError(
+                    f"mask {abspath(root, join(mask_dir, m))} matches images in two folders "
+                    f"(the second is {abspath(root, e['img_path'])}); give the images distinct names")
+            used.add(m)
+            e["mask_path"] = join(mask_dir, m)
+    if missing:
+        wanted = " or ".join(f"<name>{s}.<ext>" for s in suffixes)
+        raise DatasetError(
+            f"{len(missing)} anomalous image(s) have no mask in {abspath(root, mask_dir)} "
+            f"(a mask is named {wanted}): {_listing(missing)}. Add the masks or remove those images")
+    orphans = [abspath(root, join(mask_dir, m)) for m in mask_names if m not in used
+               and not (unmatched_ok is not None and unmatched_ok(m))]
+    if orphans:
+        raise DatasetError(
+            f"{len(orphans)} mask(s) have no anomalous image of the same name: {_listing(orphans)}. "
+            "Restore the images or remove those masks")

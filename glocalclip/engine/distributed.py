@@ -40,13 +40,6 @@ class DistContext:
         dist.gather_object(obj, out, dst=0)
         return out
 
-    def broadcast_object(self, obj: Any) -> Any:
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.enabled:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)

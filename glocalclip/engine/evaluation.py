@@ -8,11 +8,10 @@ scores and maps for the metrics.
 from __future__ import annotations
 
 import math
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from tqdm import tqdm
 from . import metrics as M
 from ..datasets import AnomalyDataset, collate, default_metrics, load_meta, normalize_image
 from .distributed import DistContext
+from .hooks import EvaluationHooks
 from ..model.glocalclip import GlocalCLIP
 from .loaders import plan_loader, resolve_batch_size, resolve_num_workers
 from .settings import METRIC_MODES
@@ -41,7 +41,6 @@ class ClassScores:
     scores: np.ndarray          # [N]
     maps: Optional[torch.Tensor] = None   # [N, H, W] float32 (smoothed), on the metrics device
     masks: Optional[torch.Tensor] = None  # [N, H, W] uint8
-    extra: dict = field(default_factory=dict)
 
 
 def evaluation_loader(dataset: AnomalyDataset, batches: list[list[int]], num_workers: int,
@@ -64,20 +63,15 @@ class Evaluator:
     """Scores classes of one dataset with one model."""
 
     def __init__(self, model: GlocalCLIP, ctx: DistContext, sigma: float = 8.0, batch_size: Optional[int] = None,
-                 num_workers: Optional[int] = None, progress: bool = True):
-        """``batch_size``/``num_workers`` None: chosen for the model's device (see ``resources``)."""
+                 num_workers: Optional[int] = None, progress: bool = True, hooks: Optional[EvaluationHooks] = None):
+        """``batch_size``/``num_workers`` None: chosen for the model's device (see ``resources``).
+        ``hooks`` hear where the host waits (for the loader, for the device)."""
         self.model = model.eval()
         self.ctx = ctx
         self.batch_size = resolve_batch_size(batch_size, model.device)
         self.num_workers = resolve_num_workers(num_workers, model.device)
         self.smoothing = GaussianSmoothing(sigma, model.device)
-        # seconds the host spent waiting: for the loader's next batch (high: loading is the
-        # bottleneck), and at the end of each class for the device to finish the batches queued so
-        # far (high: the device is); where a GPU run falls short of expectations, these say why
-        self.waits = {"loader_wait_s": 0.0, "device_wait_s": 0.0}
-        # when the first batch was in hand (time.perf_counter): before it, the run pays one-off costs
-        # (dataset scan, text features, worker start, the first read) that a longer run amortises
-        self.first_batch_at: Optional[float] = None
+        self.hooks = hooks or EvaluationHooks()
         self.progress = progress
         with torch.no_grad():
             self.text = model.encode_text()  # once per checkpoint
@@ -113,12 +107,8 @@ class Evaluator:
         order, paths, labels, scores, maps, masks = [], [], [], [], [], []
         with torch.no_grad():
             for _ in range(n_batches):
-                t0 = time.perf_counter()
-                batch = next(loader)
-                if self.first_batch_at is None:  # the first wait is start-up, not a slow loader
-                    self.first_batch_at = time.perf_counter()
-                else:
-                    self.waits["loader_wait_s"] += time.perf_counter() - t0
+                with self.hooks.waiting("loader"):
+                    batch = next(loader)
                 # Nothing in this loop waits for the device (no pageable copies, no host reads), so
                 # the next batch is queued while the GPU still works on this one.
                 x = batch["image"].to(dev, non_blocking=True)
@@ -143,9 +133,8 @@ class Evaluator:
 
     def _gather(self, cls_name: str, part: dict, keep_maps: bool) -> Optional[ClassScores]:
         dev = self.model.device
-        t0 = time.perf_counter()
-        part["scores"] = part["scores"].float().cpu()  # one wait for the device per class
-        self.waits["device_wait_s"] += time.perf_counter() - t0
+        with self.hooks.waiting("device"):
+            part["scores"] = part["scores"].float().cpu()  # one wait for the device per class
         if self.ctx.enabled:
             for k in ("maps", "masks"):
                 if part[k] is not None:
@@ -201,70 +190,68 @@ def f1_threshold(labels: np.ndarray, scores: np.ndarray) -> Optional[float]:
 
 def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: DistContext,
              mode: Optional[str] = None, sigma: float = 8.0, batch_size: Optional[int] = None,
-             num_workers: Optional[int] = None,
-             classes: Optional[list[str]] = None, vis_dir: Optional[Path] = None,
-             progress: bool = True, partial_path: Optional[Path] = None) -> Optional[dict[str, Any]]:
+             num_workers: Optional[int] = None, classes: Optional[list[str]] = None,
+             hooks: Optional[EvaluationHooks] = None, progress: bool = True,
+             partial_path: Optional[Path] = None) -> Optional[dict[str, Any]]:
     """Score and measure every class; returns the results dict on rank 0, None elsewhere.
 
-    With ``partial_path``, the classes finished so far are written there after each class, so an
+    ``hooks`` observe the run (see :class:`EvaluationHooks`: waits, each finished class). With
+    ``partial_path``, the classes finished so far are written there after each class, so an
     interrupted run keeps what it measured."""
-    t0 = time.time()
-    start = time.perf_counter()
+    hooks = hooks or EvaluationHooks()
+    hooks.run_started()
     data = AnomalyDataset(data_path, split="test", image_size=model.cfg.image_size, classes=classes,
                           dataset=dataset, as_uint8=True)
     if mode is None:
         mode = default_metrics(dataset, load_meta(data_path))
     keys = metric_keys(mode)
-    keep_maps = mode != "image-level" or vis_dir is not None
-    ev = Evaluator(model, ctx, sigma, batch_size, num_workers, progress)
+    ev = Evaluator(model, ctx, sigma, batch_size, num_workers, progress, hooks)
     per_class: dict[str, dict[str, float]] = {}
-    pooled_labels, pooled_scores = [], []
 
     def finish(cs: ClassScores) -> None:
         per_class[cs.cls_name] = class_metrics(cs, mode)
         if partial_path is not None:
             _write_partial(partial_path, {"data_path": str(data_path), "dataset": dataset, "metrics_mode": mode,
                                           "sigma": sigma, "classes": per_class})
-        if vis_dir is not None:
-            from ..apps.visualize import save_class_visuals
+        hooks.class_done(cs, per_class[cs.cls_name])
 
-            save_class_visuals(vis_dir, cs)
+    pooled = measure_classes(ev, data, mode != "image-level" or hooks.needs_maps, finish)
+    results = None
+    if ctx.is_main:
+        per_class = {c: per_class[c] for c in data.classes if c in per_class}
+        labels, scores = (np.concatenate(p) for p in pooled)
+        results = {"dataset": dataset, "data_path": str(data_path), "metrics_mode": mode, "sigma": sigma,
+                   "metric_keys": list(keys), "classes": per_class, "mean": mean_metrics(per_class, keys),
+                   "n_images": int(len(labels)), "image_threshold": f1_threshold(labels, scores),
+                   "batch_size": ev.batch_size, "num_workers": ev.num_workers, "world_size": ctx.world_size}
+    hooks.run_finished()
+    return results
 
-    # A class's metrics (region labelling on the CPU, sorting) run in a second thread while the next
-    # class is scored; waiting for the previous class first keeps at most two classes' maps alive.
+
+def measure_classes(ev: Evaluator, data: AnomalyDataset, keep_maps: bool,
+                    finish: Callable[[ClassScores], None]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Score the classes in turn and ``finish`` each (its metrics). A class's metrics (region
+    labelling on the CPU, sorting) run in a second thread while the next class is scored; waiting
+    for the previous class first keeps at most two classes' maps alive. Returns each class's labels
+    and scores (none on ranks other than 0)."""
+    pooled_labels: list[np.ndarray] = []
+    pooled_scores: list[np.ndarray] = []
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        metrics_wait = 0.0  # the scoring loop waiting for the previous class's metrics (the last: all)
         for cs in ev.score_classes(data, data.classes, keep_maps):
             if cs is None:
                 continue
             pooled_labels.append(cs.labels)
             pooled_scores.append(cs.scores)
             if pending is not None:
-                metrics_wait += _waited(pending)
+                with ev.hooks.waiting("metrics"):
+                    pending.result()  # re-raises the metrics' error
             pending = pool.submit(finish, cs)
             del cs
         if pending is not None:
-            metrics_wait += _waited(pending)
-    per_class = {c: per_class[c] for c in data.classes if c in per_class}
-    if not ctx.is_main:
-        return None
-    labels = np.concatenate(pooled_labels)
-    scores = np.concatenate(pooled_scores)
-    return {"dataset": dataset, "data_path": str(data_path), "metrics_mode": mode, "sigma": sigma,
-            "metric_keys": list(keys), "classes": per_class, "mean": mean_metrics(per_class, keys),
-            "n_images": int(len(labels)), "image_threshold": f1_threshold(labels, scores),
-            "batch_size": ev.batch_size, "num_workers": ev.num_workers, "world_size": ctx.world_size,
-            "wall_time_s": time.time() - t0,
-            "startup_s": None if ev.first_batch_at is None else ev.first_batch_at - start,
-            **ev.waits, "metrics_wait_s": metrics_wait}
-
-
-def _waited(future) -> float:
-    """Block until ``future`` is done (re-raising its error); the seconds that took."""
-    t0 = time.perf_counter()
-    future.result()
-    return time.perf_counter() - t0
+            with ev.hooks.waiting("metrics"):
+                pending.result()
+    return pooled_labels, pooled_scores
 
 
 def _write_partial(path: Path, content: dict[str, Any]) -> None:

@@ -1,0 +1,74 @@
+"""bench/'s clocks on a test run (through evaluate()'s hooks): start-up is the wait for the first
+batch, a slow loader shows as loader wait after it, slow metrics as metrics wait; the parts add up
+to less than the whole."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from bench.common import TimingHooks
+from conftest import tiny_config
+from glocalclip import GlocalCLIP
+from glocalclip.datasets import AnomalyDataset
+from glocalclip.datasets.synthetic import make_synthetic_dataset
+from glocalclip.engine import evaluation
+from glocalclip.engine.distributed import DistContext
+
+pytestmark = pytest.mark.slow  # end to end: timed evaluate() runs with injected delays
+
+ITEM_DELAY = 0.03  # seconds added to reading each image
+METRICS_DELAY = 0.4  # seconds added to each class's metrics
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_synthetic_dataset(tmp_path_factory.mktemp("bench"), n_train=1, n_test_good=3, n_test_defect=4,
+                                  size=64, seed=5)
+
+
+def _timed_run(data, tiny_clip) -> tuple[dict, TimingHooks]:
+    """evaluate() in-process (no loader workers) on 3 classes of 7 images, batches of 3, clocked."""
+    torch.manual_seed(3)
+    model = GlocalCLIP(tiny_config(image_size=56), clip=tiny_clip)
+    clock = TimingHooks()
+    res = evaluation.evaluate(model, str(data), None, DistContext(device=torch.device("cpu")),
+                              mode="image-pixel-level", sigma=4, batch_size=3, num_workers=0, progress=False,
+                              hooks=clock)
+    return res, clock
+
+
+def test_timing_hooks_split_a_run_into_startup_and_waits(data, tiny_clip):
+    t0 = time.perf_counter()
+    res, clock = _timed_run(data, tiny_clip)
+    outside = time.perf_counter() - t0
+    s = clock.summary()
+    assert clock.counts == {"loader": 9, "device": 3, "metrics": 3}  # 3 classes x 3 batches
+    assert 0 < s["startup_s"] < s["wall_s"] <= outside
+    waits = [s["loader_wait_s"], s["device_wait_s"], s["metrics_wait_s"]]
+    assert all(w >= 0 for w in waits) and s["startup_s"] + sum(waits) < s["wall_s"]
+    assert res["n_images"] == 21
+
+
+def test_timing_hooks_see_a_slow_loader_and_slow_metrics(data, tiny_clip, monkeypatch):
+    read = AnomalyDataset.__getitem__
+    measure = evaluation.class_metrics
+
+    def slow_read(self, i):
+        time.sleep(ITEM_DELAY)
+        return read(self, i)
+
+    def slow_metrics(scores, mode):
+        time.sleep(METRICS_DELAY)
+        return measure(scores, mode)
+
+    monkeypatch.setattr(AnomalyDataset, "__getitem__", slow_read)
+    monkeypatch.setattr(evaluation, "class_metrics", slow_metrics)
+    _, clock = _timed_run(data, tiny_clip)
+    s = clock.summary()
+    assert s["startup_s"] >= 3 * ITEM_DELAY  # the first batch: 3 images
+    assert s["loader_wait_s"] >= 18 * ITEM_DELAY  # the other 18 images, read in the loop (no workers)
+    # the last class's metrics run after everything else is scored: the host waits for all of them
+    assert s["metrics_wait_s"] >= 0.9 * METRICS_DELAY
+    assert s["startup_s"] + s["loader_wait_s"] + s["metrics_wait_s"] < s["wall_s"]
