@@ -100,7 +100,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning_rate", type=float, default=1e-3)
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the glocal contrastive loss")
     p.add_argument("--margin", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=111)
+    p.add_argument("--seed", type=int, default=111,
+                   help="the original code's run for this seed: its initial prompts (glocal style) and its "
+                        "batch order every epoch, replayed from its random draws")
     p.add_argument("--print_freq", type=int, default=1)
     p.add_argument("--save_freq", type=int, default=1)
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: GPU if present)")

@@ -136,10 +136,7 @@ class Trainer:
         seed_everything(cfg.seed)
         self.device = self.ctx.device
         self.model = GlocalCLIP(model_cfg, clip=clip).to(self.device)
-        # the original run for this seed: its initial prompts and every epoch's batch order (§5.1)
-        self.draws = OriginalDraws(cfg.seed, BackboneSizes.of_clip(self.model.clip), PromptSizes.of_config(model_cfg))
-        if model_cfg.prompt_style == "glocal" and resume_ckpt is None:
-            self.model.load_prompts({"prompt_learner": self.draws.initial_prompts})
+        self.draws = self._replay_original_run(resuming=resume_ckpt is not None)
         self.optimizer = torch.optim.Adam(self.model.prompt_parameters(), lr=cfg.learning_rate,
                                           betas=(0.5, 0.999))
         if resume_ckpt is not None:
@@ -154,6 +151,16 @@ class Trainer:
         self.skip_unmasked = cfg.skip_unmasked()
         self.save_dir = Path(cfg.save_path)
         self.history: list[dict[str, float]] = []
+
+    def _replay_original_run(self, resuming: bool) -> OriginalDraws:
+        """The original code's run for this seed (docs/design.md §5.1): a fresh glocal run starts
+        from its initial prompts (``anomalyclip`` keeps the prompt learner's own draws), and every
+        epoch follows its batch order."""
+        model_cfg = self.model.cfg
+        draws = OriginalDraws(self.cfg.seed, BackboneSizes.of_clip(self.model.clip), PromptSizes.of_config(model_cfg))
+        if model_cfg.prompt_style == "glocal" and not resuming:
+            self.model.load_prompts({"prompt_learner": draws.initial_prompts})
+        return draws
 
     # -------------------------------------------------------------- features
     def _loader(self, batches: list[list[int]]) -> DataLoader:
