@@ -151,7 +151,7 @@ def _replay_vv_surgery(b: BackboneSizes, p: PromptSizes) -> None:
 
 def _draw_int64(generator: torch.Generator) -> int:
     """One draw as the DataLoader makes it (iterator base seed, sampler seed)."""
-    return int(torch.empty((), dtype=torch.int64).random_(generator=generator))
+    return int(torch.empty((), dtype=torch.int64, device="cpu").random_(generator=generator))
 
 
 class OriginalDraws:
@@ -185,7 +185,8 @@ class OriginalDraws:
             _draw_int64(generator)
         _draw_int64(generator)  # this epoch's iterator base seed (workers' seeds; unused here)
         sampler_seed = _draw_int64(generator)
-        return torch.randperm(n, generator=torch.Generator().manual_seed(sampler_seed))  # [n]
+        shuffle = torch.Generator().manual_seed(sampler_seed)
+        return torch.randperm(n, generator=shuffle, device="cpu")  # [n]
 
     def epoch_batches(self, epoch: int, n: int, batch_size: int) -> list[torch.Tensor]:
         """The epoch's batches of dataset indices; the last one partial, as the original kept it."""
