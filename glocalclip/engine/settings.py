@@ -58,7 +58,8 @@ class TrainConfig:
     learning_rate: float = setting(1e-3, help="Adam's learning rate")
     alpha: float = setting(1.0, help="weight of the glocal contrastive loss")
     margin: float = setting(0.0, help="margin of the glocal contrastive loss")
-    seed: int = setting(111, help="random seed")
+    seed: int = setting(111, help="the original code's run for this seed: its initial prompts (glocal style) and its "
+                                    "batch order every epoch, replayed from its random draws")
     print_freq: int = setting(1, help="log the losses every N epochs")
     save_freq: int = setting(1, help="write a checkpoint every N epochs (and after the last)")
     device: Optional[str] = device_setting()

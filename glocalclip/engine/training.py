@@ -1,11 +1,14 @@
 """Prompt training (DESIGN.md §5): Adam on the prompt learner over the auxiliary dataset's
 labelled *test* split, the protocol of this line of work.
 
-Exactness and speed: the image encoder is frozen and there is no augmentation, so images are
-encoded once (first epoch) into a :class:`FeatureCache` and later epochs read the cache. The
-batch order of every epoch is a permutation derived from (seed, epoch) alone, so a run resumed
-from a checkpoint, a run without the cache, and a run split over torchrun processes all see the
-same batches and end with the same prompts.
+Same seed, same run: for ``prompt_style="glocal"`` the prompts start where the original code's
+start for that seed, and every epoch visits the batches in its ``DataLoader(shuffle=True)``
+order (docs/design.md §5.1, :mod:`.original_draws`). The order is a function of (seed, sizes,
+epoch) alone, so a run resumed from a checkpoint, a run without the cache, and a run split over
+torchrun processes all see the same batches and end with the same prompts.
+
+Speed: the image encoder is frozen and there is no augmentation, so images are encoded once
+(first epoch) into a :class:`FeatureCache` and later epochs read the cache.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_save
 from ..model.checkpoint_format import read_checkpoint, is_ours
 from ..model.config import GlocalCLIPConfig
-from ..datasets import AnomalyDataset, collate, normalize_image
+from ..datasets import AnomalyDataset, collate, load_meta, normalize_image, resolve_dataset_name
 from .distributed import DistContext, init_distributed
 from .feature_cache import FeatureCache, choose_location
 from ..model.losses import glocal_contrastive_loss
@@ -33,6 +36,7 @@ from ..model.glocalclip import GlocalCLIP
 from ..model.layers import LayerFeatures
 from .loaders import plan_loader, resolve_num_workers
 from .settings import TrainConfig  # declared with the other settings; imported from here too
+from .original_draws import BackboneSizes, OriginalDraws, PromptSizes
 
 
 def seed_everything(seed: int) -> None:
@@ -41,15 +45,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled sample order of one epoch, a function of (seed, epoch) only."""
-    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-
-def global_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    order = epoch_order(n, seed, epoch)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+def meta_class_order(root: str, dataset: Optional[str]) -> Optional[list[str]]:
+    """The split's classes in meta.json's order: the original concatenated them in that order, so
+    its shuffled indices name the same images as ours only in it. None when meta.json lists none
+    (the dataset reader then says what is wrong)."""
+    meta = load_meta(os.path.abspath(root), resolve_dataset_name(dataset) if dataset is not None else None)
+    return [c for c, entries in meta["test"].items() if entries] or None
 
 
 def shard(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -93,10 +94,12 @@ class Trainer:
             self.start_epoch = int(resume_ckpt["epoch"])
         # the data first: a wrong path fails at once, not after the backbone's weights are loaded
         self.dataset = AnomalyDataset(cfg.train_data_path, split="test", image_size=model_cfg.image_size,
+                                      classes=meta_class_order(cfg.train_data_path, cfg.dataset),
                                       dataset=cfg.dataset, as_uint8=True)
         seed_everything(cfg.seed)
         self.device = self.ctx.device
         self.model = GlocalCLIP(model_cfg, clip=clip).to(self.device)
+        self.draws = self._replay_original_run(resuming=resume_ckpt is not None)
         self.optimizer = torch.optim.Adam(self.model.prompt_parameters(), lr=cfg.learning_rate,
                                           betas=(0.5, 0.999))
         if resume_ckpt is not None:
@@ -111,6 +114,16 @@ class Trainer:
         self.skip_unmasked = cfg.skip_unmasked()
         self.save_dir = Path(cfg.save_path)
         self.history: list[dict[str, float]] = []
+
+    def _replay_original_run(self, resuming: bool) -> OriginalDraws:
+        """The original code's run for this seed (docs/design.md §5.1): a fresh glocal run starts
+        from its initial prompts (``anomalyclip`` keeps the prompt learner's own draws), and every
+        epoch follows its batch order."""
+        model_cfg = self.model.cfg
+        draws = OriginalDraws(self.cfg.seed, BackboneSizes.of_clip(self.model.clip), PromptSizes.of_config(model_cfg))
+        if model_cfg.prompt_style == "glocal" and not resuming:
+            self.model.load_prompts({"prompt_learner": draws.initial_prompts})
+        return draws
 
     # -------------------------------------------------------------- features
     def _loader(self, batches: list[list[int]]) -> DataLoader:
@@ -253,7 +266,7 @@ class Trainer:
                 self.log(f"encoded {n} images once in {time.time() - t0:.1f}s; every epoch reads the cache")
             for epoch in range(self.start_epoch, cfg.epoch):
                 t0 = time.time()
-                batches = global_batches(n, cfg.batch_size, cfg.seed, epoch)
+                batches = self.draws.epoch_batches(epoch, n, cfg.batch_size)
                 local = [shard(b, self.ctx) for b in batches]
                 sums = torch.zeros(3, dtype=torch.float64, device=self.device)
                 bar = tqdm(zip(batches, self._batches_with_features(local)), total=len(batches),
