@@ -174,14 +174,24 @@ def _listing(paths: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
+def _refuse_missing_masks(mask_dir: str, missing: list[str], suffixes: tuple[str, ...], can_skip: bool) -> None:
+    wanted = " or ".join(f"<name>{s}.<ext>" for s in suffixes)
+    or_skip = "; or pass --missing_masks skip to keep them for the image-level loss and metrics only" if can_skip else ""
+    raise DatasetError(f"{len(missing)} anomalous image(s) have no mask in {mask_dir} (a mask is named {wanted}): "
+                       f"{_listing(missing)}. Add the masks or remove those images{or_skip}")
+
+
 def build_entries(root: str, cls_name: str, groups: list[Group], suffixes: tuple[str, ...],
                   check_mask_dirs: tuple[str, ...] = (),
-                  unmatched_ok: Callable[[str], bool] | None = None) -> dict[str, list[dict]]:
+                  unmatched_ok: Callable[[str], bool] | None = None,
+                  missing_masks: str | None = None) -> dict[str, list[dict]]:
     """Entries of one class per split, masks paired by name, sorted by img_path.
 
     Refuses an anomalous image without a mask (where its group has a mask folder) and a mask
     without an image, in each mask folder used plus ``check_mask_dirs`` (except masks for which
-    ``unmatched_ok(name)`` is true).
+    ``unmatched_ok(name)`` is true). ``missing_masks``: None where the layout offers no choice,
+    "refuse" (the message names ``--missing_masks skip``), or "skip": such images are kept with
+    mask_path "" (training uses them for the image-level loss only).
     """
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     users: dict[str, list[tuple[dict, str, str]]] = defaultdict(list)  # mask dir -> (entry, image dir, name)
@@ -217,11 +227,8 @@ def build_entries(root: str, cls_name: str, groups: list[Group], suffixes: tuple
                         f"(the second is {abspath(root, e['img_path'])}); give the images distinct names")
                 used.add(m)
                 e["mask_path"] = join(mask_dir, m)
-        if missing:
-            wanted = " or ".join(f"<name>{s}.<ext>" for s in suffixes)
-            raise DatasetError(
-                f"{len(missing)} anomalous image(s) have no mask in {abspath(root, mask_dir)} "
-                f"(a mask is named {wanted}): {_listing(missing)}. Add the masks or remove those images")
+        if missing and missing_masks != "skip":
+            _refuse_missing_masks(abspath(root, mask_dir), missing, suffixes, missing_masks is not None)
         orphans = [abspath(root, join(mask_dir, m)) for m in mask_names if m not in used
                    and not (unmatched_ok is not None and unmatched_ok(m))]
         if orphans:
