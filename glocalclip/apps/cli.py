@@ -202,11 +202,10 @@ def build_test_model(checkpoint_path: str, overrides: dict[str, Any]):
 def test_main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
-    from ..engine.checkpoint import atomic_save
-    from ..model.checkpoint_format import is_ours
     from ..datasets import load_meta
     from ..engine.distributed import init_distributed
     from ..engine.evaluation import evaluate
+    from ..files import prepare_output_dir
     from .results import results_table, software_versions, write_results
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -216,9 +215,11 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.time()
     try:
         load_meta(args.data_path, _dataset(args.dataset))  # a wrong data path fails before the weights load
+        out_dir = Path(args.save_path)
+        if ctx.is_main:  # and so does a save folder that cannot take a file
+            prepare_output_dir(out_dir)
         model, ckpt = build_test_model(args.checkpoint_path, overrides)
         model = model.to(ctx.device)
-        out_dir = Path(args.save_path)
         results = evaluate(model, args.data_path, _dataset(args.dataset), ctx, mode=args.metrics,
                            sigma=args.sigma, batch_size=args.batch_size, num_workers=args.num_workers,
                            classes=args.classes, vis_dir=out_dir / "vis" if args.save_vis else None,
@@ -231,14 +232,29 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
             paths = write_results(results, out_dir)
             (out_dir / "results.partial.json").unlink(missing_ok=True)
             print(f"results: {paths['json']} {paths['csv']} {paths['md']}")
-            thr = results.get("image_threshold")
-            if thr is not None and is_ours(ckpt) and Path(args.checkpoint_path).is_file():
-                ckpt["threshold"] = {"image_score": thr, "dataset": results["dataset"],
-                                     "data_path": str(args.data_path), "sigma": args.sigma}
-                atomic_save(ckpt, args.checkpoint_path)
+            _store_threshold(ckpt, results, args)
     finally:
         ctx.shutdown()
     return 0
+
+
+def _store_threshold(ckpt: dict, results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write the pooled F1-max image threshold into our checkpoint, for ``predict``. A checkpoint
+    that cannot be rewritten (a read-only folder) keeps its old contents and the run still succeeds:
+    the results are written, and the note says how to pass the threshold instead."""
+    from ..files import OutputError, write_torch
+    from ..model.checkpoint_format import is_ours
+
+    thr = results.get("image_threshold")
+    if thr is None or not is_ours(ckpt) or not Path(args.checkpoint_path).is_file():
+        return
+    ckpt["threshold"] = {"image_score": thr, "dataset": results["dataset"], "data_path": str(args.data_path),
+                         "sigma": args.sigma}
+    try:
+        write_torch(args.checkpoint_path, ckpt)
+    except OutputError as e:
+        print(f"note: the image threshold was not stored in the checkpoint ({e}); give it to predict as "
+              f"--threshold {thr!r}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------- entry
@@ -256,9 +272,11 @@ COMMANDS = {"train": train_main, "test": test_main, "demo": _lazy("demo", "demo_
 
 
 def _input_errors() -> tuple[type, ...]:
+    from ..files import OutputError
     from ..model.backbone import PretrainedWeightsUnavailable
 
-    return (ValueError, FileNotFoundError, PretrainedWeightsUnavailable)  # DatasetError is a ValueError
+    # DatasetError and CheckpointError are ValueErrors
+    return (ValueError, FileNotFoundError, PretrainedWeightsUnavailable, OutputError)
 
 
 def run_command(prog: str, command: Callable[[list[str]], Optional[int]],

@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence
 import cv2
 import numpy as np
 
+from ..files import make_dirs, write_figure, write_json, write_png
+
 PLOT_EXTRA_HINT = "ROC / PRO plots need matplotlib: pip install 'glocalclip[plot]' (or pip install matplotlib)"
 CURVES_FILE = "curves.json"
 
@@ -57,11 +59,15 @@ def annotate(image_rgb: np.ndarray, text: str, color: tuple[int, int, int] = (25
     return out
 
 
-def read_rgb(path: str) -> np.ndarray:
+def read_rgb(path: str, upright: bool = False) -> np.ndarray:
+    """A picture file as uint8 RGB; ``upright``: turned as its EXIF orientation says (as folder-mode
+    datasets and predict read images), so a map drawn over it lines up."""
     from PIL import Image
 
+    from ..datasets.preprocess import exif_upright
+
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray((exif_upright(im) if upright else im).convert("RGB"))
 
 
 def _tile(img: np.ndarray, size: int) -> np.ndarray:
@@ -88,7 +94,7 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], tile: int = 160, pad: int =
     return grid
 
 
-def class_grid(cs, k: int = 6, tile: int = 160) -> np.ndarray:
+def class_grid(cs, k: int = 6, tile: int = 160, upright: bool = False) -> np.ndarray:
     """The ``k`` highest- and ``k`` lowest-scoring images of a class (``ClassScores``), overlays on one
     colour scale (the class's map range), ground truth as a green contour, score and label on each."""
     scores = np.asarray(cs.scores, dtype=np.float64)
@@ -100,7 +106,7 @@ def class_grid(cs, k: int = 6, tile: int = 160) -> np.ndarray:
     vr = (float(maps.min()), float(maps.max())) if maps is not None and maps.numel() else None
 
     def tile_of(i: int) -> np.ndarray:
-        img = read_rgb(cs.img_paths[i])
+        img = read_rgb(cs.img_paths[i], upright)
         if maps is not None:
             mask = cs.masks[i].cpu().numpy() if cs.masks is not None else None
             img = overlay(img, maps[i].cpu().numpy(), mask, value_range=vr)
@@ -117,33 +123,27 @@ def class_grid(cs, k: int = 6, tile: int = 160) -> np.ndarray:
 
 
 def save_class_visuals(out_dir: Path, cs, limit: Optional[int] = None, k: int = 6,
-                       per_image: bool = False) -> list[Path]:
+                       per_image: bool = False, upright: bool = False) -> list[Path]:
     """``test.py --save_vis``: per class, ``<cls>_grid.png`` (highest- and lowest-scoring images)
     and the class's ROC / PRO curve points added to ``curves.json``; with matplotlib installed,
     ``roc.png`` / ``pro.png`` of all classes so far are (re)drawn. ``per_image=True`` also writes
-    one overlay per image (the first ``limit``) under ``<cls>/``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    one overlay per image (the first ``limit``) under ``<cls>/``. ``upright``: the images were read
+    turned by their EXIF orientation (folder-mode data). A file that cannot be written raises
+    :class:`glocalclip.files.OutputError`: a requested picture is never silently missing."""
+    out_dir = make_dirs(out_dir)
     name = cs.cls_name.replace(" ", "_").replace("/", "_")
-    written = []
-    grid_path = out_dir / f"{name}_grid.png"
-    cv2.imwrite(str(grid_path), cv2.cvtColor(class_grid(cs, k=k), cv2.COLOR_RGB2BGR))
-    written.append(grid_path)
+    written = [write_png(out_dir / f"{name}_grid.png", class_grid(cs, k=k, upright=upright))]
     if per_image and cs.maps is not None:
-        d = out_dir / name
-        d.mkdir(parents=True, exist_ok=True)
         maps = cs.maps.float().cpu().numpy()
         masks = cs.masks.cpu().numpy() if cs.masks is not None else None
         for i, path in enumerate(cs.img_paths[:limit]):
-            vis = overlay(read_rgb(path), maps[i], masks[i] if masks is not None else None)
-            p = d / f"{i:04d}_{Path(path).stem}_score{cs.scores[i]:.3f}.png"
-            cv2.imwrite(str(p), cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
-            written.append(p)
+            vis = overlay(read_rgb(path, upright), maps[i], masks[i] if masks is not None else None)
+            p = out_dir / name / f"{i:04d}_{Path(path).stem}_score{cs.scores[i]:.3f}.png"
+            written.append(write_png(p, vis))
     curves_path = out_dir / CURVES_FILE
     curves = json.loads(curves_path.read_text()) if curves_path.is_file() else {}
     curves[cs.cls_name] = class_curves(cs)
-    curves_path.write_text(json.dumps(curves))
-    written.append(curves_path)
+    written.append(write_json(curves_path, curves, indent=None))
     try:
         written += plot_curves(curves, out_dir)
     except ImportError:
@@ -198,8 +198,7 @@ def plot_curves(curves: dict[str, dict[str, Any]] | str | Path, out_dir: str | P
         raise ImportError(PLOT_EXTRA_HINT) from e
     if not isinstance(curves, dict):
         curves = json.loads(Path(curves).read_text())
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dirs(out_dir)
     written = []
     for kind, ykey, xlabel, ylabel, fname in (("roc", "tpr", "false positive rate", "true positive rate", "roc.png"),
                                               ("pro", "pro", "false positive rate (pixels)", "per-region overlap",
@@ -225,7 +224,8 @@ def plot_curves(curves: dict[str, dict[str, Any]] | str | Path, out_dir: str | P
         if len(have) <= 20:
             ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
-        fig.savefig(out / fname)
-        plt.close(fig)
-        written.append(out / fname)
+        try:
+            written.append(write_figure(out / fname, fig))
+        finally:
+            plt.close(fig)
     return written

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from . import metrics as M
 from ..datasets import AnomalyDataset, collate, default_metrics, load_meta, normalize_image
 from .distributed import DistContext
+from ..files import write_json
 from ..model.glocalclip import GlocalCLIP
 from .loaders import plan_loader, resolve_batch_size, resolve_num_workers
 from .smoothing import GaussianSmoothing, smoothed_scores
@@ -228,7 +229,7 @@ def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: Dis
         if vis_dir is not None:
             from ..apps.visualize import save_class_visuals
 
-            save_class_visuals(vis_dir, cs)
+            save_class_visuals(vis_dir, cs, upright=data.upright)  # turned as the model saw them
 
     # A class's metrics (region labelling on the CPU, sorting) run in a second thread while the next
     # class is scored; waiting for the previous class first keeps at most two classes' maps alive.
@@ -268,13 +269,6 @@ def _waited(future) -> float:
 
 
 def _write_partial(path: Path, content: dict[str, Any]) -> None:
-    import json
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     safe = {k: ({c: {m: (None if math.isnan(v) else v) for m, v in r.items()} for c, r in v.items()}
                 if k == "classes" else v) for k, v in content.items()}
-    tmp.write_text(json.dumps(safe, indent=2))
-    os.replace(tmp, path)
+    write_json(path, safe)
