@@ -216,8 +216,7 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         load_meta(args.data_path, _dataset(args.dataset))  # a wrong data path fails before the weights load
         out_dir = Path(args.save_path)
-        if ctx.is_main:  # and so does a save folder that cannot take a file
-            prepare_output_dir(out_dir)
+        prepare_output_dir(out_dir)  # and so does a save folder that cannot take a file
         model, ckpt = build_test_model(args.checkpoint_path, overrides)
         model = model.to(ctx.device)
         results = evaluate(model, args.data_path, _dataset(args.dataset), ctx, mode=args.metrics,

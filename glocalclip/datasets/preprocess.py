@@ -76,7 +76,9 @@ def exif_upright(img: Image.Image) -> Image.Image:
         return img
     from PIL import ImageOps
 
-    return ImageOps.exif_transpose(decoded(img, "image"))
+    turned = ImageOps.exif_transpose(decoded(img, "image"))
+    turned.filename = getattr(img, "filename", "")  # later messages still name the file
+    return turned
 
 
 def to_8bit_grey(img: Image.Image) -> Image.Image:

@@ -143,8 +143,8 @@ class Trainer:
         self.ctx = ctx or init_distributed(cfg.device)
         self.cfg = cfg
         self.save_dir = Path(cfg.save_path)
-        if self.ctx.is_main:  # a save folder that cannot take a file stops the run before any long work
-            prepare_output_dir(self.save_dir)
+        # a save folder that cannot take a file stops the run (every process alike) before any long work
+        prepare_output_dir(self.save_dir)
         self.start_epoch = 0
         self.resume_path: Optional[Path] = None
         resume_ckpt = self._resume_checkpoint(model_cfg) if cfg.resume else None
