@@ -1,6 +1,7 @@
 """Write ROOT/meta.json for your own images (see docs/datasets.md).
 
-    python generate_dataset_json/folder.py --root R --normal DIR --abnormal DIR [--masks DIR] --class-name NAME [--dry-run]
+    python generate_dataset_json/folder.py --root R --normal DIR --abnormal DIR [--masks DIR [--missing_masks skip]]
+        --class-name NAME [--dry-run]
 """
 
 import os

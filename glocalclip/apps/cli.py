@@ -64,20 +64,23 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
     from ..engine.evaluation import evaluate
     from ..engine.settings import TestConfig
     from .visualize import VisualWriter
+    from ..files import prepare_output_dir
 
     cfg = settings_from_args(TestConfig, args)
     ctx = init_distributed(cfg.device)
     t0 = time.time()
     try:
         load_meta(cfg.data_path, cfg.dataset)  # a wrong data path fails before the weights load
+        prepare_output_dir(cfg.save_path)  # and so does a save folder that cannot take a file
         model, ckpt = load_model_and_checkpoint(cfg.checkpoint_path, **model_overrides(args))
         model = model.to(ctx.device)
         out_dir = Path(cfg.save_path)
+        # folder-mode images were read turned by their EXIF orientation: draw them as the model saw them
+        vis = VisualWriter(out_dir / "vis", upright=cfg.dataset is None) if cfg.save_vis else None
         t_eval = time.time()
         results = evaluate(model, cfg.data_path, cfg.dataset, ctx, mode=cfg.metrics, sigma=cfg.sigma,
                            batch_size=cfg.batch_size, num_workers=cfg.num_workers, classes=cfg.classes,
-                           hooks=VisualWriter(out_dir / "vis") if cfg.save_vis else None, progress=cfg.progress,
-                           partial_path=out_dir / "results.partial.json")
+                           hooks=vis, progress=cfg.progress, partial_path=out_dir / "results.partial.json")
         if ctx.is_main:
             results.update({"wall_time_s": time.time() - t_eval, "checkpoint": str(cfg.checkpoint_path),
                             "config": model.cfg.to_dict(), "train_config": ckpt.get("train_config")})
@@ -91,6 +94,7 @@ def _finish_test(results: dict[str, Any], cfg: Any, ckpt: dict, t0: float) -> No
     """Print and write the results; store the F1-max threshold beside the checkpoint for predict
     (the checkpoint itself is never rewritten)."""
     from ..engine.checkpoint import write_threshold
+    from ..files import OutputError
     from ..model.checkpoint_format import is_ours
     from .results import results_table, software_versions, write_results
 
@@ -101,10 +105,16 @@ def _finish_test(results: dict[str, Any], cfg: Any, ckpt: dict, t0: float) -> No
     (out_dir / "results.partial.json").unlink(missing_ok=True)
     print(f"results: {paths['json']} {paths['csv']} {paths['md']}")
     thr = results.get("image_threshold")
-    if thr is not None and is_ours(ckpt) and Path(cfg.checkpoint_path).is_file():
+    if thr is None or not is_ours(ckpt) or not Path(cfg.checkpoint_path).is_file():
+        return
+    try:
         side = write_threshold(cfg.checkpoint_path, thr, dataset=results["dataset"],
                                data_path=str(cfg.data_path), sigma=cfg.sigma)
-        print(f"threshold {thr:.4g} (F1-max) for predict: {side}")
+    except OutputError as e:  # a read-only checkpoint folder: the results are written all the same
+        print(f"note: the image threshold was not stored beside the checkpoint ({e}); give it to predict "
+              f"as --threshold {thr!r}", file=sys.stderr)
+        return
+    print(f"threshold {thr:.4g} (F1-max) for predict: {side}")
 
 
 # ---------------------------------------------------------------------------- entry
@@ -138,9 +148,11 @@ def overview() -> str:
 
 
 def _input_errors() -> tuple[type, ...]:
+    from ..files import OutputError
     from ..model.backbone import PretrainedWeightsUnavailable
 
-    return (ValueError, FileNotFoundError, PretrainedWeightsUnavailable)  # DatasetError is a ValueError
+    # DatasetError and CheckpointError are ValueErrors
+    return (ValueError, FileNotFoundError, PretrainedWeightsUnavailable, OutputError)
 
 
 def run_command(prog: str, command: Callable[[list[str]], Optional[int]],

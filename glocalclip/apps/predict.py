@@ -32,13 +32,14 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets import DatasetError, load_image
-from ..datasets.preprocess import decoded, open_image
+from ..datasets.preprocess import decoded, exif_upright, open_image
 from ..engine.settings import device_setting, progress_setting
 from ..engine.smoothing import GaussianSmoothing, smoothed_scores
 from ..settings import check_settings, setting
 from .flags import add_model_flags, add_settings, model_overrides, new_parser, settings_from_args
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+INPUT_FIX = "or leave it out of the inputs"  # ends the message about an input that cannot be read
 FIELDS = ("image_path", "pred_score", "pred_label", "anomaly_map", "map_max", "overlay")
 
 ImageInput = Union[str, os.PathLike, "Image.Image", np.ndarray]  # noqa: F821
@@ -70,12 +71,13 @@ def _read(item: ImageInput, image_size: int, want_rgb: bool = False
         return load_image(item, image_size), (int(item.shape[0]), int(item.shape[1])), None, None
     if isinstance(item, (str, os.PathLike)):
         path = os.fspath(item)
-        with open_image(path) as im:
-            im = decoded(im, "image")
+        with open_image(path, fix=INPUT_FIX) as im:
+            im = exif_upright(decoded(im, "image", INPUT_FIX))  # the map lines up with the photo as shown
             w, h = im.size
             rgb = _to_rgb(im) if want_rgb else None
             return load_image(im, image_size), (h, w), path, rgb
     if hasattr(item, "size") and hasattr(item, "convert"):  # a PIL image
+        item = exif_upright(item)
         w, h = item.size
         return load_image(item, image_size), (h, w), getattr(item, "filename", None) or None, None
     raise TypeError(f"cannot predict on a {type(item).__name__}: pass a path, a PIL image or a numpy array")

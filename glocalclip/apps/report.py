@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 from tabulate import tabulate
 
+from ..files import write_text
 from .results import HEADERS, PAPER_TABLE1, TABLE_KEYS
 
 #: training settings that change the numbers (the rest — paths, device, logging — do not)
@@ -236,7 +237,6 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
     text = build_report(runs, per_class=args.per_class, all_metrics=args.all_metrics)
     print(text, end="")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        write_text(args.out, text)
         print(f"report: {args.out}")
     return 0

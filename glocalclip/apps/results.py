@@ -1,14 +1,14 @@
 """Results of a test run: the printed table, results.json, results.csv, and the paper's numbers."""
 from __future__ import annotations
 
-import csv
-import json
 import math
 import platform
 from pathlib import Path
 from typing import Any, Optional
 
 from tabulate import tabulate
+
+from ..files import write_csv, write_json, write_text
 
 #: GlocalCLIP, paper Table 1 (DESIGN.md §8), in percent: (image AUROC, image AP), (pixel AUROC, PRO).
 PAPER_TABLE1: dict[str, dict[str, float]] = {
@@ -79,16 +79,13 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
     """results.json (all values, NaN as null), results.csv (one row per class + mean, ×100),
     results.md (table with the paper's numbers beside ours). Returns the paths."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     keys = list(results["metric_keys"])
     paths = {"json": out / "results.json", "csv": out / "results.csv", "md": out / "results.md"}
-    paths["json"].write_text(json.dumps(_json_safe(results), indent=2))
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class"] + keys)
-        for cls, m in list(results["classes"].items()) + [("mean", results["mean"])]:
-            w.writerow([cls] + [pct(m.get(k)) for k in keys])
-    paths["md"].write_text(results_markdown(results))
+    write_json(paths["json"], _json_safe(results))
+    rows = [[cls] + [pct(m.get(k)) for k in keys]
+            for cls, m in list(results["classes"].items()) + [("mean", results["mean"])]]
+    write_csv(paths["csv"], ["class"] + keys, rows)
+    write_text(paths["md"], results_markdown(results))
     return paths
 
 

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from ..engine.hooks import EvaluationHooks
+from ..files import make_dirs, write_figure, write_json, write_png
 
 PLOT_EXTRA_HINT = "ROC / PRO plots need matplotlib: pip install 'glocalclip[plot]' (or pip install matplotlib)"
 CURVES_FILE = "curves.json"
@@ -59,11 +60,15 @@ def annotate(image_rgb: np.ndarray, text: str, color: tuple[int, int, int] = (25
     return out
 
 
-def read_rgb(path: str) -> np.ndarray:
+def read_rgb(path: str, upright: bool = False) -> np.ndarray:
+    """A picture file as uint8 RGB; ``upright``: turned as its EXIF orientation says (as folder-mode
+    datasets and predict read images), so a map drawn over it lines up."""
     from PIL import Image
 
+    from ..datasets.preprocess import exif_upright
+
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray((exif_upright(im) if upright else im).convert("RGB"))
 
 
 def _tile(img: np.ndarray, size: int) -> np.ndarray:
@@ -90,7 +95,7 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], tile: int = 160, pad: int =
     return grid
 
 
-def class_grid(cs, k: int = 6, tile: int = 160) -> np.ndarray:
+def class_grid(cs, k: int = 6, tile: int = 160, upright: bool = False) -> np.ndarray:
     """The ``k`` highest- and ``k`` lowest-scoring images of a class (``ClassScores``), overlays on one
     colour scale (the class's map range), ground truth as a green contour, score and label on each."""
     scores = np.asarray(cs.scores, dtype=np.float64)
@@ -102,7 +107,7 @@ def class_grid(cs, k: int = 6, tile: int = 160) -> np.ndarray:
     vr = (float(maps.min()), float(maps.max())) if maps is not None and maps.numel() else None
 
     def tile_of(i: int) -> np.ndarray:
-        img = read_rgb(cs.img_paths[i])
+        img = read_rgb(cs.img_paths[i], upright)
         if maps is not None:
             mask = cs.masks[i].cpu().numpy() if cs.masks is not None else None
             img = overlay(img, maps[i].cpu().numpy(), mask, value_range=vr)
@@ -118,22 +123,19 @@ def class_grid(cs, k: int = 6, tile: int = 160) -> np.ndarray:
     return image_grid(rows, tile=tile, row_titles=titles)
 
 
-def save_class_visuals(out_dir: Path, cs, k: int = 6) -> list[Path]:
+def save_class_visuals(out_dir: Path, cs, k: int = 6, upright: bool = False) -> list[Path]:
     """``test.py --save_vis``: per class, ``<cls>_grid.png`` (highest- and lowest-scoring images)
     and the class's ROC / PRO curve points added to ``curves.json``; with matplotlib installed,
-    ``roc.png`` / ``pro.png`` of all classes so far are (re)drawn."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ``roc.png`` / ``pro.png`` of all classes so far are (re)drawn. ``upright``: the images were read
+    turned by their EXIF orientation (folder-mode data). A file that cannot be written raises
+    :class:`glocalclip.files.OutputError`: a requested picture is never silently missing."""
+    out_dir = make_dirs(out_dir)
     name = cs.cls_name.replace(" ", "_").replace("/", "_")
-    written = []
-    grid_path = out_dir / f"{name}_grid.png"
-    cv2.imwrite(str(grid_path), cv2.cvtColor(class_grid(cs, k=k), cv2.COLOR_RGB2BGR))
-    written.append(grid_path)
+    written = [write_png(out_dir / f"{name}_grid.png", class_grid(cs, k=k, upright=upright))]
     curves_path = out_dir / CURVES_FILE
     curves = json.loads(curves_path.read_text()) if curves_path.is_file() else {}
     curves[cs.cls_name] = class_curves(cs)
-    curves_path.write_text(json.dumps(curves))
-    written.append(curves_path)
+    written.append(write_json(curves_path, curves, indent=None))
     try:
         written += plot_curves(curves, out_dir)
     except ImportError:
@@ -147,11 +149,12 @@ class VisualWriter(EvaluationHooks):
 
     needs_maps = True
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, upright: bool = False):
         self.out_dir = Path(out_dir)
+        self.upright = upright  # the images were read turned by their EXIF orientation (folder mode)
 
     def class_done(self, scores, metrics: dict[str, float]) -> None:
-        save_class_visuals(self.out_dir, scores)
+        save_class_visuals(self.out_dir, scores, upright=self.upright)
 
 
 def _thin(x: np.ndarray, y: np.ndarray, n: int = 400) -> tuple[list[float], list[float]]:
@@ -201,8 +204,7 @@ def plot_curves(curves: dict[str, dict[str, Any]] | str | Path, out_dir: str | P
         raise ImportError(PLOT_EXTRA_HINT) from e
     if not isinstance(curves, dict):
         curves = json.loads(Path(curves).read_text())
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dirs(out_dir)
     written = []
     for kind, ykey, xlabel, ylabel, fname in (("roc", "tpr", "false positive rate", "true positive rate", "roc.png"),
                                               ("pro", "pro", "false positive rate (pixels)", "per-region overlap",
@@ -228,7 +230,8 @@ def plot_curves(curves: dict[str, dict[str, Any]] | str | Path, out_dir: str | P
         if len(have) <= 20:
             ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
-        fig.savefig(out / fname)
-        plt.close(fig)
-        written.append(out / fname)
+        try:
+            written.append(write_figure(out / fname, fig))
+        finally:
+            plt.close(fig)
     return written

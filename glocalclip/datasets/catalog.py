@@ -64,7 +64,7 @@ def resolve_dataset_name(name: str) -> str:
     if canonical is None:
         raise DatasetError(
             f"unknown dataset name {name!r}; valid names: {', '.join(DATASET_CLASSES)} "
-            "(for your own images use the folder mode: generate_dataset_json/folder.py)")
+            "(for your own images, prepared with generate_dataset_json/folder.py, omit --dataset)")
     return canonical
 
 

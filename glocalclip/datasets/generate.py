@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ..files import remove_leftovers
 from . import layouts
 from .catalog import resolve_dataset_name
 from .errors import DatasetError
@@ -40,7 +41,7 @@ def prepare_dataset(name: str, root, dry_run: bool = False, *, quiet: bool = Fal
     """Build the meta dict of dataset ``name`` at ``root``, print its counts, write root/meta.json.
 
     ``name`` is a --dataset name (or a script name such as "sdd", "dagm"), or "folder" with the
-    keyword options ``class_name``, ``normal``, ``abnormal``, ``masks``. Nothing is written when
+    keyword options ``class_name``, ``normal``, ``abnormal``, ``masks``, ``missing_masks``. Nothing is written when
     ``dry_run`` or when the layout is refused (DatasetError); the file is replaced atomically.
     """
     root = os.fspath(root)
@@ -59,6 +60,7 @@ def prepare_dataset(name: str, root, dry_run: bool = False, *, quiet: bool = Fal
         if not quiet:
             print(f"dry run: {meta_path(root)} not written")
     else:
+        remove_leftovers(root)  # temp files of a run killed while writing meta.json
         path = write_meta(root, meta)
         if not quiet:
             print(f"wrote {path}")

@@ -336,13 +336,20 @@ def _inside_root(root: str, folder: str, option: str) -> str:
     return "" if rel == "." else rel
 
 
+MISSING_MASKS = ("refuse", "skip")
+
+
 def folder(root: str, class_name: str, normal: str | None = None, abnormal: str | None = None,
-           masks: str | None = None) -> dict:
+           masks: str | None = None, missing_masks: str = "refuse") -> dict:
     """Custom data: normal and anomalous images in two folders, masks optional (same stem or stem_mask).
 
     Everything goes to the test split under class ``class_name``. Without ``masks`` the
     anomalous entries have ``mask_path`` "" (image-level metrics only, no local loss for them).
+    With ``masks``, an anomalous image without one is refused, or with ``missing_masks="skip"``
+    kept with ``mask_path`` "" like them.
     """
+    if missing_masks not in MISSING_MASKS:
+        raise DatasetError(f"--missing_masks must be one of {', '.join(MISSING_MASKS)}, got {missing_masks!r}")
     fix = ("usage: generate_dataset_json/folder.py --root R --normal DIR --abnormal DIR [--masks DIR] "
            "--class-name NAME")
     require_root(root, fix)
@@ -375,7 +382,7 @@ def folder(root: str, class_name: str, normal: str | None = None, abnormal: str 
 
     meta = _empty_meta()
     per_split = build_entries(root, class_name, groups, SAME_STEM_MASK_SUFFIXES, check,
-                              unmatched_ok=names_a_normal_image)
+                              unmatched_ok=names_a_normal_image, missing_masks=missing_masks)
     _add(meta, class_name, per_split, where=root)
     return meta
 

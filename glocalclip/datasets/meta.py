@@ -1,6 +1,6 @@
-"""meta.json: its schema, an atomic writer and a tolerant reader.
+"""meta.json: its schema, its writer and a tolerant reader.
 
-Schema (DESIGN section 7)::
+Schema (docs/design.md §7)::
 
     {"train": {cls: [entry, ...]}, "test": {cls: [entry, ...]}}
     entry = {"img_path", "mask_path" ("" if none), "cls_name", "specie_name", "anomaly": 0 | 1}
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
+from ..files import write_json
 from .catalog import DATASET_SCRIPTS
 from .errors import DatasetError
 from .scan import SPLITS
@@ -29,23 +29,8 @@ def meta_path(root: str) -> str:
 
 
 def write_meta(root: str, meta: dict) -> str:
-    """Write root/meta.json atomically (temp file in the same folder, then os.replace). Returns its path."""
-    path = meta_path(root)
-    fd, tmp = tempfile.mkstemp(prefix=".meta.json.", suffix=".tmp", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=4, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """Write root/meta.json atomically, with the umask's permissions (``glocalclip.files``). Returns its path."""
+    return os.fspath(write_json(meta_path(root), meta, indent=4, ensure_ascii=False))
 
 
 def _prepare_hint(root: str, dataset: str | None) -> str:

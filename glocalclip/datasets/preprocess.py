@@ -35,27 +35,50 @@ def _is_high_depth(mode: str) -> bool:
     return mode in _HIGH_DEPTH_MODES or mode.startswith("I;")
 
 
-def open_image(path, what: str = "image") -> Image.Image:
-    """Open an image file lazily (header only), with a DatasetError naming the file on failure."""
+#: the end of the advice on a missing or undecodable file of a dataset (predict passes its own)
+DATASET_FIX = "or remove it and regenerate meta.json (python generate_dataset_json/<name>.py --root ROOT)"
+EXIF_ORIENTATION = 0x0112
+
+
+def open_image(path, what: str = "image", fix: str = DATASET_FIX) -> Image.Image:
+    """Open an image file lazily (header only), with a DatasetError naming the file on failure;
+    ``fix`` ends the advice ("restore it / replace it ... <fix>")."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise DatasetError(f"{what} file {path} does not exist; restore it or regenerate meta.json "
-                           "(python generate_dataset_json/<name>.py --root ROOT)")
+        raise DatasetError(f"{what} file {path} does not exist; restore it {fix}")
     try:
         return Image.open(path)
     except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         raise DatasetError(f"cannot decode {what} {path} ({exc}); replace it with a valid image "
-                           "(PNG/JPEG/BMP/TIFF) or remove it and regenerate meta.json") from None
+                           f"(PNG/JPEG/BMP/TIFF) {fix}") from None
 
 
-def decoded(img: Image.Image, what: str) -> Image.Image:
+def decoded(img: Image.Image, what: str, fix: str = DATASET_FIX) -> Image.Image:
     try:
         img.load()
     except Exception as exc:
         name = getattr(img, "filename", "") or "<in-memory image>"
         raise DatasetError(f"cannot decode {what} {name} ({exc}); the file is truncated or corrupt: replace it "
-                           "or remove it and regenerate meta.json") from None
+                           f"{fix}") from None
     return img
+
+
+def exif_upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation tag says, i.e. as viewers show it (a phone photo taken
+    upright is stored sideways with orientation 6). Used for folder-mode data and predict; named
+    datasets are read as stored, as the original code read them (docs/design.md §5). An image
+    without the tag (or with an unreadable one) comes back as it is."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still good
+        return img
+    if orientation not in range(2, 9):
+        return img
+    from PIL import ImageOps
+
+    turned = ImageOps.exif_transpose(decoded(img, "image"))
+    turned.filename = getattr(img, "filename", "")  # later messages still name the file
+    return turned
 
 
 def to_8bit_grey(img: Image.Image) -> Image.Image:

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 from .catalog import DATASET_CLASSES, resolve_dataset_name
 from .errors import DatasetError
 from .meta import load_meta, meta_path
-from .preprocess import decoded, image_to_tensor, image_to_uint8, mask_to_tensor, open_image
+from .preprocess import decoded, exif_upright, image_to_tensor, image_to_uint8, mask_to_tensor, open_image
 from .scan import SPLITS
 
 
@@ -23,7 +23,9 @@ class AnomalyDataset(Dataset):
     normal images and anomalous images without a mask), "label", "has_mask", "cls_name",
     "img_path" (absolute) and "index". With ``as_uint8`` the image is the resized uint8 RGB
     [3,S,S] and the mask uint8: loaders move a quarter of the bytes, and ``normalize_image`` on
-    the device gives exactly the float image.
+    the device gives exactly the float image. Without ``dataset`` (folder-mode data) images and
+    masks are turned as their EXIF orientation says (``upright``), so maps line up with the photo
+    as shown.
     """
 
     def __init__(self, root, split: str = "test", image_size: int = 518, classes=None, dataset: str | None = None,
@@ -35,6 +37,9 @@ class AnomalyDataset(Dataset):
         self.split = split
         self.image_size = int(image_size)
         self.dataset = resolve_dataset_name(dataset) if dataset is not None else None
+        # folder-mode data (your own photos) is read as shown, EXIF orientation applied; a named
+        # dataset as stored, as the original code read it (docs/design.md §5)
+        self.upright = self.dataset is None
         meta = load_meta(self.root, self.dataset)
         available = {c: e for c, e in meta[split].items() if e}
         if not available:
@@ -47,8 +52,8 @@ class AnomalyDataset(Dataset):
             if foreign:
                 raise DatasetError(
                     f"{meta_path(self.root)} holds class(es) {', '.join(foreign)}, which are not classes of "
-                    f"{self.dataset} ({', '.join(valid)}); pass the dataset name matching the data, or none for "
-                    "custom data")
+                    f"{self.dataset} ({', '.join(valid)}); pass the dataset name matching the data, or omit --dataset "
+                    "for your own data")
         if classes is None:
             names = [c for c in valid if c in available] if valid is not None else sorted(available)
         else:
@@ -93,15 +98,10 @@ class AnomalyDataset(Dataset):
         anomalous = int(e["anomaly"]) == 1
         has_mask = (not anomalous) or bool(e["mask_path"])
         S = self.image_size
-        with open_image(img_path, "image") as img:
+        with open_image(img_path, "image") as opened:
+            img = exif_upright(decoded(opened, "image")) if self.upright else opened
             if anomalous and e["mask_path"]:
-                mask_file = self._abs(e["mask_path"])
-                with open_image(mask_file, "mask") as m:
-                    if m.size != img.size:
-                        raise DatasetError(
-                            f"mask {mask_file} is {m.size[0]}x{m.size[1]} but its image {img_path} is "
-                            f"{img.size[0]}x{img.size[1]}; fix or replace the mask, or regenerate meta.json")
-                    mask = mask_to_tensor(decoded(m, "mask"), S)
+                mask = self._mask(self._abs(e["mask_path"]), img.size, img_path)
             else:
                 mask = torch.zeros(S, S, dtype=torch.float32)
             if self.as_uint8:
@@ -111,6 +111,16 @@ class AnomalyDataset(Dataset):
                 image = image_to_tensor(decoded(img, "image"), S)
         return {"image": image, "mask": mask, "label": 1 if anomalous else 0, "has_mask": has_mask,
                 "cls_name": e["cls_name"], "img_path": img_path, "index": index}
+
+    def _mask(self, mask_file: str, image_size: tuple[int, int], img_path: str) -> torch.Tensor:
+        """The mask [S, S] in {0, 1}; it must have its image's size (both as shown, in folder mode)."""
+        with open_image(mask_file, "mask") as opened:
+            m = exif_upright(decoded(opened, "mask")) if self.upright else opened
+            if m.size != image_size:
+                raise DatasetError(
+                    f"mask {mask_file} is {m.size[0]}x{m.size[1]} but its image {img_path} is "
+                    f"{image_size[0]}x{image_size[1]}; fix or replace the mask, or regenerate meta.json")
+            return mask_to_tensor(decoded(m, "mask"), self.image_size)
 
 
 def collate(items: list[dict]) -> dict:

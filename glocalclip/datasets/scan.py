@@ -173,14 +173,24 @@ def _listing(paths: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
 
 
+def _refuse_missing_masks(mask_dir: str, missing: list[str], suffixes: tuple[str, ...], can_skip: bool) -> None:
+    wanted = " or ".join(f"<name>{s}.<ext>" for s in suffixes)
+    or_skip = "; or pass --missing_masks skip to keep them for the image-level loss and metrics only" if can_skip else ""
+    raise DatasetError(f"{len(missing)} anomalous image(s) have no mask in {mask_dir} (a mask is named {wanted}): "
+                       f"{_listing(missing)}. Add the masks or remove those images{or_skip}")
+
+
 def build_entries(root: str, cls_name: str, groups: list[Group], suffixes: tuple[str, ...],
                   check_mask_dirs: tuple[str, ...] = (),
-                  unmatched_ok: Callable[[str], bool] | None = None) -> dict[str, list[dict]]:
+                  unmatched_ok: Callable[[str], bool] | None = None,
+                  missing_masks: str | None = None) -> dict[str, list[dict]]:
     """Entries of one class per split, masks paired by name, sorted by img_path.
 
     Refuses an anomalous image without a mask (where its group has a mask folder) and a mask
     without an image, in each mask folder used plus ``check_mask_dirs`` (except masks for which
-    ``unmatched_ok(name)`` is true).
+    ``unmatched_ok(name)`` is true). ``missing_masks``: None where the layout offers no choice,
+    "refuse" (the message names ``--missing_masks skip``), or "skip": such images are kept with
+    mask_path "" (training uses them for the image-level loss only).
     """
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     users: dict[str, list[tuple[dict, str, str]]] = defaultdict(list)  # mask dir -> (entry, image dir, name)
@@ -191,17 +201,18 @@ def build_entries(root: str, cls_name: str, groups: list[Group], suffixes: tuple
             if g.anomalous and g.mask_dir is not None:
                 users[g.mask_dir].append((e, g.image_dir, name))
     for mask_dir in dict.fromkeys([*users, *check_mask_dirs]):
-        attach_masks(root, mask_dir, users.get(mask_dir, []), suffixes, unmatched_ok)
+        attach_masks(root, mask_dir, users.get(mask_dir, []), suffixes, unmatched_ok, missing_masks)
     for split in SPLITS:
         out[split].sort(key=lambda e: e["img_path"])
     return out
 
 
 def attach_masks(root: str, mask_dir: str, items: list[tuple[dict, str, str]], suffixes: tuple[str, ...],
-                 unmatched_ok: Callable[[str], bool] | None) -> None:
+                 unmatched_ok: Callable[[str], bool] | None, missing_masks: str | None = None) -> None:
     """Set ``mask_path`` of each anomalous entry in ``items`` (entry, image dir, image name) to its
     mask in ``mask_dir``; refuses a missing mask, a mask matching two images and a mask without an
-    image (except where ``unmatched_ok(name)``). A mask folder no image uses may be absent."""
+    image (except where ``unmatched_ok(name)``). A mask folder no image uses may be absent.
+    ``missing_masks="skip"`` keeps images without a mask (mask_path stays "")."""
     if items:
         require_dir(root, mask_dir, f"it must hold the masks of the anomalous images in "
                                     f"{abspath(root, items[0][1])}")
@@ -226,11 +237,8 @@ def attach_masks(root: str, mask_dir: str, items: list[tuple[dict, str, str]], s
                     f"(the second is {abspath(root, e['img_path'])}); give the images distinct names")
             used.add(m)
             e["mask_path"] = join(mask_dir, m)
-    if missing:
-        wanted = " or ".join(f"<name>{s}.<ext>" for s in suffixes)
-        raise DatasetError(
-            f"{len(missing)} anomalous image(s) have no mask in {abspath(root, mask_dir)} "
-            f"(a mask is named {wanted}): {_listing(missing)}. Add the masks or remove those images")
+    if missing and missing_masks != "skip":
+        _refuse_missing_masks(abspath(root, mask_dir), missing, suffixes, missing_masks is not None)
     orphans = [abspath(root, join(mask_dir, m)) for m in mask_names if m not in used
                and not (unmatched_ok is not None and unmatched_ok(m))]
     if orphans:

@@ -1,5 +1,5 @@
 """Checkpoint files: loading any supported checkpoint into a model (:func:`load_model`), writing ours
-atomically (temp file, then rename, so an interrupted save never leaves a broken file), and the
+(through ``glocalclip.files``: atomic, normal permissions, one message per I/O error), and the
 threshold sidecar that ``test.py`` writes beside a checkpoint instead of rewriting it. The formats
 themselves are ``model/checkpoint_format.py``.
 """
@@ -8,12 +8,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
+
+from ..files import write_json, write_torch
 
 from ..model.checkpoint_format import adapt_checkpoint, read_checkpoint
 from ..model.glocalclip import GlocalCLIP
@@ -42,28 +43,9 @@ def load_model(source: str | os.PathLike | dict, clip: Optional[torch.nn.Module]
 
 
 # ---------------------------------------------------------------------------- writing
-def _atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """``write(temp path)`` in the same folder, then rename over ``path``; no temp file survives."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file in the same folder, then rename over ``path``."""
-    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save ``obj`` to ``path`` atomically (the argument order of ``torch.save``)."""
+    return write_torch(path, obj)
 
 
 # ---------------------------------------------------------------------------- threshold sidecar
@@ -87,7 +69,7 @@ def write_threshold(checkpoint: str | os.PathLike, image_score: float, **provena
     record = {"image_score": float(image_score), **provenance, "checkpoint": Path(checkpoint).name,
               "checkpoint_sha256": file_sha256(checkpoint)}
     path = threshold_path(checkpoint)
-    atomic_write_text(json.dumps(record, indent=2) + "\n", path)
+    write_json(path, record)
     return path
 
 

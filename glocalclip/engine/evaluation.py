@@ -22,6 +22,7 @@ from . import metrics as M
 from ..datasets import AnomalyDataset, collate, default_metrics, load_meta, normalize_image
 from .distributed import DistContext
 from .hooks import EvaluationHooks
+from ..files import write_json
 from ..model.glocalclip import GlocalCLIP
 from .loaders import plan_loader, resolve_batch_size, resolve_num_workers
 from .settings import METRIC_MODES
@@ -255,13 +256,6 @@ def measure_classes(ev: Evaluator, data: AnomalyDataset, keep_maps: bool,
 
 
 def _write_partial(path: Path, content: dict[str, Any]) -> None:
-    import json
-    import os
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     safe = {k: ({c: {m: (None if math.isnan(v) else v) for m, v in r.items()} for c, r in v.items()}
                 if k == "classes" else v) for k, v in content.items()}
-    tmp.write_text(json.dumps(safe, indent=2))
-    os.replace(tmp, path)
+    write_json(path, safe)

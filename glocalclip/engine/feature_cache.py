@@ -9,14 +9,19 @@ else in a disk memmap (``location="auto"``).
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
+import weakref
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
 from ..model.layers import LayerFeatures
+from ..files import make_temp_dir, translated
 
 LOCATIONS = ("auto", "device", "host", "disk", "off")
 
@@ -46,6 +51,24 @@ def choose_location(requested: str, nbytes: int, device: torch.device) -> str:
     return "disk"
 
 
+def _disk_array(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 .npy memmap whose blocks are reserved now: a disk too small for it fails here with
+    an OutputError, not later with a SIGBUS when a page of the map is first written."""
+    with translated(path):
+        array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+        reserve = getattr(os, "posix_fallocate", None)  # Linux; elsewhere the file stays sparse
+        fd = os.open(path, os.O_RDWR)
+        try:
+            if reserve is not None:
+                reserve(fd, 0, os.fstat(fd).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: go on
+                raise
+        finally:
+            os.close(fd)
+    return array
+
+
 class FeatureCache:
     """Features of ``n`` images, filled batch by batch, read back by dataset index.
 
@@ -61,12 +84,14 @@ class FeatureCache:
         self.device = device
         n_slots = len(self.layer_counts)
         store = device if location == "device" else torch.device("cpu")
-        self._tmpdir = None
+        self._remove_dir: Optional[weakref.finalize] = None
         if location == "disk":
-            self._tmpdir = tempfile.TemporaryDirectory(prefix="glocalclip_cache_", dir=disk_dir)
-            self.patches = [torch.from_numpy(np.lib.format.open_memmap(
-                os.path.join(self._tmpdir.name, f"patches_{s}.npy"), mode="w+", dtype=np.float32,
-                shape=(n, tokens, width))) for s in range(n_slots)]
+            # named after this process, so that the next start in the folder removes it if this
+            # process is killed (glocalclip.files.remove_leftovers); removed on close or exit
+            folder = make_temp_dir(disk_dir if disk_dir is not None else tempfile.gettempdir(), "cache")
+            self._remove_dir = weakref.finalize(self, shutil.rmtree, folder, True)
+            self.patches = [torch.from_numpy(_disk_array(folder / f"patches_{s}.npy", (n, tokens, width)))
+                            for s in range(n_slots)]
         else:
             self.patches = [torch.empty(n, tokens, width, dtype=torch.float32, device=store)
                             for _ in range(n_slots)]
@@ -129,7 +154,7 @@ class FeatureCache:
                 self.mask_valid[store_idx].to(dev))
 
     def close(self) -> None:
-        if self._tmpdir is not None:
+        if self._remove_dir is not None:
             self.patches = []
-            self._tmpdir.cleanup()
-            self._tmpdir = None
+            self._remove_dir()
+            self._remove_dir = None

@@ -13,7 +13,6 @@ Speed: the image encoder is frozen and there is no augmentation, so images are e
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import time
@@ -25,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import atomic_save
-from ..model.checkpoint_format import read_checkpoint, is_ours
+from ..files import append_text, prepare_output_dir, write_json, write_torch
+from ..model.checkpoint_format import CheckpointError, read_checkpoint, is_ours
 from ..model.config import GlocalCLIPConfig
 from ..datasets import AnomalyDataset, collate, load_meta, normalize_image, resolve_dataset_name
 from .distributed import DistContext, init_distributed
@@ -63,10 +62,39 @@ def latest_checkpoint(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.is_file():
         return p
-    found = sorted(p.glob("epoch_*.pth"), key=lambda q: int(q.stem.split("_")[1]) if q.stem.split("_")[1].isdigit() else -1)
+    found = _epoch_files(p)
     if not found:
         raise FileNotFoundError(f"--resume {path}: no epoch_N.pth checkpoint there")
     return found[-1]
+
+
+def _epoch_files(folder: Path) -> list[Path]:
+    """The folder's ``epoch_N.pth`` files, lowest N first."""
+    return sorted(folder.glob("epoch_*.pth"),
+                  key=lambda q: int(q.stem.split("_")[1]) if q.stem.split("_")[1].isdigit() else -1)
+
+
+def resume_checkpoint(path: str | os.PathLike, warn) -> tuple[Path, dict]:
+    """(file, checkpoint dict) that ``--resume path`` continues from: ``path`` itself if a file, else
+    the highest ``epoch_N.pth`` in the folder that reads. A damaged later one (truncated, empty: an
+    interrupted copy) is passed over with a message through ``warn``; a file named directly is not."""
+    p = Path(path)
+    if not p.is_dir():
+        return p, read_checkpoint(p)
+    latest_checkpoint(p)  # no epoch_N.pth at all: FileNotFoundError naming the folder
+    damaged = []
+    for candidate in reversed(_epoch_files(p)):
+        try:
+            ckpt = read_checkpoint(candidate)
+        except CheckpointError as e:
+            damaged.append(str(e))
+            continue
+        for reason in damaged:
+            warn(f"--resume: passing over a damaged checkpoint: {reason}")
+        if damaged:
+            warn(f"--resume: continuing from {candidate}")
+        return candidate, ckpt
+    raise CheckpointError(f"--resume {path}: no epoch_N.pth there can be read: {'; '.join(damaged)}", "unreadable")
 
 
 class Trainer:
@@ -78,20 +106,12 @@ class Trainer:
             raise ValueError("--train_data_path is required: the root of a dataset with a meta.json")
         self.ctx = ctx or init_distributed(cfg.device)
         self.cfg = cfg
+        self.save_dir = Path(cfg.save_path)
+        # a save folder that cannot take a file stops the run (every process alike) before any long work
+        prepare_output_dir(self.save_dir)
         self.start_epoch = 0
-        resume_ckpt = None
-        if cfg.resume:
-            resume_ckpt = read_checkpoint(latest_checkpoint(cfg.resume))
-            if not is_ours(resume_ckpt):
-                raise ValueError(f"--resume {cfg.resume}: not a glocalclip training checkpoint")
-            saved = GlocalCLIPConfig.from_dict(resume_ckpt["config"])
-            if saved != model_cfg:
-                diff = {k: (v, getattr(model_cfg, k)) for k, v in dataclasses.asdict(saved).items()
-                        if v != getattr(model_cfg, k) and k not in ("pretrained", "precision")}
-                if diff:
-                    raise ValueError(f"--resume: the checkpoint was trained with other model settings "
-                                     f"(checkpoint vs now): {diff}")
-            self.start_epoch = int(resume_ckpt["epoch"])
+        self.resume_path: Optional[Path] = None
+        resume_ckpt = self._resume_checkpoint(model_cfg) if cfg.resume else None
         # the data first: a wrong path fails at once, not after the backbone's weights are loaded
         self.dataset = AnomalyDataset(cfg.train_data_path, split="test", image_size=model_cfg.image_size,
                                       classes=meta_class_order(cfg.train_data_path, cfg.dataset),
@@ -112,7 +132,6 @@ class Trainer:
                 self.model.prompt_learner, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.cache: Optional[FeatureCache] = None
         self.skip_unmasked = cfg.skip_unmasked()
-        self.save_dir = Path(cfg.save_path)
         self.history: list[dict[str, float]] = []
 
     def _replay_original_run(self, resuming: bool) -> OriginalDraws:
@@ -124,6 +143,21 @@ class Trainer:
         if model_cfg.prompt_style == "glocal" and not resuming:
             self.model.load_prompts({"prompt_learner": draws.initial_prompts})
         return draws
+
+    def _resume_checkpoint(self, model_cfg: GlocalCLIPConfig) -> dict:
+        """Read the checkpoint ``--resume`` names and check it was trained with this model."""
+        self.resume_path, resume_ckpt = resume_checkpoint(self.cfg.resume, self.log)
+        if not is_ours(resume_ckpt):
+            raise ValueError(f"--resume {self.cfg.resume}: not a glocalclip training checkpoint")
+        saved = GlocalCLIPConfig.from_dict(resume_ckpt["config"])
+        if saved != model_cfg:
+            diff = {k: (v, getattr(model_cfg, k)) for k, v in dataclasses.asdict(saved).items()
+                    if v != getattr(model_cfg, k) and k not in ("pretrained", "precision")}
+            if diff:
+                raise ValueError(f"--resume: the checkpoint was trained with other model settings "
+                                 f"(checkpoint vs now): {diff}")
+        self.start_epoch = int(resume_ckpt["epoch"])
+        return resume_ckpt
 
     # -------------------------------------------------------------- features
     def _loader(self, batches: list[list[int]]) -> DataLoader:
@@ -235,16 +269,14 @@ class Trainer:
     def log(self, msg: str) -> None:
         if self.ctx.is_main:
             tqdm.write(msg)
-            self.save_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.save_dir / "log.txt", "a") as f:
-                f.write(msg + "\n")
+            append_text(self.save_dir / "log.txt", msg + "\n")
 
     def _save(self, epoch: int, mean: dict[str, float]) -> Path:
         path = self.save_dir / f"epoch_{epoch}.pth"
         if self.ctx.is_main:
             ckpt = self.model.checkpoint(epoch, self.optimizer.state_dict(), train_config=self.cfg.to_dict(),
                                          losses=mean)
-            atomic_save(ckpt, path)
+            write_torch(path, ckpt)
         self.ctx.barrier()
         return path
 
@@ -255,7 +287,7 @@ class Trainer:
         last: Optional[Path] = None
         if self.start_epoch >= cfg.epoch:
             self.log(f"nothing to do: the checkpoint is at epoch {self.start_epoch} of {cfg.epoch}")
-            return latest_checkpoint(cfg.resume) if cfg.resume else None
+            return self.resume_path
         self.log(f"training on {n} images ({len(self.dataset.classes)} classes) of {cfg.train_data_path}, "
                  f"epochs {self.start_epoch + 1}..{cfg.epoch}, batch {cfg.batch_size}, device {self.device}"
                  + (f", {self.ctx.world_size} processes" if self.ctx.enabled else ""))
@@ -298,9 +330,8 @@ class Trainer:
             if self.cache is not None:
                 self.cache.close()
         if self.ctx.is_main:
-            with open(self.save_dir / "train_history.json", "w") as f:
-                json.dump({"model_config": self.model.cfg.to_dict(), "train_config": cfg.to_dict(),
-                           "epochs": self.history}, f, indent=2)
+            write_json(self.save_dir / "train_history.json", {
+                "model_config": self.model.cfg.to_dict(), "train_config": cfg.to_dict(), "epochs": self.history})
         return last
 
 

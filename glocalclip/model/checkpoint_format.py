@@ -22,16 +22,73 @@ GLOCAL_KEYS = ("ctx_global_pos", "ctx_global_neg", "ctx_local_pos", "ctx_local_n
 ANOMALYCLIP_KEYS = ("ctx_pos", "ctx_neg")
 
 
+#: what a checkpoint file is, said in every message about one that is not
+EXPECTED = ("expected a checkpoint written by glocalclip (train.py's epoch_N.pth, or convert) or by the original "
+            "GlocalCLIP/AnomalyCLIP code")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+
+
+class CheckpointError(ValueError):
+    """A file given as a checkpoint is not a readable one. ``kind`` says what it is instead:
+    "folder", "empty", "truncated", "not_torch" (random bytes, another kind of file),
+    "not_dict" (a tensor or a whole model) or "unreadable"."""
+
+    def __init__(self, message: str, kind: str = "unreadable"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _sniff(path: Path) -> None:
+    """Raise CheckpointError for a folder, an empty file, a cut-off zip or bytes that are neither
+    of torch.save's formats (a zip archive, or a pickle for the legacy format)."""
+    if path.is_dir():
+        inside = sorted(path.glob("epoch_*.pth"), key=lambda q: (len(q.name), q.name))  # epoch_9 < epoch_10
+        hint = f" such as {inside[-1]}" if inside else ""
+        raise CheckpointError(f"checkpoint {path} is a folder; give a checkpoint file inside it{hint}. {EXPECTED}",
+                              "folder")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}; check its permissions",
+                              "unreadable") from None
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its writing was cut off; {EXPECTED}", "empty")
+    if head == _ZIP_MAGIC:
+        import zipfile
+
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"checkpoint {path} is truncated ({size} bytes, the end of its zip archive is "
+                                  f"missing): an interrupted copy or write; copy it again or use an earlier one",
+                                  "truncated")
+    elif not (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):  # pickle protocol 2..5
+        raise CheckpointError(f"checkpoint {path} is not a PyTorch file (it starts with bytes {head.hex(' ')}, "
+                              f"neither a zip archive nor a pickle: random data or another kind of file); {EXPECTED}",
+                              "not_torch")
+
+
 def read_checkpoint(source: str | os.PathLike | dict) -> dict:
+    """The checkpoint dict in ``source`` (a dict is returned as is). A missing file raises
+    FileNotFoundError; anything else that is not a checkpoint raises CheckpointError saying what
+    the file is and what was expected."""
     if isinstance(source, dict):
         return source
     path = Path(source)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    _sniff(path)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:  # torch.load raises many types: pickle's, zip's, RuntimeError, ...
+        cut = isinstance(e, EOFError) or any(w in str(e).lower() for w in ("truncated", "eof", "ran out of input"))
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: {'it ends early, ' if cut else ''}{first}; "
+                              f"{EXPECTED}", "truncated" if cut else "unreadable") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a checkpoint dict; {EXPECTED}",
+                              "not_dict")
+    return ckpt
 
 
 def is_ours(ckpt: dict) -> bool:

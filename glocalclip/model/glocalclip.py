@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint_format as ckpt_io
-from .backbone import create_backbone
+from .backbone import create_backbone, resolve_model_config
 from .config import GlocalCLIPConfig
 from .layers import LayerFeatures
 from .losses import glocal_contrastive_loss, local_loss
@@ -39,7 +39,9 @@ class GlocalCLIP(nn.Module):
         cfg = cfg if cfg is not None else GlocalCLIPConfig()
         cfg.validate()
         self.cfg = cfg
-        clip = clip if clip is not None else create_backbone(cfg.backbone, cfg.pretrained)
+        if clip is None:  # a bad size is refused before the weights are read
+            check_image_size(cfg.image_size, configured_patch_size(cfg.backbone, cfg.pretrained), cfg.backbone)
+            clip = create_backbone(cfg.backbone, cfg.pretrained)
         clip.requires_grad_(False)
         clip.eval()
         self.clip = clip
@@ -49,8 +51,7 @@ class GlocalCLIP(nn.Module):
         self.prompt_learner = GlocalPromptLearner(
             clip.token_embedding, open_clip.tokenize, cfg.n_ctx, cfg.ab_ctx, cfg.depth, cfg.t_n_ctx,
             style=cfg.prompt_style, context_length=int(clip.positional_embedding.shape[0]))
-        if cfg.image_size < self.visual.patch_size:
-            raise ValueError(f"image_size {cfg.image_size} is smaller than one patch ({self.visual.patch_size})")
+        check_image_size(cfg.image_size, self.visual.patch_size, cfg.backbone)
 
     # ------------------------------------------------------------------ plumbing
     def train(self, mode: bool = True) -> "GlocalCLIP":
@@ -211,4 +212,24 @@ class GlocalCLIP(nn.Module):
         model = cls(cfg, clip=clip)
         model.load_prompts({"prompt_learner": prompts})
         return model
+
+
+def configured_patch_size(backbone: str, pretrained: Optional[str]) -> Optional[int]:
+    """The patch size the backbone's open_clip config names (None where it names none)."""
+    patch = resolve_model_config(backbone, pretrained)[0].get("vision_cfg", {}).get("patch_size")
+    return patch if isinstance(patch, int) else None
+
+
+def check_image_size(image_size: int, patch: Optional[int], backbone: str) -> None:
+    """Refuse an image size that is not a whole number of patches: the patch convolution would
+    silently drop the remainder (the right and bottom edge of every image, docs/design.md §2.2)."""
+    if patch is None or (image_size >= patch and image_size % patch == 0):
+        return
+    lower = image_size // patch * patch
+    if lower < patch:
+        raise ValueError(f"--image_size {image_size} is smaller than one patch ({patch} pixels) of backbone "
+                         f"{backbone}; use a multiple of {patch}, e.g. {patch}")
+    raise ValueError(f"--image_size {image_size} is not a multiple of the patch size {patch} of backbone "
+                     f"{backbone}: the patch convolution would drop the last {image_size % patch} pixel rows and "
+                     f"columns; use {lower} or {lower + patch}")
 
