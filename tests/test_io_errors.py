@@ -73,7 +73,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built before the save folder was checked")
     monkeypatch.setattr("glocalclip.engine.training.GlocalCLIP", refuse)
-    monkeypatch.setattr("glocalclip.apps.cli.build_test_model", refuse)
+    monkeypatch.setattr("glocalclip.engine.checkpoint.load_model_and_checkpoint", refuse)
 
 
 @pytest.mark.parametrize("fault", ["file_parent", "EROFS", "EACCES"])
@@ -133,7 +133,7 @@ def test_save_vis_failing_is_an_error_not_a_silent_skip(data, reference, tmp_pat
 
 
 def test_a_checkpoint_that_cannot_be_updated_still_gives_the_results(data, reference, tmp_path, monkeypatch, capsys):
-    """test.py stores the image threshold in the checkpoint; a read-only checkpoint folder is a
+    """test.py stores the image threshold beside the checkpoint; a read-only checkpoint folder is a
     note with the threshold to pass to predict, not a lost run."""
     ckpt = tmp_path / "ro" / "epoch_3.pth"
     ckpt.parent.mkdir()
