@@ -87,7 +87,7 @@ def test_an_image_size_that_is_not_whole_patches_is_refused_with_the_nearest(tin
     def no_weights(*args, **kwargs):
         raise AssertionError("the backbone was built before the size was checked")
 
-    monkeypatch.setattr("glocalclip.model.glocalclip.create_backbone", no_weights)
+    monkeypatch.setattr("glocalclip.model.backbone_record.BackboneRecord.build", no_weights)
     with pytest.raises(ValueError, match=r"--image_size 100 is not a multiple of the patch size 14 .*use 98 or 112"):
         GlocalCLIP(tiny_config(image_size=100))
     with pytest.raises(ValueError, match="use 98 or 112"):  # a backbone passed in is checked too

@@ -4,8 +4,9 @@
 The prompt shapes (n_ctx, ab_ctx, depth, t_n_ctx, prompt style) are read off the tensors; any of
 them given as a flag must agree. Everything else the tensors cannot tell (backbone, image size,
 feature layers, V-V attention depth, ...) comes from the flags, else from the backbone's defaults
-(for ViT-L-14-336 the original code's). Unused projection weights and buffers are dropped. The converted file scores
-exactly as loading the original with the same flags.
+(for ViT-L-14-336 the original code's). The backbone's open_clip config and the weights' identity are
+recorded inside, as train.py's checkpoints do. Unused projection weights and buffers are dropped. The
+converted file scores exactly as loading the original with the same flags.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 from typing import Any, Optional, Sequence
 
 from ..engine.checkpoint import atomic_save
+from ..model.backbone_record import BackboneRecord, checkpoint_entry
 from ..model.checkpoint_format import adapt_checkpoint, is_ours, make_checkpoint, read_checkpoint, tensor_settings
 from .flags import add_model_flags, model_overrides, new_parser
 
@@ -39,8 +41,19 @@ def convert_checkpoint(source: Any, overrides: dict[str, Any]) -> tuple[dict, di
     if is_ours(ckpt) and ckpt.get("threshold") is not None:
         extra["threshold"] = ckpt["threshold"]
     epoch = ckpt.get("epoch")
-    new = make_checkpoint(cfg.to_dict(), state, int(epoch) if isinstance(epoch, int) else 0, None, **extra)
+    new = make_checkpoint(cfg.to_dict(), state, int(epoch) if isinstance(epoch, int) else 0, None,
+                          **checkpoint_entry(_backbone_of(ckpt, cfg, overrides)), **extra)
     return new, tensor_settings(state), dropped
+
+
+def _backbone_of(ckpt: dict, cfg: Any, overrides: dict[str, Any]) -> BackboneRecord:
+    """The backbone the converted checkpoint records (docs/design.md §2.1): the source's own record
+    where it has one and the weights are unchanged, else the one the settings name, weights hashed."""
+    recorded = BackboneRecord.of_checkpoint(ckpt, overrides)
+    if recorded is not None and recorded.pretrained == cfg.pretrained:
+        return recorded
+    base = recorded if recorded is not None else BackboneRecord.resolve(cfg.backbone, cfg.pretrained)
+    return base.for_weights(cfg.pretrained).hashed()
 
 
 def convert_main(argv: Optional[Sequence[str]] = None) -> int:

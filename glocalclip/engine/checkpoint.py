@@ -5,7 +5,6 @@ themselves are ``model/checkpoint_format.py``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -16,8 +15,9 @@ import torch
 
 from ..files import write_json, write_torch
 
-from ..model.checkpoint_format import adapt_checkpoint, read_checkpoint
-from ..model.glocalclip import GlocalCLIP
+from ..model.backbone_record import file_sha256
+from ..model.checkpoint_format import read_checkpoint
+from ..model.glocalclip import GlocalCLIP, model_from_checkpoint
 
 THRESHOLD_SUFFIX = ".threshold.json"
 
@@ -27,18 +27,16 @@ def load_model_and_checkpoint(source: str | os.PathLike | dict, clip: Optional[t
                               **overrides: Any) -> tuple[GlocalCLIP, dict]:
     """:func:`load_model`, also returning the checkpoint dict (its ``train_config``, ``epoch``, ...)."""
     ckpt = read_checkpoint(source)
-    cfg, prompts = adapt_checkpoint(ckpt, overrides)
-    model = GlocalCLIP(cfg, clip=clip)
-    model.load_prompts({"prompt_learner": prompts})
-    return model, ckpt
+    return model_from_checkpoint(ckpt, clip, overrides), ckpt
 
 
 def load_model(source: str | os.PathLike | dict, clip: Optional[torch.nn.Module] = None,
                **overrides: Any) -> GlocalCLIP:
-    """The model of a checkpoint: ours (config inside; ``overrides`` change fields, e.g. ``pretrained``
-    pointing at a local weights file), or an original GlocalCLIP / AnomalyCLIP one (prompt shapes
-    read off its tensors, the rest from ``overrides``, else the backbone's defaults). Pass ``clip``
-    to reuse a backbone you built."""
+    """The model of a checkpoint: ours (config and backbone inside, so it rebuilds without the
+    backbone's JSON; ``overrides`` change fields, e.g. ``pretrained`` pointing at a local copy of
+    the weights, which are checked against the recorded SHA-256), or an original GlocalCLIP /
+    AnomalyCLIP one (prompt shapes read off its tensors, the rest from ``overrides``, else the
+    backbone's defaults). Pass ``clip`` to reuse a backbone you built."""
     return load_model_and_checkpoint(source, clip, **overrides)[0]
 
 
@@ -49,14 +47,6 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 # ---------------------------------------------------------------------------- threshold sidecar
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def threshold_path(checkpoint: str | os.PathLike) -> Path:
     """``epoch_15.pth`` -> ``epoch_15.pth.threshold.json``."""
     return Path(os.fspath(checkpoint) + THRESHOLD_SUFFIX)

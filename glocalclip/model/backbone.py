@@ -229,6 +229,12 @@ def create_backbone(backbone: str, pretrained: Optional[str]) -> nn.Module:
     ``pretrained`` (an open_clip tag, a local weights file, or None for a random init that is
     the same on every call)."""
     cfg, name = resolve_model_config(backbone, pretrained)
+    return backbone_from_config(cfg, name, pretrained)
+
+
+def backbone_from_config(model_cfg: dict[str, Any], name: str, pretrained: Optional[str]) -> nn.Module:
+    """The frozen fp32 CLIP of an open_clip model config dict (``name`` is its canonical open_clip
+    name, used to look up a ``pretrained`` tag); weights as in :func:`create_backbone`."""
     path = source = None
     if pretrained is not None:  # find the weights before spending time on building the model
         if os.path.isfile(pretrained):
@@ -240,7 +246,7 @@ def create_backbone(backbone: str, pretrained: Optional[str]) -> nn.Module:
     # weights (tests, the demo, benchmarks) then meets the same backbone when it is tested.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        model = build_clip(cfg)
+        model = build_clip(model_cfg)
     if path is not None:
         load_clip_weights(model, read_clip_state_dict(path), source)
     model = model.float().eval()

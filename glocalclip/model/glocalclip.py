@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint_format as ckpt_io
-from .backbone import create_backbone, resolve_model_config
+from .backbone_record import BackboneRecord, checkpoint_entry, warn_if_other_weights
 from .config import GlocalCLIPConfig
 from .layers import LayerFeatures
 from .losses import glocal_contrastive_loss, local_loss
@@ -32,16 +32,20 @@ PatchFeatures = Union[LayerFeatures, Sequence[torch.Tensor]]
 
 
 class GlocalCLIP(nn.Module):
-    """``GlocalCLIP(cfg)`` builds the backbone from ``cfg``; pass ``clip`` to reuse one you built."""
+    """``GlocalCLIP(cfg)`` builds the backbone from ``cfg``; pass ``clip`` to reuse one you built, or
+    ``backbone`` (a checkpoint's :class:`BackboneRecord`) to build the architecture it recorded
+    rather than the one ``cfg.backbone`` names now (docs/design.md §2.1)."""
 
-    def __init__(self, cfg: Optional[GlocalCLIPConfig] = None, clip: Optional[nn.Module] = None):
+    def __init__(self, cfg: Optional[GlocalCLIPConfig] = None, clip: Optional[nn.Module] = None,
+                 backbone: Optional[BackboneRecord] = None):
         super().__init__()
         cfg = cfg if cfg is not None else GlocalCLIPConfig()
         cfg.validate()
         self.cfg = cfg
-        if clip is None:  # a bad size is refused before the weights are read
-            check_image_size(cfg.image_size, configured_patch_size(cfg.backbone, cfg.pretrained), cfg.backbone)
-            clip = create_backbone(cfg.backbone, cfg.pretrained)
+        #: the backbone as checkpoints record it; None when the caller brought its own CLIP
+        self.backbone_record: Optional[BackboneRecord] = None
+        if clip is None:
+            clip, self.backbone_record = build_backbone(cfg, backbone)
         clip.requires_grad_(False)
         clip.eval()
         self.clip = clip
@@ -195,7 +199,7 @@ class GlocalCLIP(nn.Module):
     def checkpoint(self, epoch: int, optimizer: Optional[dict] = None, **extra) -> dict:
         """A checkpoint dict in our format (config inside)."""
         return ckpt_io.make_checkpoint(self.cfg.to_dict(), self.prompt_learner.state_dict(), epoch,
-                                       optimizer, **extra)
+                                       optimizer, **checkpoint_entry(self.backbone_record), **extra)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike | dict, clip: Optional[nn.Module] = None,
@@ -208,16 +212,30 @@ class GlocalCLIP(nn.Module):
             raise ValueError(f"{path} is not a glocalclip checkpoint (original-format checkpoints carry "
                              f"no config: load it with glocalclip.load_model(path, **settings), or convert "
                              f"it with `glocalclip convert`)")
-        cfg, prompts = ckpt_io.adapt_checkpoint(ckpt, overrides)
-        model = cls(cfg, clip=clip)
-        model.load_prompts({"prompt_learner": prompts})
-        return model
+        return model_from_checkpoint(ckpt, clip, overrides)
 
 
-def configured_patch_size(backbone: str, pretrained: Optional[str]) -> Optional[int]:
-    """The patch size the backbone's open_clip config names (None where it names none)."""
-    patch = resolve_model_config(backbone, pretrained)[0].get("vision_cfg", {}).get("patch_size")
-    return patch if isinstance(patch, int) else None
+def model_from_checkpoint(ckpt: dict, clip: Optional[nn.Module], overrides: dict) -> GlocalCLIP:
+    """The model of a checkpoint dict (ours or the original code's, see ``adapt_checkpoint``), on
+    the backbone it records where it records one (no ``--backbone`` given, no ``clip`` passed)."""
+    cfg, prompts = ckpt_io.adapt_checkpoint(ckpt, overrides)
+    recorded = None if clip is not None else BackboneRecord.of_checkpoint(ckpt, overrides)
+    model = GlocalCLIP(cfg, clip=clip, backbone=recorded)
+    model.load_prompts({"prompt_learner": prompts})
+    return model
+
+
+def build_backbone(cfg: GlocalCLIPConfig, recorded: Optional[BackboneRecord]) -> tuple[nn.Module, BackboneRecord]:
+    """(the frozen CLIP, its record with the weights' hash): the architecture ``recorded`` (a
+    checkpoint's) or else ``cfg.backbone``'s, the weights ``cfg.pretrained``. A bad image size is
+    refused before the weights are read; weights other than the recorded ones are warned about."""
+    wanted = recorded.for_weights(cfg.pretrained) if recorded is not None \
+        else BackboneRecord.resolve(cfg.backbone, cfg.pretrained)
+    check_image_size(cfg.image_size, wanted.patch_size, cfg.backbone)
+    loaded = wanted.hashed()
+    if recorded is not None:
+        warn_if_other_weights(recorded, loaded)
+    return loaded.build(), loaded
 
 
 def check_image_size(image_size: int, patch: Optional[int], backbone: str) -> None:
