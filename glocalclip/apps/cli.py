@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .flags import add_model_flags, add_settings, model_overrides, new_parser, settings_from_args
+from .flags import (add_model_flags, add_settings, given_settings, model_overrides, new_parser, parse_given,
+                    settings_from_args)
 
 
 # ---------------------------------------------------------------------------- train
@@ -30,13 +31,12 @@ def train_parser():
 
 
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    args = train_parser().parse_args(list(sys.argv[1:] if argv is None else argv))  # --help: no torch yet
     from ..engine.settings import TrainConfig
-    from ..engine.training import train
-    from ..model.config import GlocalCLIPConfig
 
-    cfg = settings_from_args(TrainConfig, args)
-    model_cfg = GlocalCLIPConfig.for_backbone(**model_overrides(args))
+    args = parse_given(train_parser(), TrainConfig, sys.argv[1:] if argv is None else argv)  # --help: no torch yet
+    from ..engine.training import train
+
+    cfg, model_cfg = train_configs(given_settings(TrainConfig, args), model_overrides(args))
     try:
         last = train(model_cfg, cfg)
     except KeyboardInterrupt:
@@ -44,6 +44,20 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     if last is not None:
         print(f"checkpoint: {last}")
     return 0
+
+
+def train_configs(given: dict[str, Any], model_given: dict[str, Any]):
+    """(TrainConfig, GlocalCLIPConfig) from the flags given: with ``--resume``, what is not given is
+    the checkpoint's (docs/design.md §5); else the defaults, and the backbone's."""
+    from ..engine.resume_settings import resumed_configs
+    from ..engine.runs import resume_checkpoint
+    from ..engine.settings import TrainConfig
+    from ..model.config import GlocalCLIPConfig
+
+    if not given.get("resume"):
+        return TrainConfig(**given), GlocalCLIPConfig.for_backbone(**model_given)
+    _, ckpt = resume_checkpoint(given["resume"], warn=lambda note: None)  # the trainer reads it again and logs
+    return resumed_configs(ckpt, given, model_given)
 
 
 # ---------------------------------------------------------------------------- test

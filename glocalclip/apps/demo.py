@@ -35,8 +35,9 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
     # the tiny backbone brings its own layers, prompt lengths and random weights (BACKBONE_DEFAULTS)
     model_flags = ["--backbone", "tiny", "--image_size", str(args.image_size)]
     dev = ["--device", args.device] if args.device else []
+    # a demo rerun starts its run afresh (train.py refuses a folder of an earlier run without --overwrite)
     train_main(["--train_data_path", str(data), "--save_path", str(out / "checkpoints"), "--epoch",
-                str(args.epoch), "--batch_size", "8", "--num_workers", "0"] + model_flags + dev)
+                str(args.epoch), "--batch_size", "8", "--num_workers", "0", "--overwrite"] + model_flags + dev)
     ckpt = out / "checkpoints" / f"epoch_{args.epoch}.pth"
     test_main(["--data_path", str(data), "--checkpoint_path", str(ckpt), "--save_path", str(out / "results"),
                "--sigma", "4", "--num_workers", "0", "--save_vis"] + dev)

@@ -118,6 +118,17 @@ def given_settings(cls: type, args: argparse.Namespace) -> dict[str, Any]:
             if info.cli and hasattr(args, f.name)}
 
 
+def parse_given(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``, leaving the fields of ``cls`` whose flags are absent out of the namespace
+    rather than at their defaults, so that "not given" differs from "given the default value"
+    (``train.py --resume`` takes the checkpoint's value for a setting not given). The dataclass
+    fills in its defaults when it is built from the namespace (:func:`settings_from_args`)."""
+    unset = object()
+    namespace = argparse.Namespace(**{f.name: unset for f, _ in settings_fields(cls)})
+    args = parser.parse_args(list(argv), namespace=namespace)  # argparse fills only attributes not yet set
+    return argparse.Namespace(**{k: v for k, v in vars(args).items() if v is not unset})
+
+
 def settings_from_args(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
     """An instance of ``cls`` from the parsed flags (``fixed`` fields win); it validates itself."""
     return cls(**{**given_settings(cls, args), **fixed})

@@ -67,8 +67,12 @@ class TrainConfig:
                                  help="where the image features encoded in the first epoch are kept; off "
                                       "encodes every epoch; auto picks by free memory")
     num_workers: Optional[int] = workers_setting()
-    resume: Optional[str] = setting(None, help="a checkpoint, or a save folder (its latest epoch)",
+    resume: Optional[str] = setting(None, help="a checkpoint, or a save folder (its latest epoch), to continue; "
+                                               "settings not given are the checkpoint's",
                                     default_text="start afresh")
+    overwrite: bool = setting(False, switch=True,
+                              help="start afresh in a --save_path that holds an earlier run: its epoch_N.pth, "
+                                   "train_history.json and log.txt are removed first")
     progress: bool = progress_setting()
     unmasked_anomalies: str = setting(
         "auto", choices=UNMASKED_ANOMALY_MODES,

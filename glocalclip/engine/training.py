@@ -1,4 +1,4 @@
-"""Prompt training (DESIGN.md §5): Adam on the prompt learner over the auxiliary dataset's
+"""Prompt training (docs/design.md §5): Adam on the prompt learner over the auxiliary dataset's
 labelled *test* split, the protocol of this line of work.
 
 Same seed, same run: for ``prompt_style="glocal"`` the prompts start where the original code's
@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..files import append_text, prepare_output_dir, write_json, write_torch
-from ..model.checkpoint_format import CheckpointError, read_checkpoint, is_ours
+from ..model.backbone_record import BackboneRecord
+from ..model.checkpoint_format import is_ours
 from ..model.config import GlocalCLIPConfig
 from ..datasets import AnomalyDataset, collate, load_meta, normalize_image, resolve_dataset_name
 from .distributed import DistContext, init_distributed
@@ -36,6 +37,8 @@ from ..model.layers import LayerFeatures
 from .loaders import plan_loader, resolve_num_workers
 from .settings import TrainConfig  # declared with the other settings; imported from here too
 from .original_draws import BackboneSizes, OriginalDraws, PromptSizes
+from .resume_settings import resume_changes, resume_entry
+from .runs import claim_save_folder, epoch_files, latest_checkpoint, resume_checkpoint
 
 
 def seed_everything(seed: int) -> None:
@@ -57,46 +60,6 @@ def shard(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return torch.tensor_split(batch, ctx.world_size)[ctx.rank]
 
 
-def latest_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` itself if a file, else the highest ``epoch_N.pth`` inside the folder."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    found = _epoch_files(p)
-    if not found:
-        raise FileNotFoundError(f"--resume {path}: no epoch_N.pth checkpoint there")
-    return found[-1]
-
-
-def _epoch_files(folder: Path) -> list[Path]:
-    """The folder's ``epoch_N.pth`` files, lowest N first."""
-    return sorted(folder.glob("epoch_*.pth"),
-                  key=lambda q: int(q.stem.split("_")[1]) if q.stem.split("_")[1].isdigit() else -1)
-
-
-def resume_checkpoint(path: str | os.PathLike, warn) -> tuple[Path, dict]:
-    """(file, checkpoint dict) that ``--resume path`` continues from: ``path`` itself if a file, else
-    the highest ``epoch_N.pth`` in the folder that reads. A damaged later one (truncated, empty: an
-    interrupted copy) is passed over with a message through ``warn``; a file named directly is not."""
-    p = Path(path)
-    if not p.is_dir():
-        return p, read_checkpoint(p)
-    latest_checkpoint(p)  # no epoch_N.pth at all: FileNotFoundError naming the folder
-    damaged = []
-    for candidate in reversed(_epoch_files(p)):
-        try:
-            ckpt = read_checkpoint(candidate)
-        except CheckpointError as e:
-            damaged.append(str(e))
-            continue
-        for reason in damaged:
-            warn(f"--resume: passing over a damaged checkpoint: {reason}")
-        if damaged:
-            warn(f"--resume: continuing from {candidate}")
-        return candidate, ckpt
-    raise CheckpointError(f"--resume {path}: no epoch_N.pth there can be read: {'; '.join(damaged)}", "unreadable")
-
-
 class Trainer:
     """One training run. ``run()`` returns the path of the last checkpoint written."""
 
@@ -109,30 +72,29 @@ class Trainer:
         self.save_dir = Path(cfg.save_path)
         # a save folder that cannot take a file stops the run (every process alike) before any long work
         prepare_output_dir(self.save_dir)
-        self.start_epoch = 0
-        self.resume_path: Optional[Path] = None
-        resume_ckpt = self._resume_checkpoint(model_cfg) if cfg.resume else None
+        resume_ckpt = self._open_run(model_cfg)
         # the data first: a wrong path fails at once, not after the backbone's weights are loaded
         self.dataset = AnomalyDataset(cfg.train_data_path, split="test", image_size=model_cfg.image_size,
                                       classes=meta_class_order(cfg.train_data_path, cfg.dataset),
                                       dataset=cfg.dataset, as_uint8=True)
+        self._check_same_data(resume_ckpt)
         seed_everything(cfg.seed)
         self.device = self.ctx.device
-        self.model = GlocalCLIP(model_cfg, clip=clip).to(self.device)
+        # a resumed run rebuilds the backbone its checkpoint records, not what --backbone names today
+        recorded = BackboneRecord.of_checkpoint(resume_ckpt, {}) if resume_ckpt is not None and clip is None else None
+        self.model = GlocalCLIP(model_cfg, clip=clip, backbone=recorded).to(self.device)
         self.draws = self._replay_original_run(resuming=resume_ckpt is not None)
         self.optimizer = torch.optim.Adam(self.model.prompt_parameters(), lr=cfg.learning_rate,
                                           betas=(0.5, 0.999))
+        self.history: list[dict[str, float]] = []
         if resume_ckpt is not None:
-            self.model.load_prompts(resume_ckpt)
-            if resume_ckpt.get("optimizer"):
-                self.optimizer.load_state_dict(resume_ckpt["optimizer"])
+            self._restore(resume_ckpt)
         self.prompt_module: torch.nn.Module = self.model.prompt_learner
         if self.ctx.enabled:
             self.prompt_module = torch.nn.parallel.DistributedDataParallel(
                 self.model.prompt_learner, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.cache: Optional[FeatureCache] = None
         self.skip_unmasked = cfg.skip_unmasked()
-        self.history: list[dict[str, float]] = []
 
     def _replay_original_run(self, resuming: bool) -> OriginalDraws:
         """The original code's run for this seed (docs/design.md §5.1): a fresh glocal run starts
@@ -144,9 +106,26 @@ class Trainer:
             self.model.load_prompts({"prompt_learner": draws.initial_prompts})
         return draws
 
-    def _resume_checkpoint(self, model_cfg: GlocalCLIPConfig) -> dict:
-        """Read the checkpoint ``--resume`` names and check it was trained with this model."""
-        self.resume_path, resume_ckpt = resume_checkpoint(self.cfg.resume, self.log)
+    # -------------------------------------------------------------- one folder, one run
+    def _open_run(self, model_cfg: GlocalCLIPConfig) -> Optional[dict]:
+        """Read the checkpoint ``--resume`` names (if any), then claim the save folder for this run:
+        a folder holding another run's checkpoints is refused, or cleared with ``--overwrite``."""
+        self.start_epoch, self.resume_path, self.resumes = 0, None, []
+        notes: list[str] = []  # logged once the folder is this run's
+        ckpt = self._resume_checkpoint(model_cfg, notes.append) if self.cfg.resume else None
+        named_file = self.cfg.resume is not None and not Path(self.cfg.resume).is_dir()
+        removed = claim_save_folder(self.save_dir, self.resume_path, self.cfg.overwrite, resume_named_file=named_file)
+        if removed:
+            notes.insert(0, f"--overwrite: removed the earlier run's files from {self.save_dir}: "
+                            f"{', '.join(p.name for p in removed)}")
+        for note in notes:
+            self.log(note)
+        return ckpt
+
+    def _resume_checkpoint(self, model_cfg: GlocalCLIPConfig, note) -> dict:
+        """Read the checkpoint ``--resume`` names, check it was trained with this model and these
+        settings (docs/design.md §5), and record what this run changes from its next epoch on."""
+        self.resume_path, resume_ckpt = resume_checkpoint(self.cfg.resume, note)
         if not is_ours(resume_ckpt):
             raise ValueError(f"--resume {self.cfg.resume}: not a glocalclip training checkpoint")
         saved = GlocalCLIPConfig.from_dict(resume_ckpt["config"])
@@ -157,7 +136,36 @@ class Trainer:
                 raise ValueError(f"--resume: the checkpoint was trained with other model settings "
                                  f"(checkpoint vs now): {diff}")
         self.start_epoch = int(resume_ckpt["epoch"])
+        changes = resume_changes(resume_ckpt.get("train_config"), self.cfg.to_dict())
+        for name, (old, new) in changes.items():
+            note(f"--resume: {name} {old} -> {new} from epoch {self.start_epoch + 1} on")
+        self.resumes = [*resume_ckpt.get("resumes", []), resume_entry(self.start_epoch, str(self.resume_path), changes)]
         return resume_ckpt
+
+    def _restore(self, ckpt: dict) -> None:
+        """The prompts, the optimizer's state and the loss history of the checkpoint resumed from.
+        The restored optimizer state carries the learning rate it was saved with: this run's rate
+        (the checkpoint's unless --learning_rate gave another) holds from the next step on."""
+        self.model.load_prompts(ckpt)
+        if ckpt.get("optimizer"):
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.learning_rate
+        self.history = [h for h in ckpt.get("history", []) if h.get("epoch", 0) <= self.start_epoch]
+
+    def _data_identity(self) -> dict:
+        return {"images": len(self.dataset), "classes": list(self.dataset.classes)}
+
+    def _check_same_data(self, ckpt: Optional[dict]) -> None:
+        """A resumed run trains on the images of its checkpoint: each epoch's batch order names
+        images by their position in the data (docs/design.md §5.1)."""
+        recorded = ckpt.get("data") if ckpt is not None else None
+        if recorded and recorded != self._data_identity():
+            now = self._data_identity()
+            raise ValueError(f"--resume: {self.cfg.train_data_path} holds other training data than the checkpoint's "
+                             f"({now['images']} images of classes {now['classes']}, the checkpoint "
+                             f"{recorded['images']} of {recorded['classes']}); the run can only continue on the same "
+                             f"images: give the checkpoint's --train_data_path, or start a new run")
 
     # -------------------------------------------------------------- features
     def _loader(self, batches: list[list[int]]) -> DataLoader:
@@ -272,13 +280,43 @@ class Trainer:
             append_text(self.save_dir / "log.txt", msg + "\n")
 
     def _save(self, epoch: int, mean: dict[str, float]) -> Path:
+        """``epoch_N.pth`` (self-contained: the model's config and backbone, the settings as they hold
+        now, every resume with what it changed, the data's identity, the losses so far) and the history."""
         path = self.save_dir / f"epoch_{epoch}.pth"
         if self.ctx.is_main:
             ckpt = self.model.checkpoint(epoch, self.optimizer.state_dict(), train_config=self.cfg.to_dict(),
-                                         losses=mean)
+                                         losses=mean, resumes=self.resumes, data=self._data_identity(),
+                                         history=self.history)
             write_torch(path, ckpt)
+            self._write_history()
         self.ctx.barrier()
         return path
+
+    def _write_history(self) -> None:
+        """``train_history.json``: the losses of every epoch so far (a resumed run's earlier ones too)."""
+        write_json(self.save_dir / "train_history.json", {
+            "model_config": self.model.cfg.to_dict(), "train_config": self.cfg.to_dict(), "resumes": self.resumes,
+            "epochs": self.history})
+
+    def _epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch over the original's batch order for it; the mean losses over its batches."""
+        cfg, t0 = self.cfg, time.time()
+        batches = self.draws.epoch_batches(epoch, len(self.dataset), cfg.batch_size)
+        local = [shard(b, self.ctx) for b in batches]
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        bar = tqdm(zip(batches, self._batches_with_features(local)), total=len(batches),
+                   desc=f"epoch {epoch + 1}/{cfg.epoch}", leave=False, disable=not (cfg.progress and self.ctx.is_main))
+        for step, (gb, (img, patches, masks, labels, valid)) in enumerate(bar):
+            stats = self._step(len(gb), img, patches, masks, labels, valid)
+            sums += stats
+            if not bar.disable and step % 10 == 0:  # reading a value waits for the device
+                bar.set_postfix(loss=f"{float(stats[:2].sum() + cfg.alpha * stats[2]):.4f}")
+        local_sum, glob_sum, con_sum = self.ctx.all_reduce_sum(sums).tolist()
+        mean = {"epoch": epoch + 1, "local": local_sum / len(batches), "global": glob_sum / len(batches),
+                "contrastive": con_sum / len(batches)}
+        mean["total"] = mean["local"] + mean["global"] + cfg.alpha * mean["contrastive"]
+        mean["seconds"] = time.time() - t0
+        return mean
 
     def run(self) -> Optional[Path]:
         cfg = self.cfg
@@ -297,23 +335,7 @@ class Trainer:
                 self.cache = self.build_cache()
                 self.log(f"encoded {n} images once in {time.time() - t0:.1f}s; every epoch reads the cache")
             for epoch in range(self.start_epoch, cfg.epoch):
-                t0 = time.time()
-                batches = self.draws.epoch_batches(epoch, n, cfg.batch_size)
-                local = [shard(b, self.ctx) for b in batches]
-                sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-                bar = tqdm(zip(batches, self._batches_with_features(local)), total=len(batches),
-                           desc=f"epoch {epoch + 1}/{cfg.epoch}", leave=False,
-                           disable=not (cfg.progress and self.ctx.is_main))
-                for step, (gb, (img, patches, masks, labels, valid)) in enumerate(bar):
-                    stats = self._step(len(gb), img, patches, masks, labels, valid)
-                    sums += stats
-                    if not bar.disable and step % 10 == 0:  # reading a value waits for the device
-                        bar.set_postfix(loss=f"{float(stats[:2].sum() + cfg.alpha * stats[2]):.4f}")
-                local_sum, glob_sum, con_sum = self.ctx.all_reduce_sum(sums).tolist()
-                mean = {"local": local_sum / len(batches), "global": glob_sum / len(batches),
-                        "contrastive": con_sum / len(batches)}
-                mean["total"] = mean["local"] + mean["global"] + cfg.alpha * mean["contrastive"]
-                mean["seconds"] = time.time() - t0
+                mean = self._epoch(epoch)
                 self.history.append(mean)
                 if (epoch + 1) % max(cfg.print_freq, 1) == 0:
                     self.log(f"epoch [{epoch + 1}/{cfg.epoch}] loss {mean['total']:.4f} "
@@ -322,7 +344,7 @@ class Trainer:
                 if (epoch + 1) % max(cfg.save_freq, 1) == 0 or epoch + 1 == cfg.epoch:
                     last = self._save(epoch + 1, mean)
         except KeyboardInterrupt:
-            done = latest_checkpoint(self.save_dir) if any(self.save_dir.glob("epoch_*.pth")) else None
+            done = latest_checkpoint(self.save_dir) if epoch_files(self.save_dir) else None
             self.log(f"interrupted; the last finished checkpoint is {done}; continue with --resume "
                      f"{self.save_dir}")
             raise
@@ -330,8 +352,7 @@ class Trainer:
             if self.cache is not None:
                 self.cache.close()
         if self.ctx.is_main:
-            write_json(self.save_dir / "train_history.json", {
-                "model_config": self.model.cfg.to_dict(), "train_config": cfg.to_dict(), "epochs": self.history})
+            self._write_history()
         return last
 
 
