@@ -107,10 +107,11 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
 def _finish_test(results: dict[str, Any], cfg: Any, ckpt: dict, t0: float) -> None:
     """Print and write the results; store the F1-max threshold beside the checkpoint for predict
     (the checkpoint itself is never rewritten)."""
-    from ..engine.checkpoint import write_threshold
+    from ..engine.checkpoint import threshold_source, write_threshold
     from ..files import OutputError
     from ..model.checkpoint_format import is_ours
     from .results import results_table, software_versions, write_results
+    from .visualize import threshold_caption
 
     out_dir = Path(cfg.save_path)
     results.update({"versions": software_versions(), "total_wall_time_s": time.time() - t0})
@@ -121,14 +122,14 @@ def _finish_test(results: dict[str, Any], cfg: Any, ckpt: dict, t0: float) -> No
     thr = results.get("image_threshold")
     if thr is None or not is_ours(ckpt) or not Path(cfg.checkpoint_path).is_file():
         return
+    provenance = {"dataset": results["dataset"], "data_path": str(cfg.data_path), "sigma": cfg.sigma}
     try:
-        side = write_threshold(cfg.checkpoint_path, thr, dataset=results["dataset"],
-                               data_path=str(cfg.data_path), sigma=cfg.sigma)
+        side = write_threshold(cfg.checkpoint_path, thr, **provenance)
     except OutputError as e:  # a read-only checkpoint folder: the results are written all the same
         print(f"note: the image threshold was not stored beside the checkpoint ({e}); give it to predict "
               f"as --threshold {thr!r}", file=sys.stderr)
         return
-    print(f"threshold {thr:.4g} (F1-max) for predict: {side}")
+    print(f"{threshold_caption(thr, threshold_source(provenance))} for predict: {side}")
 
 
 # ---------------------------------------------------------------------------- entry

@@ -47,17 +47,56 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: Optional[np.ndarray] 
     return out
 
 
-def annotate(image_rgb: np.ndarray, text: str, color: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
-    """``text`` written in the top-left corner (outlined so it reads on any background)."""
+def annotate(image_rgb: np.ndarray, text: str | Sequence[str], color: tuple[int, int, int] = (255, 255, 255)
+             ) -> np.ndarray:
+    """``text`` (a line, or several) written in the top-left corner, outlined so it reads on any
+    background. OpenCV's fonts are ASCII only."""
     out = np.ascontiguousarray(image_rgb).copy()
-    if not text:
-        return out
+    lines = [text] if isinstance(text, str) else list(text)
     scale = max(0.35, min(out.shape[:2]) / 400)
     thick = max(1, round(scale * 1.5))
-    org = (4, 4 + int(18 * scale))
-    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
-    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
+    (_, height), baseline = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
+    step = height + baseline + thick + 2  # one line under the other, outlines not touching
+    for i, line in enumerate(x for x in lines if x):
+        org = (4, 4 + height + i * step)
+        cv2.putText(out, line, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
+        cv2.putText(out, line, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
     return out
+
+
+# ---------------------------------------------------------------------------- what a picture says
+def truth_caption(score: float, true_label: int) -> list[str]:
+    """A test grid's tile: the model's score, and the ground-truth label said to be the truth (the
+    grid shows known labels, not predictions)."""
+    return [f"score {score:.3f}", f"truth: {'anomalous' if true_label else 'normal'}"]
+
+
+def grid_legend(value_range: Optional[tuple[float, float]], has_masks: bool) -> str:
+    """The key under a test grid: what the numbers, the outline and the colours are."""
+    parts = ["score = the model's image score", "truth = the ground-truth label"]
+    if has_masks:
+        parts.append("green outline = the ground-truth defect mask")
+    if value_range is not None:
+        parts.append(f"colours = anomaly map, blue {value_range[0]:.2f} .. red {value_range[1]:.2f} for the whole class")
+    return "; ".join(parts)
+
+
+def threshold_caption(threshold: float, source: Optional[str], ascii_only: bool = False) -> str:
+    """``threshold 0.42 (F1-max on mvtec test, σ 8)``: a threshold with the scores it was derived
+    from (``source``, see ``engine.checkpoint.threshold_source``). ``ascii_only`` for pictures."""
+    text = f"threshold {threshold:.4g}" + (f" ({source})" if source else "")
+    return text.replace("σ", "sigma") if ascii_only else text
+
+
+def prediction_caption(score: float, predicted: Optional[int], threshold: Optional[float],
+                       source: Optional[str]) -> list[str]:
+    """A predict overlay: the predicted label said to be a prediction, with the score and the
+    threshold (and its origin) it was decided by; without a threshold, no label."""
+    if predicted is None or threshold is None:
+        return [f"score {score:.3f}", "no prediction: no threshold"]
+    relation = ">=" if predicted else "<"
+    return [f"predicted: {'anomalous' if predicted else 'normal'}",
+            f"score {score:.3f} {relation} {threshold_caption(threshold, source, ascii_only=True)}"]
 
 
 def read_rgb(path: str, upright: bool = False) -> np.ndarray:
@@ -75,13 +114,28 @@ def _tile(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
 
+def _wrapped(text: str, width: int, scale: float) -> list[str]:
+    """``text`` cut at spaces into lines that fit ``width`` pixels in OpenCV's font."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        candidate = f"{lines[-1]} {word}" if lines else word
+        fits = cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] <= width
+        if lines and fits:
+            lines[-1] = candidate
+        else:
+            lines.append(word)
+    return lines
+
+
 def image_grid(rows: Sequence[Sequence[np.ndarray]], tile: int = 160, pad: int = 4,
-               row_titles: Optional[Sequence[str]] = None) -> np.ndarray:
-    """Tiles [H,W,3] uint8 laid out in rows (each resized to ``tile``²) on a white background."""
+               row_titles: Optional[Sequence[str]] = None, legend: str = "") -> np.ndarray:
+    """Tiles [H,W,3] uint8 laid out in rows (each resized to ``tile``²) on a white background,
+    with ``legend`` (wrapped to the grid's width) underneath."""
     n_cols = max((len(r) for r in rows), default=0)
     title_h = 22 if row_titles else 0
-    h = len(rows) * (tile + pad + title_h) + pad
     w = max(1, n_cols) * (tile + pad) + pad
+    legend_lines = _wrapped(legend, w - 2 * pad, 0.4) if legend else []
+    h = len(rows) * (tile + pad + title_h) + pad + 16 * len(legend_lines)
     grid = np.full((h, w, 3), 255, np.uint8)
     y = pad
     for r, row in enumerate(rows):
@@ -92,12 +146,16 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], tile: int = 160, pad: int =
             x = pad + c * (tile + pad)
             grid[y:y + tile, x:x + tile] = _tile(img, tile)
         y += tile + pad
+    for line in legend_lines:
+        cv2.putText(grid, line, (pad, y + 11), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (60, 60, 60), 1, cv2.LINE_AA)
+        y += 16
     return grid
 
 
 def class_grid(cs, k: int = 6, tile: int = 160, upright: bool = False) -> np.ndarray:
     """The ``k`` highest- and ``k`` lowest-scoring images of a class (``ClassScores``), overlays on one
-    colour scale (the class's map range), ground truth as a green contour, score and label on each."""
+    colour scale (the class's map range), ground truth as a green contour; each tile says its score
+    and its ground-truth label, and a legend underneath says what is what."""
     scores = np.asarray(cs.scores, dtype=np.float64)
     order = np.argsort(-scores, kind="stable")
     k = max(1, min(k, len(order)))
@@ -112,15 +170,16 @@ def class_grid(cs, k: int = 6, tile: int = 160, upright: bool = False) -> np.nda
             mask = cs.masks[i].cpu().numpy() if cs.masks is not None else None
             img = overlay(img, maps[i].cpu().numpy(), mask, value_range=vr)
         img = _tile(img, tile)
-        lab = "anomalous" if int(cs.labels[i]) else "normal"
-        return annotate(img, f"{scores[i]:.3f} {lab}", (255, 80, 80) if int(cs.labels[i]) else (255, 255, 255))
+        anomalous = int(cs.labels[i])
+        return annotate(img, truth_caption(scores[i], anomalous), (255, 80, 80) if anomalous else (255, 255, 255))
 
     rows = [[tile_of(i) for i in top]]
     titles = [f"{cs.cls_name}: highest scores"]
     if bottom:
         rows.append([tile_of(i) for i in bottom])
         titles.append(f"{cs.cls_name}: lowest scores")
-    return image_grid(rows, tile=tile, row_titles=titles)
+    legend = grid_legend(vr if maps is not None else None, has_masks=cs.masks is not None and maps is not None)
+    return image_grid(rows, tile=tile, row_titles=titles, legend=legend)
 
 
 def save_class_visuals(out_dir: Path, cs, k: int = 6, upright: bool = False) -> list[Path]:

@@ -63,6 +63,14 @@ def write_threshold(checkpoint: str | os.PathLike, image_score: float, **provena
     return path
 
 
+def threshold_source(record: dict[str, Any]) -> str:
+    """Where a stored threshold comes from, in words: ``F1-max on mvtec test, σ 8`` (the dataset,
+    or for folder-mode data its folder's name, and the smoothing of the maps it was measured on)."""
+    data = record.get("dataset") or Path(str(record.get("data_path") or "")).name or "unnamed data"
+    sigma = record.get("sigma")
+    return f"F1-max on {data} test" + ("" if sigma is None else f", σ {float(sigma):g}")
+
+
 def read_threshold(checkpoint: str | os.PathLike) -> Optional[dict[str, Any]]:
     """The sidecar record of ``checkpoint`` (see :func:`write_threshold`), or None when there is
     none, it cannot be read, or it belongs to other checkpoint contents (a warning says which)."""

@@ -1,0 +1,87 @@
+"""Pictures say what they show (issue 14): the test/demo grids label the ground truth as ground
+truth and carry a legend; predict overlays label the prediction as a prediction, with the threshold
+and the scores it was derived from; test.py prints the threshold with its origin."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from glocalclip.apps import visualize
+from glocalclip.datasets.synthetic import make_synthetic_dataset
+from glocalclip.engine.checkpoint import threshold_source
+from glocalclip.engine.evaluation import ClassScores
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), classes=("carpet",), n_train=1,
+                                  n_test_good=3, n_test_defect=3, size=48, seed=2)
+
+
+def _class_scores(data: Path) -> ClassScores:
+    entries = json.loads((data / "meta.json").read_text())["test"]["carpet"]
+    labels = np.array([e["anomaly"] for e in entries])
+    masks = torch.zeros(len(entries), 32, 32, dtype=torch.uint8)
+    masks[labels == 1, 8:16, 8:16] = 1
+    maps = torch.rand(len(entries), 32, 32, generator=torch.Generator().manual_seed(0)) + masks * 0.5
+    scores = np.linspace(0.9, 0.1, len(entries))  # the model's scores: not the labels
+    return ClassScores("carpet", [str(data / e["img_path"]) for e in entries], labels, scores, maps, masks)
+
+
+def test_a_test_grid_labels_the_ground_truth_as_ground_truth(data, monkeypatch):
+    cs = _class_scores(data)
+    written: list[list[str]] = []
+    real = visualize.annotate
+    monkeypatch.setattr(visualize, "annotate", lambda img, text, *a: written.append(list(text)) or real(img, text, *a))
+    grid = visualize.class_grid(cs, k=2)
+    by_score = {f"score {s:.3f}": int(l) for s, l in zip(cs.scores, cs.labels)}
+    assert len(written) == 4  # two highest, two lowest
+    for lines in written:
+        assert lines[0] in by_score
+        assert lines[1] == f"truth: {'anomalous' if by_score[lines[0]] else 'normal'}"
+    legend = visualize.grid_legend((0.0, 1.5), has_masks=True)
+    assert "truth = the ground-truth label" in legend and "green outline = the ground-truth defect mask" in legend
+    assert "blue 0.00 .. red 1.50 for the whole class" in legend
+    rows_only = 2 * (160 + 4 + 22) + 4
+    assert grid.shape[0] >= rows_only + 2 * 16  # the legend, wrapped to the grid's width, underneath
+    assert (grid[rows_only:] < 128).any()  # and drawn
+
+
+def test_a_predict_caption_says_prediction_and_where_the_threshold_comes_from():
+    source = threshold_source({"dataset": "mvtec", "data_path": "/data/mvtec", "sigma": 8.0})
+    assert source == "F1-max on mvtec test, σ 8"
+    assert visualize.threshold_caption(0.4213, source) == "threshold 0.4213 (F1-max on mvtec test, σ 8)"
+    assert visualize.prediction_caption(0.61, 1, 0.4213, source) == [
+        "predicted: anomalous", "score 0.610 >= threshold 0.4213 (F1-max on mvtec test, sigma 8)"]
+    assert visualize.prediction_caption(0.2, 0, 0.4213, "given as --threshold") == [
+        "predicted: normal", "score 0.200 < threshold 0.4213 (given as --threshold)"]
+    assert visualize.prediction_caption(0.2, None, None, None) == ["score 0.200", "no prediction: no threshold"]
+    folder = threshold_source({"dataset": None, "data_path": "/photos/my_parts/", "sigma": 4})
+    assert folder == "F1-max on my_parts test, σ 4"
+
+
+@pytest.mark.slow  # train.py and test.py
+def test_test_py_prints_the_threshold_with_its_origin(data, tmp_path, capsys):
+    from glocalclip.apps.cli import test_main, train_main
+
+    from test_pipeline import TINY_FLAGS
+
+    assert train_main(["--train_data_path", str(data), "--save_path", str(tmp_path / "ck"), "--epoch", "1",
+                       "--num_workers", "0", "--no_progress", "--device", "cpu"] + TINY_FLAGS) == 0
+    assert test_main(["--data_path", str(data), "--dataset", "mvtec", "--checkpoint_path",
+                      str(tmp_path / "ck" / "epoch_1.pth"), "--save_path", str(tmp_path / "res"), "--sigma", "4",
+                      "--num_workers", "0", "--no_progress", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("threshold "))
+    assert line.endswith(f"(F1-max on mvtec test, σ 4) for predict: {tmp_path / 'ck' / 'epoch_1.pth.threshold.json'}")
+
+
+def test_the_grid_png_is_written_with_the_legend(data, tmp_path):
+    visualize.save_class_visuals(tmp_path / "vis", _class_scores(data), k=2)
+    with Image.open(tmp_path / "vis" / "carpet_grid.png") as grid:
+        assert grid.height >= 2 * (160 + 4 + 22) + 4 + 2 * 16
