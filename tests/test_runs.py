@@ -23,6 +23,7 @@ from glocalclip.datasets.synthetic import make_synthetic_dataset
 from glocalclip.engine.checkpoint import file_sha256, load_model, threshold_path
 from glocalclip.model.backbone import create_backbone, resolve_model_config
 
+from test_io_errors import _error_line
 from test_pipeline import TINY_FLAGS
 
 pytestmark = pytest.mark.slow  # train.py runs
@@ -50,14 +51,6 @@ def three_epochs(data, tmp_path_factory) -> Path:
 def _copy(run: Path, dest: Path) -> Path:
     shutil.copytree(run, dest)
     return dest
-
-
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 2 and lines[1].startswith("(GLOCALCLIP_TRACEBACK=1"), err
-    return lines[0]
 
 
 def _ckpt(path: Path) -> dict:
