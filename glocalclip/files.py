@@ -311,3 +311,26 @@ def append_text(path: str | os.PathLike, text: str) -> Path:
         f.write(text)
         f.flush()
     return path
+
+
+def append_all(path: str | os.PathLike, text: str, sync: bool = True) -> Path:
+    """Append ``text`` to ``path`` entirely or not at all: on any failure (a full disk, Ctrl-C) the
+    file is cut back to its length before, so it never ends in half a row. Flushed (and fsynced with
+    ``sync``), so that what was appended survives a crash of this process."""
+    path = Path(path)
+    data = text.encode("utf-8")
+    with translated(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            before = os.fstat(fd).st_size
+            try:
+                _write_all(fd, data)
+                if sync:
+                    os.fsync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, before)
+                raise
+        finally:
+            os.close(fd)
+    return path
