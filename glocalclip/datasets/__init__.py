@@ -1,4 +1,4 @@
-"""Datasets: meta.json generators for every supported layout, and the reader (DESIGN sections 5 and 7)."""
+"""Datasets: meta.json generators for every supported layout, and the reader (docs/design.md §5 and §7)."""
 
 from .catalog import DATASET_CLASSES, DATASET_METRICS, DATASET_SCRIPTS, default_metrics, resolve_dataset_name
 from .errors import DatasetError

@@ -1,4 +1,4 @@
-"""Image and mask preprocessing exactly as DESIGN section 5 fixes it (shared by training, testing and prediction).
+"""Image and mask preprocessing exactly as docs/design.md §5 fixes it (shared by training, testing and prediction).
 
 Image: PIL bicubic resize to S x S in the image's own mode (aspect ignored), then convert("RGB"),
 ToTensor, normalise with the OpenAI CLIP mean/std. PIL resizes "1" and "P" images with nearest
@@ -131,7 +131,7 @@ def _from_array(arr: np.ndarray) -> Image.Image:
 
 
 def load_image(image, image_size: int) -> torch.Tensor:
-    """A path, PIL image or ndarray -> normalised FloatTensor [3, S, S] (DESIGN section 5).
+    """A path, PIL image or ndarray -> normalised FloatTensor [3, S, S] (docs/design.md §5).
 
     An ndarray is read as RGB(A) or grey in its own dtype's range (uint8, uint16, float in 0..1).
     """
@@ -177,7 +177,7 @@ def normalize_image(u8: torch.Tensor) -> torch.Tensor:
 
 
 def load_mask(mask, image_size: int) -> torch.Tensor:
-    """A mask path or PIL image -> FloatTensor [S, S] in {0, 1} (DESIGN section 5)."""
+    """A mask path or PIL image -> FloatTensor [S, S] in {0, 1} (docs/design.md §5)."""
     if isinstance(mask, Image.Image):
         return mask_to_tensor(decoded(mask, "mask"), image_size)
     with open_image(mask, "mask") as opened:

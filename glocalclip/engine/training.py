@@ -1,4 +1,4 @@
-"""Prompt training (DESIGN.md §5): Adam on the prompt learner over the auxiliary dataset's
+"""Prompt training (docs/design.md §5): Adam on the prompt learner over the auxiliary dataset's
 labelled *test* split, the protocol of this line of work.
 
 Same seed, same run: for ``prompt_style="glocal"`` the prompts start where the original code's
