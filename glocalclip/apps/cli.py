@@ -246,13 +246,15 @@ def _lazy(module: str, func: str):
     def run(argv: Sequence[str]) -> int:
         import importlib
 
-        return getattr(importlib.import_module(f"glocalclip.apps.{module}"), func)(list(argv))
+        name = module if module.startswith("glocalclip.") else f"glocalclip.apps.{module}"
+        return getattr(importlib.import_module(name), func)(list(argv))
     return run
 
 
 COMMANDS = {"train": train_main, "test": test_main, "demo": _lazy("demo", "demo_main"),
-            "predict": _lazy("predict", "predict_main"), "convert": _lazy("convert", "convert_main"),
-            "report": _lazy("report", "report_main")}
+            "predict": _lazy("predict_cli", "predict_main"), "convert": _lazy("convert", "convert_main"),
+            "report": _lazy("report", "report_main"), "export": _lazy("glocalclip.deploy.export", "export_main"),
+            "serve": _lazy("glocalclip.deploy.serve", "serve_main")}
 
 
 def _input_errors() -> tuple[type, ...]:

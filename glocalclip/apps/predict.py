@@ -1,6 +1,7 @@
-"""Score your own images: ``glocalclip predict`` and the :class:`Predictor` API.
+"""Score your own images with the PyTorch model: the :class:`Predictor` API (``glocalclip predict
+--checkpoint``; the command line itself is ``predict_cli.py``).
 
-For every image: the anomaly score (the model's image score, DESIGN.md §4), a predicted label
+For every image: the anomaly score (the model's image score, docs/design.md §4), a predicted label
 (score >= threshold, where the threshold is given explicitly, else the F1-max threshold that
 ``test.py`` stored in the checkpoint, else there is no label), the maximum of the smoothed anomaly
 map, and the smoothed map resized back from the model's resolution to the image's own.
@@ -10,81 +11,23 @@ map, and the smoothed map resized back from the model's resolution to the image'
     for p in pred.predict(["a.png", "b.jpg"]):
         print(p.image_path, p.pred_score, p.pred_label, p.anomaly_map.shape)
 
-The command line writes ``predictions.csv`` and ``predictions.jsonl`` with anomalib's field names
-(``image_path, pred_score, pred_label, anomaly_map``; ``anomaly_map`` is the path of the saved raw
-map ``.npy``), plus ``map_max`` and ``overlay`` (the heat-map PNG).
+Inputs are read, and outputs written, by ``predict_io.py``, which the torch-free ONNX runtime
+(``glocalclip.deploy.OnnxPredictor``) shares.
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import glob
-import json
 import os
-import sys
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cli import positive_int
-from ..datasets import DatasetError, load_image
-from ..datasets.preprocess import decoded, open_image
+from ..datasets.preprocess import normalize_image
 from ..engine.smoothing import GaussianSmoothing, smoothed_scores
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-FIELDS = ("image_path", "pred_score", "pred_label", "anomaly_map", "map_max", "overlay")
-
-ImageInput = Union[str, os.PathLike, "Image.Image", np.ndarray]  # noqa: F821
-
-
-@dataclass
-class Prediction:
-    """One scored image. ``anomaly_map`` is float32 [h, w] at the input's own resolution."""
-
-    image_path: Optional[str]
-    pred_score: float
-    pred_label: Optional[int]
-    map_max: float
-    anomaly_map: np.ndarray
-
-    def record(self, **extra: Any) -> dict[str, Any]:
-        """The JSON-able fields (the map itself left out)."""
-        return {"image_path": self.image_path, "pred_score": self.pred_score, "pred_label": self.pred_label,
-                "map_max": self.map_max, **extra}
-
-
-def _read(item: ImageInput, image_size: int, want_rgb: bool = False
-          ) -> tuple[torch.Tensor, tuple[int, int], Optional[str], Optional[np.ndarray]]:
-    """(normalised tensor [3, S, S], (height, width) of the input, path or None, and with
-    ``want_rgb`` a file's pixels as uint8 RGB for the overlay). Raises DatasetError."""
-    if isinstance(item, np.ndarray):
-        if item.ndim not in (2, 3):
-            raise DatasetError(f"an image array must be [H, W] or [H, W, C], got shape {item.shape}")
-        return load_image(item, image_size), (int(item.shape[0]), int(item.shape[1])), None, None
-    if isinstance(item, (str, os.PathLike)):
-        path = os.fspath(item)
-        with open_image(path) as im:
-            im = decoded(im, "image")
-            w, h = im.size
-            rgb = _to_rgb(im) if want_rgb else None
-            return load_image(im, image_size), (h, w), path, rgb
-    if hasattr(item, "size") and hasattr(item, "convert"):  # a PIL image
-        w, h = item.size
-        return load_image(item, image_size), (h, w), getattr(item, "filename", None) or None, None
-    raise TypeError(f"cannot predict on a {type(item).__name__}: pass a path, a PIL image or a numpy array")
-
-
-def _to_rgb(im) -> np.ndarray:
-    """uint8 RGB at the image's own size (16-bit/float grey scaled as load_image does)."""
-    from ..datasets.preprocess import _is_high_depth, to_8bit_grey
-
-    if _is_high_depth(im.mode):
-        im = to_8bit_grey(im)
-    return np.asarray(im.convert("RGB"))
+from .predict_cli import predict_main, predict_parser  # noqa: F401  (the command's old home)
+from .predict_io import (FIELDS, IMAGE_EXTENSIONS, ImageInput, Prediction, as_items,  # noqa: F401
+                         expand_inputs, label_of, output_names, read_image, stored_threshold, write_predictions)
 
 
 class Predictor:
@@ -123,20 +66,29 @@ class Predictor:
     def image_size(self) -> int:
         return int(self.model.cfg.image_size)
 
+    @property
+    def map_value_range(self) -> tuple[float, float]:
+        """The map's full range, 0 .. number of feature layers: each adds (p_anomalous + 1 - p_normal) / 2."""
+        return 0.0, float(len(self.model.cfg.features_list))
+
     def predict(self, images: Union[ImageInput, Iterable[ImageInput]], sigma: Optional[float] = None,
                 threshold: Optional[float] = None) -> Union[Prediction, list[Prediction]]:
         """Score one image (returns a Prediction) or a sequence (returns a list), in batches.
         An unreadable image raises :class:`DatasetError`; the CLI skips such files instead."""
-        single = isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "convert")
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            images, single = list(images), False
-        items = [images] if single else list(images)
+        items, single = as_items(images)
         out: list[Prediction] = []
         for start in range(0, len(items), self.batch_size):
-            loaded = [_read(it, self.image_size) for it in items[start:start + self.batch_size]]
-            out += self.predict_tensors(torch.stack([b[0] for b in loaded]), [b[1] for b in loaded],
-                                        [b[2] for b in loaded], sigma=sigma, threshold=threshold)
+            loaded = [read_image(it, self.image_size) for it in items[start:start + self.batch_size]]
+            out += self.predict_uint8(np.stack([b.pixels for b in loaded]), [b.size for b in loaded],
+                                      [b.path for b in loaded], sigma=sigma, threshold=threshold)
         return out[0] if single else out
+
+    def predict_uint8(self, pixels: np.ndarray, sizes: Sequence[tuple[int, int]],
+                      paths: Optional[Sequence[Optional[str]]] = None, sigma: Optional[float] = None,
+                      threshold: Optional[float] = None) -> list[Prediction]:
+        """Score resized RGB images, uint8 [B, S, S, 3] (``read_image``'s pixels), normalised here."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous()
+        return self.predict_tensors(normalize_image(x), sizes, paths, sigma=sigma, threshold=threshold)
 
     @torch.no_grad()
     def predict_tensors(self, x: torch.Tensor, sizes: Sequence[tuple[int, int]],
@@ -158,195 +110,8 @@ class Predictor:
             if (h, w) != tuple(m.shape):
                 m = F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
             preds.append(Prediction(image_path=paths[i] if paths else None, pred_score=score[i],
-                                    pred_label=None if thr is None else int(score[i] >= thr),
+                                    pred_label=label_of(score[i], thr),
                                     map_max=peak[i], anomaly_map=m.float().cpu().numpy()))
         return preds
 
 
-def stored_threshold(ckpt: dict) -> Optional[float]:
-    """The image-score threshold ``test.py`` stored in one of our checkpoints, if any."""
-    thr = ckpt.get("threshold") if isinstance(ckpt, dict) else None
-    if isinstance(thr, dict) and thr.get("image_score") is not None:
-        return float(thr["image_score"])
-    return None
-
-
-# ---------------------------------------------------------------------------- inputs
-def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files as given; folders searched recursively for image extensions; glob patterns expanded.
-    Returns (files in order, without repeats; [(input, reason)] for inputs that matched nothing)."""
-    files: list[Path] = []
-    missing: list[tuple[str, str]] = []
-
-    def from_dir(d: Path) -> list[Path]:
-        return sorted(p for p in d.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-    for inp in inputs:
-        p = Path(inp)
-        if p.is_dir():
-            found = from_dir(p)
-        elif p.is_file():
-            found = [p]
-        elif glob.has_magic(inp):
-            found = []
-            for m in sorted(glob.glob(inp, recursive=True)):
-                mp = Path(m)
-                if mp.is_dir():
-                    found += from_dir(mp)
-                elif mp.suffix.lower() in IMAGE_EXTENSIONS:
-                    found.append(mp)
-        else:
-            missing.append((inp, "no such file or folder"))
-            continue
-        if not found:
-            missing.append((inp, "no images found"))
-        files += found
-    seen: set[str] = set()
-    unique = []
-    for f in files:
-        key = os.path.abspath(f)
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique, missing
-
-
-def output_names(files: Sequence[Path]) -> list[str]:
-    """A unique relative name (no extension) per file: its path below the files' common folder."""
-    if not files:
-        return []
-    parents = [os.path.dirname(os.path.abspath(f)) for f in files]
-    root = os.path.commonpath(parents)
-    names, used = [], set()
-    for f in files:
-        rel = os.path.relpath(os.path.abspath(f), root)
-        name = os.path.splitext(rel)[0]
-        if name in used:  # a.png beside a.jpg
-            name = rel.replace(".", "_")
-        k = 1
-        base = name
-        while name in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name)
-        names.append(name)
-    return names
-
-
-# ---------------------------------------------------------------------------- CLI
-def predict_parser() -> argparse.ArgumentParser:
-    from .cli import add_model_args
-
-    p = argparse.ArgumentParser(prog="glocalclip predict", description="Score images with a trained "
-                                "checkpoint: anomaly score, label, heat map.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (searched recursively) "
-                   "or glob patterns (quote them: 'data/**/*.png')")
-    p.add_argument("--checkpoint", "--checkpoint_path", dest="checkpoint", required=True,
-                   help="our checkpoint, or an original GlocalCLIP/AnomalyCLIP one (then give its model flags)")
-    p.add_argument("--out", default="./predictions", help="output folder (default ./predictions)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="label = score >= T (default: the threshold test.py stored in the checkpoint)")
-    p.add_argument("--batch_size", type=positive_int, default=8)
-    p.add_argument("--sigma", type=float, default=8.0, help="Gaussian smoothing of the maps (paper: 8)")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: GPU if present)")
-    p.add_argument("--map_range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="colour scale of the overlays (default: 0 .. number of feature layers, the map's "
-                        "full range, so that images compare)")
-    p.add_argument("--per_image_range", action="store_true",
-                   help="colour each overlay by its own map's min..max (shows where, even when faint)")
-    p.add_argument("--no_overlays", action="store_true", help="do not write overlay PNGs")
-    p.add_argument("--no_progress", action="store_true")
-    add_model_args(p, defaults=False)
-    return p
-
-
-def _label_text(label: Optional[int]) -> str:
-    return "" if label is None else ("anomalous" if label else "normal")
-
-
-def predict_main(argv: Optional[Sequence[str]] = None) -> int:
-    import cv2
-    from tqdm import tqdm
-
-    from .cli import model_overrides
-    from .visualize import annotate, overlay
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = predict_parser().parse_args(argv)
-    files, missing = expand_inputs(args.inputs)
-    for inp, why in missing:
-        print(f"skipped {inp}: {why}", file=sys.stderr)
-    if not files:
-        print("predict: no images to score", file=sys.stderr)
-        return 2
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, threshold=args.threshold,
-                                          sigma=args.sigma, batch_size=args.batch_size,
-                                          **model_overrides(args, argv))
-    out = Path(args.out)
-    (out / "maps").mkdir(parents=True, exist_ok=True)
-    if not args.no_overlays:
-        (out / "overlays").mkdir(parents=True, exist_ok=True)
-    names = dict(zip(map(str, files), output_names(files)))
-    if args.map_range:
-        value_range: Optional[tuple[float, float]] = (args.map_range[0], args.map_range[1])
-    else:  # each layer adds (p_anomalous + 1 - p_normal) / 2 in [0, 1]
-        value_range = None if args.per_image_range else (0.0, float(len(predictor.model.cfg.features_list)))
-    records: list[dict[str, Any]] = []
-    skipped = len(missing)
-
-    def flush(batch: list[tuple[torch.Tensor, tuple[int, int], str, Optional[np.ndarray]]]) -> None:
-        preds = predictor.predict_tensors(torch.stack([b[0] for b in batch]), [b[1] for b in batch],
-                                          [b[2] for b in batch])
-        for (_, _, path, rgb), p in zip(batch, preds):
-            name = names[path]
-            npy = out / "maps" / f"{name}.npy"
-            npy.parent.mkdir(parents=True, exist_ok=True)
-            np.save(npy, p.anomaly_map.astype(np.float32))
-            png = None
-            if rgb is not None:
-                png = out / "overlays" / f"{name}.png"
-                png.parent.mkdir(parents=True, exist_ok=True)
-                vis = overlay(rgb, p.anomaly_map, value_range=value_range)
-                vis = annotate(vis, f"{p.pred_score:.3f} {_label_text(p.pred_label)}".strip())
-                cv2.imwrite(str(png), cv2.cvtColor(vis, cv2.COLOR_RGB2BGR))
-            records.append(p.record(anomaly_map=str(npy), overlay=str(png) if png else None))
-
-    batch: list = []
-    bar = tqdm(files, desc="predict", unit="img", disable=args.no_progress)
-    for f in bar:
-        try:
-            x, size, _, rgb = _read(f, predictor.image_size, want_rgb=not args.no_overlays)
-        except (DatasetError, OSError, ValueError) as e:  # unreadable: report, skip, go on
-            skipped += 1
-            bar.write(f"skipped {f}: {e}", file=sys.stderr)
-            continue
-        batch.append((x, size, str(f), rgb))
-        if len(batch) == predictor.batch_size:
-            flush(batch)
-            batch = []
-    if batch:
-        flush(batch)
-    bar.close()
-
-    write_predictions(records, out)
-    thr = predictor.threshold
-    n_anom = sum(1 for r in records if r["pred_label"] == 1)
-    anomalous = f"{n_anom} anomalous (threshold {thr:.4g})" if thr is not None else \
-        "anomalous: n/a (no threshold: pass --threshold or run test.py on the checkpoint)"
-    print(f"predict: {len(records)} scored, {anomalous}, {skipped} skipped -> {out / 'predictions.csv'}")
-    return 0 if records else 1
-
-
-def write_predictions(records: list[dict[str, Any]], out_dir: Union[str, Path]) -> dict[str, Path]:
-    """``predictions.csv`` and ``predictions.jsonl`` (anomalib's field names first)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "predictions.csv", "jsonl": out / "predictions.jsonl"}
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(FIELDS))
-        w.writeheader()
-        for r in records:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
-    with open(paths["jsonl"], "w") as f:
-        for r in records:
-            f.write(json.dumps({k: r.get(k) for k in FIELDS}) + "\n")
-    return paths

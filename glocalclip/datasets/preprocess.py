@@ -17,95 +17,14 @@ Mask: convert("L"), pixels > 0 -> 255, PIL bilinear resize to S x S, / 255, then
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DatasetError
+from .pixels import _from_array, _is_high_depth, decoded, open_image, resized_rgb, to_8bit_grey  # noqa: F401
 
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
-
-_HIGH_DEPTH_MODES = ("I", "F")  # plus every "I;16..." mode
-
-
-def _is_high_depth(mode: str) -> bool:
-    return mode in _HIGH_DEPTH_MODES or mode.startswith("I;")
-
-
-def open_image(path, what: str = "image") -> Image.Image:
-    """Open an image file lazily (header only), with a DatasetError naming the file on failure."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DatasetError(f"{what} file {path} does not exist; restore it or regenerate meta.json "
-                           "(python generate_dataset_json/<name>.py --root ROOT)")
-    try:
-        return Image.open(path)
-    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-        raise DatasetError(f"cannot decode {what} {path} ({exc}); replace it with a valid image "
-                           "(PNG/JPEG/BMP/TIFF) or remove it and regenerate meta.json") from None
-
-
-def decoded(img: Image.Image, what: str) -> Image.Image:
-    try:
-        img.load()
-    except Exception as exc:
-        name = getattr(img, "filename", "") or "<in-memory image>"
-        raise DatasetError(f"cannot decode {what} {name} ({exc}); the file is truncated or corrupt: replace it "
-                           "or remove it and regenerate meta.json") from None
-    return img
-
-
-def to_8bit_grey(img: Image.Image) -> Image.Image:
-    """Scale an "I;16*", "I" or "F" image to "L" by its type's range (see the module docstring)."""
-    mode = img.mode
-    arr = np.asarray(img)
-    if mode.startswith("I;"):
-        scaled = arr.astype(np.float64) / 65535.0 * 255.0
-    elif mode == "I":
-        a = arr.astype(np.float64)
-        top = 65535.0 if a.size == 0 or a.max() <= 65535 else float(2 ** 31 - 1)
-        scaled = np.clip(a, 0, None) / top * 255.0
-    elif mode == "F":
-        a = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        if a.size == 0 or a.max() <= 1.0:
-            scaled = np.clip(a, 0, None) * 255.0
-        else:
-            lo, hi = a.min(), a.max()
-            scaled = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-    else:
-        raise ValueError(f"not a high-depth mode: {mode}")
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
-
-
-def _from_array(arr: np.ndarray) -> Image.Image:
-    """An RGB/RGBA/grey ndarray (H,W[,C]) -> PIL image in the matching mode."""
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise DatasetError(f"an image array must be H x W, H x W x 3 (RGB) or H x W x 4 (RGBA), got shape {arr.shape}")
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8) * 255
-    if arr.ndim == 2:
-        if arr.dtype == np.uint8:
-            return Image.fromarray(arr)  # "L"
-        if arr.dtype == np.uint16:
-            return Image.fromarray(arr)  # "I;16"
-        if np.issubdtype(arr.dtype, np.integer):
-            return Image.fromarray(arr.astype(np.int32))  # "I"
-        return Image.fromarray(arr.astype(np.float32))  # "F"
-    if arr.dtype != np.uint8:
-        a = np.nan_to_num(arr.astype(np.float64))
-        if np.issubdtype(arr.dtype, np.floating) and a.max(initial=0) <= 1.0:
-            a = a * 255.0
-        elif arr.dtype == np.uint16:
-            a = a / 65535.0 * 255.0
-        arr = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr)  # "RGB" or "RGBA"
-
 
 def load_image(image, image_size: int) -> torch.Tensor:
     """A path, PIL image or ndarray -> normalised FloatTensor [3, S, S] (DESIGN section 5).
@@ -127,15 +46,7 @@ def image_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
 def image_to_uint8(img: Image.Image, image_size: int) -> torch.Tensor:
     """The resized RGB image as uint8 [3, S, S]: a quarter of the bytes of the normalised tensor, so
     loader workers hand batches over faster; :func:`normalize_image` finishes it on any device."""
-    if _is_high_depth(img.mode):
-        img = to_8bit_grey(img)
-    try:
-        img = img.resize((image_size, image_size), Image.BICUBIC).convert("RGB")
-    except (ValueError, OSError) as exc:
-        name = getattr(img, "filename", "") or "<in-memory image>"
-        raise DatasetError(f"image {name} has PIL mode {img.mode!r}, which cannot be resized or converted to RGB "
-                           f"({exc}); re-save it as an 8-bit RGB or grey PNG") from None
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(resized_rgb(img, image_size)).permute(2, 0, 1).contiguous()
 
 
 def normalize_image(u8: torch.Tensor) -> torch.Tensor:
