@@ -19,6 +19,8 @@ _PUBLIC = {
     "GlocalCLIP": "glocalclip.model.glocalclip",
     "Predictor": "glocalclip.apps.predict",
     "metrics": "glocalclip.engine",
+    "OnnxPredictor": "glocalclip.deploy.runtime",
+    "export_onnx": "glocalclip.deploy.export",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from ..datasets.preprocess import normalize_image
 from ..engine.smoothing import GaussianSmoothing, smoothed_scores
 from .predict_cli import predict_main, predict_parser  # noqa: F401  (the command's old home)
-from .predict_io import (FIELDS, IMAGE_EXTENSIONS, ImageInput, Prediction, as_items,  # noqa: F401
-                         expand_inputs, label_of, output_names, read_image, stored_threshold, write_predictions)
+from .predict_io import (FIELDS, IMAGE_EXTENSIONS, ImageInput, Prediction, expand_inputs,  # noqa: F401
+                         label_of, output_names, predict_images, stored_threshold, write_predictions)
 
 
 class Predictor:
@@ -75,13 +75,7 @@ class Predictor:
                 threshold: Optional[float] = None) -> Union[Prediction, list[Prediction]]:
         """Score one image (returns a Prediction) or a sequence (returns a list), in batches.
         An unreadable image raises :class:`DatasetError`; the CLI skips such files instead."""
-        items, single = as_items(images)
-        out: list[Prediction] = []
-        for start in range(0, len(items), self.batch_size):
-            loaded = [read_image(it, self.image_size) for it in items[start:start + self.batch_size]]
-            out += self.predict_uint8(np.stack([b.pixels for b in loaded]), [b.size for b in loaded],
-                                      [b.path for b in loaded], sigma=sigma, threshold=threshold)
-        return out[0] if single else out
+        return predict_images(self, images, sigma=sigma, threshold=threshold)
 
     def predict_uint8(self, pixels: np.ndarray, sizes: Sequence[tuple[int, int]],
                       paths: Optional[Sequence[Optional[str]]] = None, sigma: Optional[float] = None,

@@ -60,7 +60,7 @@ def build_predictor(args: argparse.Namespace, argv: Sequence[str]):
         return Predictor.from_checkpoint(args.checkpoint, device=args.device, threshold=args.threshold,
                                          sigma=sigma, batch_size=args.batch_size, **overrides)
     if overrides:
-        raise ValueError(f"model flags ({', '.join(sorted(overrides))}) set up a checkpoint's model; an ONNX "
+        raise ValueError(f"model settings ({', '.join(sorted(overrides))}) set up a checkpoint's model; an ONNX "
                          f"file fixes its model: export it again with the settings you want")
     from ..deploy.runtime import OnnxPredictor
 

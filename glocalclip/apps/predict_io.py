@@ -93,6 +93,19 @@ def as_items(images: Union[ImageInput, Iterable[ImageInput]]) -> tuple[list[Imag
     return list(images), False
 
 
+def predict_images(predictor, images: Union[ImageInput, Iterable[ImageInput]], **options: Any
+                   ) -> Union[Prediction, list[Prediction]]:
+    """``predictor.predict``: read the images, score them ``predictor.batch_size`` at a time with
+    ``predictor.predict_uint8(pixels, sizes, paths, **options)``; one image in, one Prediction out."""
+    items, single = as_items(images)
+    out: list[Prediction] = []
+    for start in range(0, len(items), predictor.batch_size):
+        loaded = [read_image(it, predictor.image_size) for it in items[start:start + predictor.batch_size]]
+        out += predictor.predict_uint8(np.stack([b.pixels for b in loaded]), [b.size for b in loaded],
+                                       [b.path for b in loaded], **options)
+    return out[0] if single else out
+
+
 def label_of(score: float, threshold: Optional[float]) -> Optional[int]:
     """1 (anomalous) when ``score >= threshold``, 0 below, None without a threshold."""
     return None if threshold is None else int(score >= threshold)

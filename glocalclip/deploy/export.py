@@ -1,0 +1,180 @@
+"""``glocalclip export``: the whole detector as one ONNX graph, from uint8 pixels to score and map.
+
+After training the text features are constants, so the detector is the vision tower plus a few
+matrix products and a blur (docs/design.md §4). :class:`DeployedDetector` is exactly that: it
+normalises the pixels as ``datasets/preprocess.py`` does, runs the dual-path vision tower with the
+positional table already resized for S (§2.2), scores with the stored text features (no text tower
+in the file), and smooths the map with σ as ``test.py`` does (scipy's "reflect" padding by index
+gathers, then two 1-D convolutions, float32). PyTorch's own exporter writes it
+(``torch.onnx.export(dynamo=True)``, which needs ``onnxscript``), with an example batch of 2 so that
+the batch dimension stays dynamic.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..datasets.preprocess import normalize_image
+from ..engine.smoothing import gaussian_kernel1d, separable_smooth
+from ..model.scoring import fuse_image_score
+from .metadata import INPUT_NAME, OUTPUT_NAMES, DeployMetadata
+
+DEFAULT_SIGMA = 8.0  # the paper's protocol, for checkpoints that test.py has not scored
+PROTOBUF_LIMIT = 2 ** 31  # one ONNX protobuf holds at most 2 GiB: larger weights go to external data
+GRAPH_HEADROOM = 2 ** 27  # room left for the graph itself beside the weights
+EXPORT_EXTRA_HINT = "exporting needs the deploy extra: pip install 'glocalclip[deploy]' (onnx, onnxscript, onnxruntime)"
+
+
+class DeployedDetector(nn.Module):
+    """uint8 RGB images [B, S, S, 3] -> (pred_score [B], anomaly_map [B, S, S]), both float32, as
+    ``test.py`` / ``predict`` compute them with σ ``sigma`` (σ <= 0: no smoothing).
+
+    Only the vision tower is a submodule, so only its weights enter the graph; the text features,
+    computed once here, are buffers. The model's own forward is kept as a plain callable: it reads
+    ``cfg`` and the vision tower, never the text tower, when text features are given.
+    """
+
+    def __init__(self, model: nn.Module, sigma: float):
+        super().__init__()
+        self.visual = model.visual  # the frozen vision tower, shared, not copied
+        self.image_score = model.cfg.image_score
+        self._score_images = model.forward
+        with torch.no_grad():
+            global_text, local_text = model.encode_text()
+        self.register_buffer("global_text", global_text.detach().clone())  # [2, E]
+        self.register_buffer("local_text", local_text.detach().clone())  # [2, E]
+        grid = model.visual.grid_size(model.cfg.image_size)
+        model.visual.pos_embed((grid, grid))  # resize the positional table for S now: a constant in the graph
+        self.smooth = float(sigma) > 0
+        kernel = gaussian_kernel1d(sigma) if self.smooth else torch.ones(1)
+        self.register_buffer("kernel", kernel)  # [2r+1] float32
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = normalize_image(images.permute(0, 3, 1, 2))  # [B, 3, S, S]
+        out = self._score_images(x, text=(self.global_text, self.local_text))
+        amap = separable_smooth(out["anomaly_map"], self.kernel) if self.smooth else out["anomaly_map"]
+        if self.image_score == "global+max":
+            return fuse_image_score(out["global_score"], amap), amap
+        return out["image_score"], amap
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_model(checkpoint: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, dict]:
+    """The one place deploy loads a checkpoint: (GlocalCLIP in eval mode, the checkpoint dict)."""
+    from ..model.checkpoint_format import read_checkpoint
+    from ..model.glocalclip import GlocalCLIP
+
+    ckpt = read_checkpoint(checkpoint)
+    return GlocalCLIP.from_checkpoint(ckpt, **overrides).eval(), ckpt
+
+
+def checkpoint_sigma(ckpt: dict) -> float:
+    """The σ ``test.py`` scored the checkpoint with (its stored threshold belongs to it), else 8."""
+    thr = ckpt.get("threshold")
+    if isinstance(thr, dict) and thr.get("sigma") is not None:
+        return float(thr["sigma"])
+    return DEFAULT_SIGMA
+
+
+def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Optional[float] = None,
+                half: bool = False, image_size: Optional[int] = None, threshold: Optional[float] = None,
+                **overrides: Any) -> DeployMetadata:
+    """Write ``out`` (and ``out.data`` when the weights pass 2 GB): one ONNX graph from uint8 images
+    [B, S, S, 3] to ``pred_score`` [B] and ``anomaly_map`` [B, S, S]. ``sigma`` defaults to the σ the
+    checkpoint was tested with, ``image_size`` to its config's, ``threshold`` to its stored one.
+    ``half`` stores the weight matrices as float16 (computed in float32). Returns the metadata."""
+    from ..apps.predict_io import stored_threshold
+
+    _require_exporter()
+    if image_size is not None:
+        overrides["image_size"] = int(image_size)
+    model, ckpt = _load_model(checkpoint, **{**overrides, "precision": "fp32"})
+    sigma = checkpoint_sigma(ckpt) if sigma is None else float(sigma)
+    meta = DeployMetadata(image_size=int(model.cfg.image_size), sigma=sigma,
+                          threshold=stored_threshold(ckpt) if threshold is None else float(threshold),
+                          config=model.cfg.to_dict(), version=__version__,
+                          checkpoint_sha256=file_sha256(checkpoint), half=half)
+    program = _export_program(DeployedDetector(model, sigma).eval(), meta.image_size)
+    if half:
+        from .half import store_weights_half
+
+        store_weights_half(program.model)
+    program.model.metadata_props.update(meta.to_props())
+    program.save(os.fspath(out), external_data=_weight_bytes(program.model) > PROTOBUF_LIMIT - GRAPH_HEADROOM)
+    return meta
+
+
+def _require_exporter() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"{EXPORT_EXTRA_HINT} ({e})") from e
+
+
+def _export_program(detector: DeployedDetector, image_size: int):
+    """torch.onnx's dynamo exporter on an example batch of 2 (a batch of 1 would fix the batch
+    dimension at 1), with the batch dimension declared dynamic."""
+    example = torch.randint(0, 256, (2, image_size, image_size, 3), dtype=torch.uint8,
+                            generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        return torch.onnx.export(detector, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                 output_names=list(OUTPUT_NAMES), dynamic_shapes={"images": {0: batch}},
+                                 optimize=True, verbose=False)
+
+
+def _weight_bytes(ir_model) -> int:
+    return sum(v.const_value.nbytes for v in ir_model.graph.initializers.values() if v.const_value is not None)
+
+
+# ---------------------------------------------------------------------------- CLI
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glocalclip export", description="Export a checkpoint as one ONNX "
+                                "graph: uint8 images [B, S, S, 3] in, image score [B] and smoothed anomaly "
+                                "map [B, S, S] out. Needs pip install 'glocalclip[deploy]'.")
+    p.add_argument("checkpoint", help="our checkpoint (convert an original-format one first: glocalclip convert)")
+    p.add_argument("--out", required=True, help="the ONNX file to write (weights over 2 GB go beside it, "
+                   "in OUT.data)")
+    p.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the map inside the graph "
+                   "(default: the σ test.py scored the checkpoint with, else 8)")
+    p.add_argument("--half", action="store_true", help="store the weight matrices as float16: about half the "
+                   "file; computed in float32, so scores move by ~1e-4")
+    p.add_argument("--image_size", type=int, default=None, help="input side S fixed in the file (default: "
+                   "the checkpoint's); the positional table is resized for it at export")
+    p.add_argument("--threshold", type=float, default=None, help="label threshold stored in the file "
+                   "(default: the one test.py stored in the checkpoint, if any)")
+    p.add_argument("--pretrained", default=None, help="CLIP weights to rebuild the backbone from, when the "
+                   "checkpoint's are not at hand (an open_clip tag or a local file)")
+    return p
+
+
+def export_main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = export_parser().parse_args(argv)
+    overrides = {"pretrained": args.pretrained} if args.pretrained is not None else {}
+    t0 = time.perf_counter()
+    meta = export_onnx(args.checkpoint, args.out, sigma=args.sigma, half=args.half, image_size=args.image_size,
+                       threshold=args.threshold, **overrides)
+    size = sum(p.stat().st_size for p in Path(args.out).parent.glob(Path(args.out).name + "*"))
+    thr = "none" if meta.threshold is None else f"{meta.threshold:.4g}"
+    print(f"export: {args.out} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s): images uint8 "
+          f"[B, {meta.image_size}, {meta.image_size}, 3] -> pred_score [B], anomaly_map [B, {meta.image_size}, "
+          f"{meta.image_size}]; σ {meta.sigma:g}, threshold {thr}")
+    return 0
