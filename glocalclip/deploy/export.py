@@ -115,7 +115,10 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Op
         from .half import store_weights_half
 
         store_weights_half(program.model)
+    _strip_export_traces(program.model)
     program.model.metadata_props.update(meta.to_props())
+    for old in exported_files(out)[1:]:  # external data of an earlier export to this name
+        old.unlink()
     program.save(os.fspath(out), external_data=_weight_bytes(program.model) > PROTOBUF_LIMIT - GRAPH_HEADROOM)
     return meta
 
@@ -138,6 +141,22 @@ def _export_program(detector: DeployedDetector, image_size: int):
         return torch.onnx.export(detector, (example,), dynamo=True, input_names=[INPUT_NAME],
                                  output_names=list(OUTPUT_NAMES), dynamic_shapes={"images": {0: batch}},
                                  optimize=True, verbose=False)
+
+
+def _strip_export_traces(ir_model) -> None:
+    """Drop the exporter's per-node notes (Python stack traces with this machine's paths, FX names):
+    a deployed file should not carry them, and they are most of a small model's graph bytes."""
+    for node in ir_model.graph.all_nodes():
+        node.metadata_props.clear()
+        for value in node.outputs:
+            value.metadata_props.clear()
+
+
+def exported_files(out: str | os.PathLike) -> list[Path]:
+    """The ONNX file and, when its weights went to external data, ``OUT.data`` beside it."""
+    out = Path(out)
+    data = out.with_name(out.name + ".data")
+    return [out, data] if data.is_file() else [out]
 
 
 def _weight_bytes(ir_model) -> int:
@@ -172,7 +191,7 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     meta = export_onnx(args.checkpoint, args.out, sigma=args.sigma, half=args.half, image_size=args.image_size,
                        threshold=args.threshold, **overrides)
-    size = sum(p.stat().st_size for p in Path(args.out).parent.glob(Path(args.out).name + "*"))
+    size = sum(p.stat().st_size for p in exported_files(args.out))
     thr = "none" if meta.threshold is None else f"{meta.threshold:.4g}"
     print(f"export: {args.out} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s): images uint8 "
           f"[B, {meta.image_size}, {meta.image_size}, 3] -> pred_score [B], anomaly_map [B, {meta.image_size}, "
