@@ -16,6 +16,7 @@ import hashlib
 import os
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -26,6 +27,7 @@ from .. import __version__
 from ..datasets.preprocess import normalize_image
 from ..engine.smoothing import gaussian_kernel1d, separable_smooth
 from ..model.scoring import fuse_image_score
+from .flags import add_flags, settings_from
 from .metadata import INPUT_NAME, OUTPUT_NAMES, DeployMetadata
 
 DEFAULT_SIGMA = 8.0  # the paper's protocol, for checkpoints that test.py has not scored
@@ -164,6 +166,22 @@ def _weight_bytes(ir_model) -> int:
 
 
 # ---------------------------------------------------------------------------- CLI
+@dataclass
+class ExportSettings:
+    """``glocalclip export``'s options (each a flag)."""
+
+    sigma: Optional[float] = field(default=None, metadata={"help": "Gaussian smoothing of the map inside the "
+                                   "graph (default: the σ test.py scored the checkpoint with, else 8)"})
+    half: bool = field(default=False, metadata={"help": "store the weight matrices as float16: about half "
+                       "the file; computed in float32, so scores move by ~1e-4"})
+    image_size: Optional[int] = field(default=None, metadata={"help": "input side S fixed in the file "
+                                      "(default: the checkpoint's); the positional table is resized for it"})
+    threshold: Optional[float] = field(default=None, metadata={"help": "label threshold stored in the file "
+                                       "(default: the one test.py stored in the checkpoint, if any)"})
+    pretrained: Optional[str] = field(default=None, metadata={"help": "CLIP weights to rebuild the backbone "
+                                      "from, when the checkpoint's are not at hand (an open_clip tag or a file)"})
+
+
 def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glocalclip export", description="Export a checkpoint as one ONNX "
                                 "graph: uint8 images [B, S, S, 3] in, image score [B] and smoothed anomaly "
@@ -171,26 +189,18 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="our checkpoint (convert an original-format one first: glocalclip convert)")
     p.add_argument("--out", required=True, help="the ONNX file to write (weights over 2 GB go beside it, "
                    "in OUT.data)")
-    p.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the map inside the graph "
-                   "(default: the σ test.py scored the checkpoint with, else 8)")
-    p.add_argument("--half", action="store_true", help="store the weight matrices as float16: about half the "
-                   "file; computed in float32, so scores move by ~1e-4")
-    p.add_argument("--image_size", type=int, default=None, help="input side S fixed in the file (default: "
-                   "the checkpoint's); the positional table is resized for it at export")
-    p.add_argument("--threshold", type=float, default=None, help="label threshold stored in the file "
-                   "(default: the one test.py stored in the checkpoint, if any)")
-    p.add_argument("--pretrained", default=None, help="CLIP weights to rebuild the backbone from, when the "
-                   "checkpoint's are not at hand (an open_clip tag or a local file)")
+    add_flags(p, ExportSettings)
     return p
 
 
 def export_main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = export_parser().parse_args(argv)
-    overrides = {"pretrained": args.pretrained} if args.pretrained is not None else {}
+    options = asdict(settings_from(args, ExportSettings))
+    pretrained = options.pop("pretrained")
     t0 = time.perf_counter()
-    meta = export_onnx(args.checkpoint, args.out, sigma=args.sigma, half=args.half, image_size=args.image_size,
-                       threshold=args.threshold, **overrides)
+    overrides = {} if pretrained is None else {"pretrained": pretrained}
+    meta = export_onnx(args.checkpoint, args.out, **options, **overrides)
     size = sum(p.stat().st_size for p in exported_files(args.out))
     thr = "none" if meta.threshold is None else f"{meta.threshold:.4g}"
     print(f"export: {args.out} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s): images uint8 "

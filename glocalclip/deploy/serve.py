@@ -17,12 +17,13 @@ import base64
 import io
 import sys
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Optional, Sequence
 
 from ..apps.predict_io import LoadedImage, Prediction, label_of, overlay_rgb
 from .batching import BatchScorer
+from .flags import add_flags, settings_from
 from .uploads import UploadError, decode_upload
 
 SERVE_EXTRA_HINT = "serving needs the serve extra: pip install 'glocalclip[serve]' (fastapi, uvicorn, python-multipart)"
@@ -32,12 +33,19 @@ MAX_FILES = 32  # files per request; with the per-image limit this bounds a requ
 
 @dataclass
 class ServeSettings:
-    """How the service answers; the model's own settings come with the predictor."""
+    """How the service runs and answers (each a ``glocalclip serve`` flag); the model's own settings
+    come with the predictor."""
 
-    max_upload_mb: float = 20.0
-    max_batch: int = 8
-    batch_wait_ms: float = 5.0
-    threshold: Optional[float] = None  # None: the predictor's (stored in the checkpoint or file)
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (default 127.0.0.1: this "
+                      "machine only; 0.0.0.0 opens the service to the network)"})
+    port: int = field(default=8000, metadata={"help": "TCP port (default 8000)"})
+    max_upload_mb: float = field(default=20.0, metadata={"help": "largest image file accepted, in MB (default 20)"})
+    max_batch: int = field(default=8, metadata={"help": "most images scored in one forward pass; requests "
+                           "arriving together share it (default 8)"})
+    batch_wait_ms: float = field(default=5.0, metadata={"help": "how long the first waiting request waits for "
+                                 "others to join its batch (default 5 ms)"})
+    threshold: Optional[float] = field(default=None, metadata={"help": "label threshold (default: the one "
+                                       "stored in the checkpoint or ONNX file)"})
 
     @property
     def max_upload_bytes(self) -> int:
@@ -147,16 +155,7 @@ def serve_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="our checkpoint, scored with PyTorch")
     source.add_argument("--model", help="an ONNX file from `glocalclip export`, scored with ONNX Runtime (no torch)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
-                   "0.0.0.0 opens it to the network)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    p.add_argument("--max_upload_mb", type=float, default=20.0, help="largest image file accepted, in MB (default 20)")
-    p.add_argument("--max_batch", type=int, default=8, help="most images scored in one forward pass; requests "
-                   "arriving together share it (default 8)")
-    p.add_argument("--batch_wait_ms", type=float, default=5.0, help="how long the first waiting request waits "
-                   "for others to join its batch (default 5 ms)")
-    p.add_argument("--threshold", type=float, default=None, help="label threshold (default: the one stored in "
-                   "the checkpoint or ONNX file)")
+    add_flags(p, ServeSettings)
     p.add_argument("--sigma", type=float, default=None, help="--checkpoint only: Gaussian smoothing of the maps "
                    "(default: the σ test.py scored the checkpoint with, else 8)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: --checkpoint the GPU if present, "
@@ -191,11 +190,10 @@ def serve_main(argv: Optional[Sequence[str]] = None) -> int:
         import uvicorn
     except ImportError as e:
         raise ImportError(f"{SERVE_EXTRA_HINT} ({e})") from e
-    if args.max_batch < 1:
-        raise ValueError(f"--max_batch must be >= 1, got {args.max_batch}")
-    settings = ServeSettings(max_upload_mb=args.max_upload_mb, max_batch=args.max_batch,
-                             batch_wait_ms=args.batch_wait_ms, threshold=args.threshold)
+    settings = settings_from(args, ServeSettings)
+    if settings.max_batch < 1:
+        raise ValueError(f"--max_batch must be >= 1, got {settings.max_batch}")
     app = create_app(build_predictor(args), settings)
-    print(f"glocalclip serve: http://{args.host}:{args.port}/ (POST /predict, GET /healthz)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    print(f"glocalclip serve: http://{settings.host}:{settings.port}/ (POST /predict, GET /healthz)")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
     return 0
