@@ -196,8 +196,11 @@ class NoTorch:
         return None
 
 sys.meta_path.insert(0, NoTorch())
+import glocalclip
 from glocalclip.deploy import OnnxPredictor
 from glocalclip.apps.cli import main
+
+assert glocalclip.OnnxPredictor is OnnxPredictor
 
 preds = OnnxPredictor(sys.argv[1]).predict(sys.argv[3:])
 assert main(["predict", "--model", sys.argv[1], *sys.argv[3:], "--out", sys.argv[2], "--no_progress"]) == 0

@@ -99,7 +99,7 @@ def test_bad_uploads_get_4xx_with_a_message_and_the_server_goes_on(predictor, de
         "cut.png": (good[: len(good) // 2], 400, "truncated"),
         "empty.png": (b"", 400, "empty"),
         "grey.tif": (la_tiff(), 415, "mode 'La'"),
-        "big.png": (good + b"\0" * 3000, 413, "over this server's limit"),
+        "big.png": (good + b"\0" * 3000, 413, "larger than this server's limit"),
     }
     settings = ServeSettings(max_upload_mb=(len(good) + 1000) / 1e6)
     with TestClient(create_app(predictor, settings)) as client:

@@ -26,8 +26,8 @@ def decode_upload(data: bytes, filename: str, image_size: int, max_bytes: int) -
     if len(data) == 0:
         raise UploadError(400, f"{filename}: the file is empty (0 bytes)")
     if len(data) > max_bytes:
-        raise UploadError(413, f"{filename}: {len(data) / 1e6:.1f} MB is over this server's limit of "
-                               f"{max_bytes / 1e6:.0f} MB per image (--max_upload_mb)")
+        raise UploadError(413, f"{filename}: larger than this server's limit of {max_bytes / 1e6:g} MB per "
+                               f"image (glocalclip serve --max_upload_mb)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, don't just warn
         try:
