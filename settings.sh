@@ -1,4 +1,4 @@
-# Shared by train.sh and test.sh: the paper's four settings (DESIGN.md §8) and the dataset folders.
+# Shared by train.sh and test.sh: the paper's four settings (docs/design.md §8) and the dataset folders.
 # Sourced, not run. Edit the folder names here if your datasets live elsewhere under DATA_ROOT.
 
 # dataset name (--dataset) -> folder under DATA_ROOT (holding that dataset's meta.json)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train GlocalCLIP prompts for the paper's settings (DESIGN.md §8).
+# Train GlocalCLIP prompts for the paper's settings (docs/design.md §8).
 #   bash train.sh                      # every setting
 #   bash train.sh visa2mvtec           # one (or several) by name
 # Then: bash test.sh [SETTING...]

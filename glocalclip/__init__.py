@@ -20,6 +20,8 @@ _PUBLIC = {
     "load_model": "glocalclip.engine.checkpoint",
     "Predictor": "glocalclip.apps.predict",
     "metrics": "glocalclip.engine",
+    "OnnxPredictor": "glocalclip.deploy.runtime",
+    "export_onnx": "glocalclip.deploy.export",
 }
 
 __all__ = [*_PUBLIC, "__version__"]

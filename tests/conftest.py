@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,3 +32,53 @@ def tiny_clip():
 def tiny_model(tiny_clip):
     torch.manual_seed(0)
     return GlocalCLIP(tiny_config(), clip=tiny_clip)
+
+
+# ---------------------------------------------------------------------------- deploy and serve
+DEPLOY_SIGMA = 4.0
+DEPLOY_THRESHOLD = 0.5
+DEPLOY_IMAGE_SIZES = [(90, 130), (150, 70), (112, 112)]  # (h, w): non-square, one at the model's size
+
+
+def save_deploy_checkpoint(path, cfg: GlocalCLIPConfig, seed: int = 0):
+    """A checkpoint of ``cfg`` with random prompts (N(0, 0.02²) from ``seed``) as test.py leaves it:
+    threshold and σ stored. The backbone's random init is seeded, so every rebuild is the same model."""
+    torch.manual_seed(seed)
+    model = GlocalCLIP(cfg)
+    torch.save(model.checkpoint(0, threshold={"image_score": DEPLOY_THRESHOLD, "sigma": DEPLOY_SIGMA}), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    return save_deploy_checkpoint(tmp_path_factory.mktemp("deploy") / "tiny.pth", tiny_config())
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_checkpoint, tmp_path_factory):
+    """``tiny_checkpoint`` exported once per session (about 30 s on 2 busy cores)."""
+    pytest.importorskip("onnxscript", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")
+    pytest.importorskip("onnxruntime", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")
+    from glocalclip.deploy.export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    export_onnx(tiny_checkpoint, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def deploy_images(tmp_path_factory):
+    """RGB PNGs with smooth structure and a bright blob, at DEPLOY_IMAGE_SIZES."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("deploy_images")
+    rng = np.random.default_rng(7)
+    paths = []
+    for i, (h, w) in enumerate(DEPLOY_IMAGE_SIZES):
+        yy, xx = np.mgrid[0:h, 0:w]
+        base = 110 + 60 * np.sin(xx / (5 + i))[..., None] * np.array([1.0, 0.6, 0.3])
+        base[(yy - h // 3) ** 2 + (xx - w // 2) ** 2 < (min(h, w) // 6) ** 2] = (250, 40, 40)
+        img = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+        paths.append(folder / f"img{i}.png")
+        Image.fromarray(img).save(paths[-1])
+    return paths

@@ -1,4 +1,4 @@
-"""Checkpoints (ours and the original code's) and backbone loading (DESIGN.md §1, §2.1)."""
+"""Checkpoints (ours and the original code's) and backbone loading (docs/design.md §1, §2.1)."""
 from __future__ import annotations
 
 import json

@@ -15,15 +15,17 @@ from glocalclip.apps.cli import COMMANDS, main, test_parser as make_test_parser,
 from glocalclip.apps.convert import convert_parser
 from glocalclip.apps.demo import demo_parser
 from glocalclip.apps.flags import help_with_default, model_overrides, settings_from_args
-from glocalclip.apps.predict import PredictConfig, predict_parser
+from glocalclip.apps.predict_cli import PredictConfig, predict_parser
 from glocalclip.apps.report import report_parser
+from glocalclip.deploy.export import export_parser
+from glocalclip.deploy.serve import serve_parser
 from glocalclip.engine.settings import TestConfig, TrainConfig
 from glocalclip.model.config import BACKBONE_DEFAULTS, GlocalCLIPConfig
 from glocalclip.settings import settings_fields
 
 REPO = Path(__file__).resolve().parents[1]
 PARSERS = {"train": train_parser, "test": make_test_parser, "predict": predict_parser, "convert": convert_parser,
-           "report": report_parser, "demo": demo_parser}
+           "report": report_parser, "demo": demo_parser, "export": export_parser, "serve": serve_parser}
 
 
 def _flags(parser: argparse.ArgumentParser) -> list[argparse.Action]:

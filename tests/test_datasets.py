@@ -1,4 +1,4 @@
-"""Dataset generators (every layout of DESIGN section 7, the folder mode) and the reader."""
+"""Dataset generators (every layout of docs/design.md §7, the folder mode) and the reader."""
 
 from __future__ import annotations
 
@@ -434,7 +434,7 @@ def test_reader_missing_undecodable_and_mis_sized_files(tmp_path):
         AnomalyDataset(tmp_path, image_size=S, dataset="kvasir")
 
 
-# DESIGN.md §6, written out: image+pixel for MVTec, VisA, MPDD, BTAD, SDD, DTD-Synthetic; image only for
+# docs/design.md §6, written out: image+pixel for MVTec, VisA, MPDD, BTAD, SDD, DTD-Synthetic; image only for
 # HeadCT, BrainMRI, Br35H; pixel only for ISIC, ColonDB, ClinicDB, Kvasir, Endo, TN3K (DAGM and COVID-19
 # are our extras: DAGM has masks, COVID-19 has none)
 PAPER_METRIC_MODES = {

@@ -1,4 +1,4 @@
-"""Image and mask preprocessing (DESIGN section 5): every PIL mode loads, values as specified."""
+"""Image and mask preprocessing (docs/design.md §5): every PIL mode loads, values as specified."""
 
 from __future__ import annotations
 

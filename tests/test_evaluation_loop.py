@@ -148,7 +148,7 @@ def test_cuda_smoothing_equals_scipy():
 
 
 def test_evaluate_measures_the_models_smoothed_maps_and_global_scores(data, tiny_clip):
-    """evaluate() against the protocol computed directly (DESIGN §4, §6): the float images
+    """evaluate() against the protocol computed directly (docs/design.md §4, §6): the float images
     (ToTensor + Normalize), one forward of all of a class's images, scipy's gaussian_filter(σ) per map,
     the metric functions on the whole class."""
     from scipy.ndimage import gaussian_filter

@@ -1,4 +1,4 @@
-"""Losses against hand-computed values, scoring, smoothing against scipy (DESIGN.md §4–5)."""
+"""Losses against hand-computed values, scoring, smoothing against scipy (docs/design.md §4–5)."""
 from __future__ import annotations
 
 import math
@@ -36,7 +36,7 @@ def test_dice_loss_hand_computed():
 
 
 def _pair_d(x, y) -> float:
-    """DESIGN §5: d(x, y) = ||x - y + 1e-6||_2, in float64 numpy."""
+    """docs/design.md §5: d(x, y) = ||x - y + 1e-6||_2, in float64 numpy."""
     return float(np.linalg.norm(np.asarray(x, dtype=np.float64) - np.asarray(y, dtype=np.float64) + 1e-6))
 
 
@@ -127,7 +127,7 @@ def test_global_plus_max_fuses_with_the_smoothed_map(tiny_clip):
 
 
 def test_probabilities_upsample_bilinearly_to_the_image():
-    """DESIGN §4: the G×G class probabilities are upsampled bilinearly (align_corners=False):
+    """docs/design.md §4: the G×G class probabilities are upsampled bilinearly (align_corners=False):
     a 2×2 grid to 8×8, so 'nearest' or align_corners=True would give other values."""
     torch.manual_seed(3)
     tokens = torch.randn(2, 5, 4)  # CLS + 2×2 grid
@@ -145,9 +145,9 @@ def test_probabilities_upsample_bilinearly_to_the_image():
 
 
 # ---------------------------------------------------------------------------------------------
-# The model's scoring and losses, rebuilt by hand from DESIGN §4–5 with plain torch ops.
+# The model's scoring and losses, rebuilt by hand from docs/design.md §4–5 with plain torch ops.
 
-TAU = 0.07  # DESIGN §4: temperature 0.07 everywhere
+TAU = 0.07  # docs/design.md §4: temperature 0.07 everywhere
 
 
 def _hand_layer_maps(patch_feats, local_text, size):
@@ -165,7 +165,7 @@ def _hand_layer_maps(patch_feats, local_text, size):
 
 
 def _hand_focal(S, M, s=1e-5):
-    """DESIGN §5: p' = (1-s)·S_true + s·S_other + s, loss = -(1-p')²·ln p', mean over all pixels."""
+    """docs/design.md §5: p' = (1-s)·S_true + s·S_other + s, loss = -(1-p')²·ln p', mean over all pixels."""
     s_true = torch.where(M > 0.5, S[:, 1], S[:, 0])
     s_other = torch.where(M > 0.5, S[:, 0], S[:, 1])
     pt = (1 - s) * s_true + s * s_other + s
@@ -173,7 +173,7 @@ def _hand_focal(S, M, s=1e-5):
 
 
 def _hand_dice(P, T):
-    """DESIGN §5: 1 - mean_b (2ΣPT + 1) / (ΣP + ΣT + 1)."""
+    """docs/design.md §5: 1 - mean_b (2ΣPT + 1) / (ΣP + ΣT + 1)."""
     P, T = P.flatten(1), T.flatten(1)
     return 1 - ((2 * (P * T).sum(1) + 1) / (P.sum(1) + T.sum(1) + 1)).mean()
 
@@ -197,7 +197,7 @@ def _hand_masks(b, size, seed):
 
 
 def test_forward_image_score_and_map_follow_the_spec(tiny_clip):
-    """DESIGN §4: image score = softmax(f̂·[g_n,g_a]/0.07)[1] with the GLOBAL text; the map from
+    """docs/design.md §4: image score = softmax(f̂·[g_n,g_a]/0.07)[1] with the GLOBAL text; the map from
     the patch tokens with the LOCAL text, per layer (p_a + 1 - p_n)/2, summed over the layers."""
     from glocalclip import GlocalCLIP
 
@@ -230,7 +230,7 @@ def test_forward_image_score_and_map_follow_the_spec(tiny_clip):
 
 @pytest.mark.parametrize("multilayer", ["reference", "snapshot"])
 def test_each_loss_term_follows_the_spec(tiny_clip, multilayer):
-    """DESIGN §5, term by term: global = CE(f̂·[g_n,g_a]/0.07, label) (GLOBAL text); local =
+    """docs/design.md §5, term by term: global = CE(f̂·[g_n,g_a]/0.07, label) (GLOBAL text); local =
     Σ_layers Focal(S, M) + Dice(S_a, M) + Dice(S_n, 1-M) on maps from the LOCAL text; contrastive
     with the margin; total = local + global + α·contrastive (α ≠ 1, margin ≠ 0)."""
     from glocalclip import GlocalCLIP

@@ -1,4 +1,4 @@
-"""glocalclip.engine.metrics against scikit-learn and straightforward implementations written here (DESIGN §6)."""
+"""glocalclip.engine.metrics against scikit-learn and straightforward implementations written here (docs/design.md §6)."""
 from __future__ import annotations
 
 import warnings

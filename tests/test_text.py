@@ -1,4 +1,4 @@
-"""Prompt layout and the deep-token text encoder (DESIGN.md §3)."""
+"""Prompt layout and the deep-token text encoder (docs/design.md §3)."""
 from __future__ import annotations
 
 import copy
@@ -202,7 +202,7 @@ def _trace_blocks(clip, fn):
 
 @pytest.mark.parametrize("depth", [2, 4])
 def test_outside_the_deep_span_every_block_runs_as_in_clip(varied_clip, depth):
-    # DESIGN §3.2: before blocks 2..D only positions 1..t are overwritten; SOS and positions > t
+    # docs/design.md §3.2: before blocks 2..D only positions 1..t are overwritten; SOS and positions > t
     # carry the previous block's output; every block runs with CLIP's causal mask; the tail is
     # ln_final -> EOT row -> text_projection -> L2-normalise.
     torch.manual_seed(5)
@@ -234,7 +234,7 @@ def test_outside_the_deep_span_every_block_runs_as_in_clip(varied_clip, depth):
 
 
 def test_prompt_parameters_start_from_n_0_002(tiny_clip):
-    """DESIGN §3.1: every learnable context and deep token is drawn from N(0, 0.02²), in fp32, and they
+    """docs/design.md §3.1: every learnable context and deep token is drawn from N(0, 0.02²), in fp32, and they
     are the only trainable parameters (no unused projection layers)."""
     from glocalclip import GlocalCLIP
 

@@ -1,5 +1,5 @@
 """Gradients reach only the prompts; a tiny model learns synthetic defects; the Trainer's optimizer,
-loss and α/margin plumbing against DESIGN.md §5."""
+loss and α/margin plumbing against docs/design.md §5."""
 from __future__ import annotations
 
 import numpy as np
@@ -95,7 +95,7 @@ def test_tiny_model_learns_synthetic_defects(tiny_clip):
 
 
 # ---------------------------------------------------------------------------------------------
-# The Trainer (glocalclip/training.py) against DESIGN §5, built on a tiny synthetic dataset.
+# The Trainer (glocalclip/training.py) against docs/design.md §5, built on a tiny synthetic dataset.
 
 TRAIN_SIZE = 56  # 4×4 patch grid: fast
 
@@ -120,7 +120,7 @@ def _trainer(tiny_clip, root, save, **changes):
 
 
 def _hand_total(model, images, masks, labels, alpha, margin):
-    """DESIGN §5 by hand: (local, global, contrastive, local + global + α·contrastive), differentiable
+    """docs/design.md §5 by hand: (local, global, contrastive, local + global + α·contrastive), differentiable
     w.r.t. the prompts (the text encoder is the model's own, tested elsewhere)."""
     tau = 0.07
     f, patches = model.encode_image(images)
@@ -162,7 +162,7 @@ def _dataset_batch(root):
 
 
 def test_trainer_optimizer_is_adam_with_the_spec_settings(tiny_clip, train_root, tmp_path):
-    """DESIGN §5: Adam on the prompt parameters only, lr 1e-3, betas (0.5, 0.999); defaults batch 8,
+    """docs/design.md §5: Adam on the prompt parameters only, lr 1e-3, betas (0.5, 0.999); defaults batch 8,
     15 epochs, seed 111, α 1, margin 0."""
     from glocalclip.engine.training import TrainConfig
 
@@ -181,7 +181,7 @@ def test_trainer_optimizer_is_adam_with_the_spec_settings(tiny_clip, train_root,
 
 
 def test_trainer_step_uses_local_plus_global_plus_alpha_contrastive(tiny_clip, train_root, tmp_path):
-    """One epoch of one batch: the logged terms equal DESIGN §5 computed by hand at the initial
+    """One epoch of one batch: the logged terms equal docs/design.md §5 computed by hand at the initial
     prompts, and the step moves the prompts along −∇(local + global + α·contrastive) with the
     configured α and margin (checked with plain SGD swapped in for Adam, so the loss's scale shows)."""
     alpha, margin, lr = 0.3, 1.5, 0.05

@@ -1,4 +1,4 @@
-"""The V-V attention surgery and the vision encoder outputs (DESIGN.md §2.2–2.4)."""
+"""The V-V attention surgery and the vision encoder outputs (docs/design.md §2.2–2.4)."""
 from __future__ import annotations
 
 import copy

@@ -141,15 +141,18 @@ class Command(NamedTuple):
     summary: str
 
     def load(self) -> Callable[[list[str]], Optional[int]]:
-        return getattr(importlib.import_module(f"glocalclip.apps.{self.module}"), self.function)
+        name = self.module if self.module.startswith("glocalclip.") else f"glocalclip.apps.{self.module}"
+        return getattr(importlib.import_module(name), self.function)
 
 
 COMMANDS = {
     "train": Command("cli", "train_main", "train the prompts on a dataset's labelled test split (= train.py)"),
     "test": Command("cli", "test_main", "zero-shot metrics of a checkpoint on a dataset (= test.py)"),
-    "predict": Command("predict", "predict_main", "score your own images: anomaly score, label, heat map"),
+    "predict": Command("predict_cli", "predict_main", "score your own images (a checkpoint or an ONNX file): score, label, heat map"),
     "convert": Command("convert", "convert_main", "an original GlocalCLIP/AnomalyCLIP checkpoint to ours"),
     "report": Command("report", "report_main", "merge test runs into one table per dataset (mean ± std)"),
+    "export": Command("glocalclip.deploy.export", "export_main", "one ONNX graph from image to score and map (extra [deploy])"),
+    "serve": Command("glocalclip.deploy.serve", "serve_main", "a web service and page for a checkpoint or an ONNX file (extra [serve])"),
     "demo": Command("demo", "demo_main", "the whole pipeline in seconds on synthetic data, tiny backbone"),
 }
 

@@ -10,7 +10,7 @@ from tabulate import tabulate
 
 from ..files import write_csv, write_json, write_text
 
-#: GlocalCLIP, paper Table 1 (DESIGN.md §8), in percent: (image AUROC, image AP), (pixel AUROC, PRO).
+#: GlocalCLIP, paper Table 1 (docs/design.md §8), in percent: (image AUROC, image AP), (pixel AUROC, PRO).
 PAPER_TABLE1: dict[str, dict[str, float]] = {
     "mvtec": {"image_auroc": 91.7, "image_ap": 96.4, "pixel_auroc": 91.4, "pixel_aupro": 82.8},
     "visa": {"image_auroc": 83.7, "image_ap": 86.1, "pixel_auroc": 95.9, "pixel_aupro": 87.2},
@@ -97,7 +97,7 @@ RUN_DURATIONS = (("wall_time_s", "wall time, scoring and metrics"), ("total_wall
 
 
 def results_markdown(results: dict[str, Any]) -> str:
-    """results.md: the per-class table, the mean beside the paper's number (datasets of DESIGN §8),
+    """results.md: the per-class table, the mean beside the paper's number (datasets of docs/design.md §8),
     and the run: checkpoint, data, sigma, wall time, the model config and the software versions."""
     name = results.get("dataset") or results.get("data_path")
     lines = [f"# Results: {name}", "", results_table(results, list(results["metric_keys"]), fmt="github")]

@@ -1,10 +1,10 @@
-"""Names of the supported datasets: class lists, metric modes and CLI aliases (DESIGN section 7)."""
+"""Names of the supported datasets: class lists, metric modes and CLI aliases (docs/design.md §7)."""
 
 from __future__ import annotations
 
 from .errors import DatasetError
 
-#: ``--dataset`` name -> class names, in the order of DESIGN section 7.
+#: ``--dataset`` name -> class names, in the order of docs/design.md §7.
 DATASET_CLASSES: dict[str, tuple[str, ...]] = {
     # industrial
     "mvtec": ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -34,7 +34,7 @@ IMAGE_PIXEL = "image-pixel-level"
 IMAGE_ONLY = "image-level"
 PIXEL_ONLY = "pixel-level"
 
-#: ``--dataset`` name -> default metric mode (DESIGN section 6; DAGM and COVID-19 are extras).
+#: ``--dataset`` name -> default metric mode (docs/design.md §6; DAGM and COVID-19 are extras).
 DATASET_METRICS: dict[str, str] = {
     **{name: IMAGE_PIXEL for name in ("mvtec", "visa", "mpdd", "btad", "SDD", "DTD", "DAGM_KaggleUpload")},
     **{name: IMAGE_ONLY for name in ("headct", "brain_mri", "br35h", "covid19")},

@@ -1,4 +1,4 @@
-"""One generator per on-disk layout of DESIGN section 7, plus the custom-folder layout.
+"""One generator per on-disk layout of docs/design.md §7, plus the custom-folder layout.
 
 Each generator takes the dataset root, walks the layout, and returns the meta dict
 ``{"train": {cls: [entry...]}, "test": {cls: [entry...]}}`` with paths relative to the root,

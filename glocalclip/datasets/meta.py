@@ -44,7 +44,7 @@ def _prepare_hint(root: str, dataset: str | None) -> str:
 
 
 class _PathFixer:
-    """Maps a stored path to one relative to the root (or absolute outside it), as DESIGN asks.
+    """Maps a stored path to one relative to the root (or absolute outside it), as docs/design.md §7 asks.
 
     Tried in order: the path relative to the root; the path as an absolute path that exists;
     the path with leading components removed until it exists under the root (the original code

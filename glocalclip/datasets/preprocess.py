@@ -1,4 +1,4 @@
-"""Image and mask preprocessing exactly as DESIGN section 5 fixes it (shared by training, testing and prediction).
+"""Image and mask preprocessing exactly as docs/design.md §5 fixes it (shared by training, testing and prediction).
 
 Image: PIL bicubic resize to S x S in the image's own mode (aspect ignored), then convert("RGB"),
 ToTensor, normalise with the OpenAI CLIP mean/std. PIL resizes "1" and "P" images with nearest
@@ -17,121 +17,18 @@ Mask: convert("L"), pixels > 0 -> 255, PIL bilinear resize to S x S, / 255, then
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from PIL import Image
 
-from .errors import DatasetError
+from .pixels import (DATASET_FIX, _from_array, _is_high_depth, decoded, exif_upright, open_image,  # noqa: F401
+                     resized_rgb, to_8bit_grey)
 
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
-_HIGH_DEPTH_MODES = ("I", "F")  # plus every "I;16..." mode
-
-
-def _is_high_depth(mode: str) -> bool:
-    return mode in _HIGH_DEPTH_MODES or mode.startswith("I;")
-
-
-#: the end of the advice on a missing or undecodable file of a dataset (predict passes its own)
-DATASET_FIX = "or remove it and regenerate meta.json (python generate_dataset_json/<name>.py --root ROOT)"
-EXIF_ORIENTATION = 0x0112
-
-
-def open_image(path, what: str = "image", fix: str = DATASET_FIX) -> Image.Image:
-    """Open an image file lazily (header only), with a DatasetError naming the file on failure;
-    ``fix`` ends the advice ("restore it / replace it ... <fix>")."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise DatasetError(f"{what} file {path} does not exist; restore it {fix}")
-    try:
-        return Image.open(path)
-    except Exception as exc:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
-        raise DatasetError(f"cannot decode {what} {path} ({exc}); replace it with a valid image "
-                           f"(PNG/JPEG/BMP/TIFF) {fix}") from None
-
-
-def decoded(img: Image.Image, what: str, fix: str = DATASET_FIX) -> Image.Image:
-    try:
-        img.load()
-    except Exception as exc:
-        name = getattr(img, "filename", "") or "<in-memory image>"
-        raise DatasetError(f"cannot decode {what} {name} ({exc}); the file is truncated or corrupt: replace it "
-                           f"{fix}") from None
-    return img
-
-
-def exif_upright(img: Image.Image) -> Image.Image:
-    """``img`` turned as its EXIF orientation tag says, i.e. as viewers show it (a phone photo taken
-    upright is stored sideways with orientation 6). Used for folder-mode data and predict; named
-    datasets are read as stored, as the original code read them (docs/design.md §5). An image
-    without the tag (or with an unreadable one) comes back as it is."""
-    try:
-        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:  # a damaged EXIF block: the pixels are still good
-        return img
-    if orientation not in range(2, 9):
-        return img
-    from PIL import ImageOps
-
-    turned = ImageOps.exif_transpose(decoded(img, "image"))
-    turned.filename = getattr(img, "filename", "")  # later messages still name the file
-    return turned
-
-
-def to_8bit_grey(img: Image.Image) -> Image.Image:
-    """Scale an "I;16*", "I" or "F" image to "L" by its type's range (see the module docstring)."""
-    mode = img.mode
-    arr = np.asarray(img)
-    if mode.startswith("I;"):
-        scaled = arr.astype(np.float64) / 65535.0 * 255.0
-    elif mode == "I":
-        a = arr.astype(np.float64)
-        top = 65535.0 if a.size == 0 or a.max() <= 65535 else float(2 ** 31 - 1)
-        scaled = np.clip(a, 0, None) / top * 255.0
-    elif mode == "F":
-        a = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        if a.size == 0 or a.max() <= 1.0:
-            scaled = np.clip(a, 0, None) * 255.0
-        else:
-            lo, hi = a.min(), a.max()
-            scaled = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-    else:
-        raise ValueError(f"not a high-depth mode: {mode}")
-    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
-
-
-def _from_array(arr: np.ndarray) -> Image.Image:
-    """An RGB/RGBA/grey ndarray (H,W[,C]) -> PIL image in the matching mode."""
-    arr = np.asarray(arr)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
-        raise DatasetError(f"an image array must be H x W, H x W x 3 (RGB) or H x W x 4 (RGBA), got shape {arr.shape}")
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8) * 255
-    if arr.ndim == 2:
-        if arr.dtype == np.uint8:
-            return Image.fromarray(arr)  # "L"
-        if arr.dtype == np.uint16:
-            return Image.fromarray(arr)  # "I;16"
-        if np.issubdtype(arr.dtype, np.integer):
-            return Image.fromarray(arr.astype(np.int32))  # "I"
-        return Image.fromarray(arr.astype(np.float32))  # "F"
-    if arr.dtype != np.uint8:
-        a = np.nan_to_num(arr.astype(np.float64))
-        if np.issubdtype(arr.dtype, np.floating) and a.max(initial=0) <= 1.0:
-            a = a * 255.0
-        elif arr.dtype == np.uint16:
-            a = a / 65535.0 * 255.0
-        arr = np.clip(np.rint(a), 0, 255).astype(np.uint8)
-    return Image.fromarray(arr)  # "RGB" or "RGBA"
-
-
 def load_image(image, image_size: int) -> torch.Tensor:
-    """A path, PIL image or ndarray -> normalised FloatTensor [3, S, S] (DESIGN section 5).
+    """A path, PIL image or ndarray -> normalised FloatTensor [3, S, S] (docs/design.md §5).
 
     An ndarray is read as RGB(A) or grey in its own dtype's range (uint8, uint16, float in 0..1).
     """
@@ -150,15 +47,7 @@ def image_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
 def image_to_uint8(img: Image.Image, image_size: int) -> torch.Tensor:
     """The resized RGB image as uint8 [3, S, S]: a quarter of the bytes of the normalised tensor, so
     loader workers hand batches over faster; :func:`normalize_image` finishes it on any device."""
-    if _is_high_depth(img.mode):
-        img = to_8bit_grey(img)
-    try:
-        img = img.resize((image_size, image_size), Image.BICUBIC).convert("RGB")
-    except (ValueError, OSError) as exc:
-        name = getattr(img, "filename", "") or "<in-memory image>"
-        raise DatasetError(f"image {name} has PIL mode {img.mode!r}, which cannot be resized or converted to RGB "
-                           f"({exc}); re-save it as an 8-bit RGB or grey PNG") from None
-    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(resized_rgb(img, image_size)).permute(2, 0, 1).contiguous()
 
 
 def normalize_image(u8: torch.Tensor) -> torch.Tensor:
@@ -177,7 +66,7 @@ def normalize_image(u8: torch.Tensor) -> torch.Tensor:
 
 
 def load_mask(mask, image_size: int) -> torch.Tensor:
-    """A mask path or PIL image -> FloatTensor [S, S] in {0, 1} (DESIGN section 5)."""
+    """A mask path or PIL image -> FloatTensor [S, S] in {0, 1} (docs/design.md §5)."""
     if isinstance(mask, Image.Image):
         return mask_to_tensor(decoded(mask, "mask"), image_size)
     with open_image(mask, "mask") as opened:

@@ -3,7 +3,7 @@
 Used by the demo and the tests, so that the whole pipeline runs with no dataset download. Each
 class is a procedural texture (stripes, checker, noise) in its own colours; a defect is a blob
 or a scratch painted in a contrasting colour, and its mask is exactly the painted pixels.
-``write_mvtec_layout`` writes the MVTec AD on-disk layout (DESIGN.md §7).
+``write_mvtec_layout`` writes the MVTec AD on-disk layout (docs/design.md §7).
 """
 from __future__ import annotations
 

@@ -88,3 +88,16 @@ def read_threshold(checkpoint: str | os.PathLike) -> Optional[dict[str, Any]]:
                       f"{Path(checkpoint).name}; run test.py on the checkpoint again")
         return None
     return {**record, "image_score": image_score}
+
+
+def stored_test_record(checkpoint: str | os.PathLike | dict, ckpt: dict) -> Optional[dict[str, Any]]:
+    """What ``test.py`` stored for a checkpoint (``image_score`` threshold, ``sigma``, dataset): the
+    sidecar beside it if it belongs to these contents, else the record older versions embedded in the
+    checkpoint, else None."""
+    record = None if isinstance(checkpoint, dict) else read_threshold(checkpoint)
+    if record is not None:
+        return record
+    embedded = ckpt.get("threshold") if isinstance(ckpt, dict) else None
+    if isinstance(embedded, dict) and embedded.get("image_score") is not None:
+        return {**embedded, "image_score": float(embedded["image_score"])}
+    return None

@@ -1,4 +1,4 @@
-"""Zero-shot testing (DESIGN.md §4, §6): score a dataset class by class and compute the metrics.
+"""Zero-shot testing (docs/design.md §4, §6): score a dataset class by class and compute the metrics.
 
 Text features are computed once per checkpoint. Images are batched, loaded by worker processes,
 smoothed on the device, and one class's maps are kept (float32, exact) only until its metrics

@@ -1,4 +1,4 @@
-"""Evaluation metrics (DESIGN.md section 6): image AUROC / AP / F1-max, pixel AUROC / F1-max, AUPRO.
+"""Evaluation metrics (docs/design.md §6): image AUROC / AP / F1-max, pixel AUROC / F1-max, AUPRO.
 
 Public functions (a contract, called by test.py and outside tools)::
 

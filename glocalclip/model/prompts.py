@@ -4,7 +4,7 @@ Prompts are tokenised once with placeholder words ("X") in the context slots and
 frozen token embedding; the learnable contexts are spliced between the start token and the rest
 (words, end token, padding) at every call. Two layouts:
 
-``glocal`` (GlocalCLIP, DESIGN.md §3.1), batch order [global normal, global anomalous,
+``glocal`` (GlocalCLIP, docs/design.md §3.1), batch order [global normal, global anomalous,
 local normal, local anomalous]; each anomalous prompt re-uses its branch's normal context::
 
     SOS GN₁..GNₙ object . EOT            SOS GN₁..GNₙ GA₁..GAₐ damaged object . EOT

@@ -1,0 +1,228 @@
+"""What both predictors share, with no torch: reading inputs, the :class:`Prediction` record, output
+names, the map and overlay files, and ``predictions.csv`` / ``predictions.jsonl``.
+
+The PyTorch :class:`~glocalclip.apps.predict.Predictor` and the ONNX Runtime
+:class:`~glocalclip.deploy.OnnxPredictor` read images here, so both models see the same pixels
+(PIL bicubic resize, ``datasets/pixels.py``), and ``glocalclip predict`` writes one set of files
+whichever model scores them.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from ..datasets.errors import DatasetError
+from ..datasets.pixels import _from_array, _is_high_depth, decoded, exif_upright, open_image, resized_rgb, to_8bit_grey
+from ..datasets.scan import IMAGE_EXTENSIONS  # one list of image extensions, for datasets and predict
+
+INPUT_FIX = "or leave it out of the inputs"  # ends the message about an input that cannot be read
+FIELDS = ("image_path", "pred_score", "pred_label", "anomaly_map", "map_max", "overlay")
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+@dataclass
+class Prediction:
+    """One scored image. ``anomaly_map`` is float32 [h, w] at the input's own resolution."""
+
+    image_path: Optional[str]
+    pred_score: float
+    pred_label: Optional[int]
+    map_max: float
+    anomaly_map: np.ndarray
+
+    def record(self, **extra: Any) -> dict[str, Any]:
+        """The JSON-able fields (the map itself left out)."""
+        return {"image_path": self.image_path, "pred_score": self.pred_score, "pred_label": self.pred_label,
+                "map_max": self.map_max, **extra}
+
+
+@dataclass
+class LoadedImage:
+    """An input as the model sees it, plus what the outputs need from it."""
+
+    pixels: np.ndarray  # [S, S, 3] uint8, resized
+    size: tuple[int, int]  # (height, width) of the input
+    path: Optional[str]
+    rgb: Optional[np.ndarray] = None  # [h, w, 3] uint8 at the input's size, for the overlay, when asked
+
+
+def read_image(item: ImageInput, image_size: int, want_rgb: bool = False) -> LoadedImage:
+    """A path, PIL image or array [H, W(, C)] -> :class:`LoadedImage`. Raises DatasetError."""
+    if isinstance(item, np.ndarray):
+        if item.ndim not in (2, 3):
+            raise DatasetError(f"an image array must be [H, W] or [H, W, C], got shape {item.shape}")
+        return LoadedImage(resized_rgb(_from_array(item), image_size), (int(item.shape[0]), int(item.shape[1])),
+                           None)
+    if isinstance(item, (str, os.PathLike)):
+        path = os.fspath(item)
+        with open_image(path, fix=INPUT_FIX) as im:
+            im = exif_upright(decoded(im, "image", INPUT_FIX))  # the map lines up with the photo as shown
+            w, h = im.size
+            rgb = to_rgb(im) if want_rgb else None
+            return LoadedImage(resized_rgb(im, image_size), (h, w), path, rgb)
+    if isinstance(item, Image.Image):
+        im = exif_upright(decoded(item, "image", INPUT_FIX))
+        w, h = im.size
+        rgb = to_rgb(im) if want_rgb else None
+        return LoadedImage(resized_rgb(im, image_size), (h, w), getattr(im, "filename", None) or None, rgb)
+    raise TypeError(f"cannot predict on a {type(item).__name__}: pass a path, a PIL image or a numpy array")
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    """uint8 RGB at the image's own size (16-bit/float grey scaled as the model's input is)."""
+    if _is_high_depth(im.mode):
+        im = to_8bit_grey(im)
+    return np.asarray(im.convert("RGB"))
+
+
+def as_items(images: Union[ImageInput, Iterable[ImageInput]]) -> tuple[list[ImageInput], bool]:
+    """(the inputs as a list, whether one image was given): a path, PIL image or [H, W(, C)] array is
+    one image; a [B, H, W, C] array or any other iterable is several."""
+    if isinstance(images, np.ndarray):
+        return (list(images), False) if images.ndim == 4 else ([images], True)
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images], True
+    return list(images), False
+
+
+def predict_images(predictor, images: Union[ImageInput, Iterable[ImageInput]], **options: Any
+                   ) -> Union[Prediction, list[Prediction]]:
+    """``predictor.predict``: read the images, score them ``predictor.batch_size`` at a time with
+    ``predictor.predict_uint8(pixels, sizes, paths, **options)``; one image in, one Prediction out."""
+    items, single = as_items(images)
+    out: list[Prediction] = []
+    for start in range(0, len(items), predictor.batch_size):
+        loaded = [read_image(it, predictor.image_size) for it in items[start:start + predictor.batch_size]]
+        out += predictor.predict_uint8(np.stack([b.pixels for b in loaded]), [b.size for b in loaded],
+                                       [b.path for b in loaded], **options)
+    return out[0] if single else out
+
+
+def label_of(score: float, threshold: Optional[float]) -> Optional[int]:
+    """1 (anomalous) when ``score >= threshold``, 0 below, None without a threshold."""
+    return None if threshold is None else int(score >= threshold)
+
+
+def label_text(label: Optional[int]) -> str:
+    return "" if label is None else ("anomalous" if label else "normal")
+
+
+# ---------------------------------------------------------------------------- inputs
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _matches(pattern: str) -> list[Path]:
+    found: list[Path] = []
+    for m in sorted(glob.glob(pattern, recursive=True)):
+        mp = Path(m)
+        if mp.is_dir():
+            found += _images_in(mp)
+        elif mp.suffix.lower() in IMAGE_EXTENSIONS:
+            found.append(mp)
+    return found
+
+
+def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files as given; folders searched recursively for image extensions; glob patterns expanded.
+    Returns (files in order, without repeats; [(input, reason)] for inputs that matched nothing)."""
+    files: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for inp in inputs:
+        p = Path(inp)
+        if p.is_dir():
+            found = _images_in(p)
+        elif p.is_file():
+            found = [p]
+        elif glob.has_magic(inp):
+            found = _matches(inp)
+        else:
+            missing.append((inp, "no such file or folder"))
+            continue
+        if not found:
+            missing.append((inp, "no images found"))
+        files += found
+    seen: set[str] = set()
+    unique = []
+    for f in files:
+        key = os.path.abspath(f)
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique, missing
+
+
+def output_names(files: Sequence[Path]) -> list[str]:
+    """A unique relative name (no extension) per file: its path below the files' common folder."""
+    if not files:
+        return []
+    parents = [os.path.dirname(os.path.abspath(f)) for f in files]
+    root = os.path.commonpath(parents)
+    names, used = [], set()
+    for f in files:
+        rel = os.path.relpath(os.path.abspath(f), root)
+        name = os.path.splitext(rel)[0]
+        if name in used:  # a.png beside a.jpg
+            name = rel.replace(".", "_")
+        k = 1
+        base = name
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        names.append(name)
+    return names
+
+
+# ---------------------------------------------------------------------------- outputs
+def overlay_rgb(rgb: np.ndarray, pred: Prediction, value_range: Optional[tuple[float, float]],
+                caption: bool = True) -> np.ndarray:
+    """The heat map over the image (uint8 RGB [h, w, 3]), with the score and label written on it
+    unless ``caption`` is False (the web page shows them beside the picture instead)."""
+    from .visualize import annotate, overlay
+
+    vis = overlay(rgb, pred.anomaly_map, value_range=value_range)
+    if caption:
+        vis = annotate(vis, f"{pred.pred_score:.3f} {label_text(pred.pred_label)}".strip())
+    return vis
+
+
+def save_outputs(pred: Prediction, name: str, out: Path, rgb: Optional[np.ndarray],
+                 value_range: Optional[tuple[float, float]]) -> dict[str, Any]:
+    """``maps/<name>.npy`` (the raw map) and, given the image's pixels, ``overlays/<name>.png``;
+    returns the prediction's record with both paths."""
+    import cv2
+
+    npy = out / "maps" / f"{name}.npy"
+    npy.parent.mkdir(parents=True, exist_ok=True)
+    np.save(npy, pred.anomaly_map.astype(np.float32))
+    png = None
+    if rgb is not None:
+        png = out / "overlays" / f"{name}.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(png), cv2.cvtColor(overlay_rgb(rgb, pred, value_range), cv2.COLOR_RGB2BGR))
+    return pred.record(anomaly_map=str(npy), overlay=str(png) if png else None)
+
+
+def write_predictions(records: list[dict[str, Any]], out_dir: Union[str, Path]) -> dict[str, Path]:
+    """``predictions.csv`` and ``predictions.jsonl`` (anomalib's field names first)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / "predictions.csv", "jsonl": out / "predictions.jsonl"}
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(FIELDS))
+        w.writeheader()
+        for r in records:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
+    with open(paths["jsonl"], "w") as f:
+        for r in records:
+            f.write(json.dumps({k: r.get(k) for k in FIELDS}) + "\n")
+    return paths

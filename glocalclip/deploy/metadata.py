@@ -1,0 +1,52 @@
+"""What an exported ONNX file says about itself: its input and output names and the
+``metadata_props`` written at export (image size, σ, threshold, config, version, checkpoint hash).
+
+Torch-free: the runtime reads it, the exporter writes it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+FORMAT = "glocalclip-onnx/1"
+INPUT_NAME = "images"  # uint8 [B, S, S, 3], RGB, already resized to S
+OUTPUT_NAMES = ("pred_score", "anomaly_map")  # float32 [B] and [B, S, S]
+
+
+@dataclass(frozen=True)
+class DeployMetadata:
+    """The settings an exported file was made with; ``config`` is the model's GlocalCLIPConfig dict."""
+
+    image_size: int
+    sigma: float
+    threshold: Optional[float]
+    config: dict[str, Any]
+    version: str
+    checkpoint_sha256: str
+    half: bool = False
+
+    def to_props(self) -> dict[str, str]:
+        """As ONNX ``metadata_props`` (strings only); no threshold -> no ``threshold`` key."""
+        props = {"format": FORMAT, "image_size": str(self.image_size), "sigma": repr(float(self.sigma)),
+                 "config": json.dumps(self.config, sort_keys=True), "glocalclip_version": self.version,
+                 "checkpoint_sha256": self.checkpoint_sha256, "weights": "float16" if self.half else "float32"}
+        if self.threshold is not None:
+            props["threshold"] = repr(float(self.threshold))
+        return props
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str], source: str = "the ONNX file") -> "DeployMetadata":
+        if props.get("format") != FORMAT:
+            raise ValueError(f"{source} was not written by `glocalclip export` (metadata format "
+                             f"{props.get('format')!r}, expected {FORMAT!r}); export the checkpoint with it")
+        thr = props.get("threshold")
+        return cls(image_size=int(props["image_size"]), sigma=float(props["sigma"]),
+                   threshold=None if thr is None else float(thr), config=json.loads(props["config"]),
+                   version=props["glocalclip_version"], checkpoint_sha256=props["checkpoint_sha256"],
+                   half=props.get("weights") == "float16")
+
+    @property
+    def map_value_range(self) -> tuple[float, float]:
+        """The map's full range, 0 .. number of feature layers (each adds a value in [0, 1])."""
+        return 0.0, float(len(self.config["features_list"]))
