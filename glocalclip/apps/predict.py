@@ -35,12 +35,14 @@ class Predictor:
     """A model with its text features computed once, scoring batches of arbitrary images."""
 
     def __init__(self, model, threshold: Optional[float] = None, sigma: float = 8.0, batch_size: int = 8,
-                 device: Optional[Union[str, torch.device]] = None):
+                 device: Optional[Union[str, torch.device]] = None, threshold_source: str = "given"):
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.threshold = None if threshold is None else float(threshold)
+        #: where the threshold comes from, in words (overlays say it): "F1-max on mvtec test, σ 8", "given"
+        self.threshold_source = None if threshold is None else threshold_source
         self.sigma = float(sigma)
         self.batch_size = int(batch_size)
         self._smoothing: dict[float, GaussianSmoothing] = {}  # per σ: the kernel goes to the device once
@@ -54,12 +56,15 @@ class Predictor:
         """Our checkpoint (config inside), or an original GlocalCLIP/AnomalyCLIP one (settings from
         ``overrides``, prompt shapes from its tensors). ``threshold`` None: the F1-max threshold
         ``test.py`` stored beside the checkpoint, else one embedded in an older checkpoint, else no labels."""
-        from ..engine.checkpoint import load_model_and_checkpoint
+        from ..engine.checkpoint import load_model_and_checkpoint, stored_test_record, threshold_source
 
         model, ckpt = load_model_and_checkpoint(os.fspath(path), **overrides)
+        source = "given"
         if threshold is None:
-            threshold = checkpoint_threshold(path, ckpt)
-        return cls(model, threshold=threshold, sigma=sigma, batch_size=batch_size, device=device)
+            record = stored_test_record(path, ckpt)
+            threshold, source = (None, "") if record is None else (record["image_score"], threshold_source(record))
+        return cls(model, threshold=threshold, sigma=sigma, batch_size=batch_size, device=device,
+                   threshold_source=source)
 
     @property
     def image_size(self) -> int:

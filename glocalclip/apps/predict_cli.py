@@ -3,7 +3,9 @@ Runtime, no torch loaded), and write the same files either way.
 
 Writes ``predictions.csv`` and ``predictions.jsonl`` with anomalib's field names (``image_path,
 pred_score, pred_label, anomaly_map``; ``anomaly_map`` is the path of the saved raw map ``.npy``),
-plus ``map_max`` and ``overlay`` (the heat-map PNG).
+plus ``map_max`` and ``overlay`` (the heat-map PNG). Rows are appended batch by batch, one run at a
+time per ``--out``; a rerun continues (``--resume``) or replaces (``--overwrite``) the earlier one
+(``predict_runs.py``).
 """
 from __future__ import annotations
 
@@ -18,7 +20,9 @@ import numpy as np
 from ..datasets.errors import DatasetError
 from ..settings import check_settings, setting
 from .flags import add_model_flags, add_settings, model_overrides, new_parser, settings_from_args
-from .predict_io import LoadedImage, expand_inputs, output_names, read_image, save_outputs, write_predictions
+from ..locks import FolderLock
+from .predict_io import FIELDS, LoadedImage, expand_inputs, output_names, read_image, save_outputs
+from .predict_runs import PredictionsFile, image_key
 
 DEFAULT_SIGMA = 8.0  # the paper's protocol
 
@@ -52,6 +56,12 @@ class PredictConfig:
                                     help="colour each overlay by its own map's min..max (shows where, even when faint)")
     overlays: bool = setting(True, flag="no_overlays", switch=False, help="do not write overlay PNGs")
     progress: bool = setting(True, flag="no_progress", switch=False, help="no progress bar")
+    resume: bool = setting(False, switch=True,
+                           help="continue the predictions in --out: the images already in its predictions.csv are "
+                                "skipped, the rest scored and appended")
+    overwrite: bool = setting(False, switch=True,
+                              help="replace the predictions in --out: its CSV, JSONL, maps and overlays are removed "
+                                   "first")
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -88,29 +98,42 @@ def build_predictor(cfg: PredictConfig, overrides: dict[str, Any]):
     return predictor
 
 
-def score_files(predictor, files: Sequence[Path], out: Path, value_range: Optional[tuple[float, float]],
-                overlays: bool, progress: bool) -> tuple[list[dict[str, Any]], int]:
-    """Score ``files`` in batches, writing each map (and overlay) as its batch finishes. Unreadable
-    files are reported and skipped. Returns (records in input order, number skipped)."""
+class ScoredSoFar:
+    """What a run has scored: its records, and the inputs it skipped."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.skipped = 0
+
+
+def score_files(predictor, files: Sequence[Path], out: Path, names: dict[str, str], sink: PredictionsFile,
+                value_range: Optional[tuple[float, float]], cfg: PredictConfig, so_far: ScoredSoFar) -> None:
+    """Score ``files`` in batches. Each batch's maps and overlays are written, then its rows appended
+    to ``sink`` (flushed): whatever stops the run, every row there has its map. Unreadable files are
+    reported and skipped."""
     from tqdm import tqdm
 
-    names = dict(zip(map(str, files), output_names(files)))
-    records: list[dict[str, Any]] = []
-    skipped = 0
+    from .visualize import prediction_caption
+
+    source = threshold_source_of(predictor)
     batch: list[LoadedImage] = []
 
     def flush() -> None:
         preds = predictor.predict_uint8(np.stack([b.pixels for b in batch]), [b.size for b in batch],
                                         [b.path for b in batch])
-        records.extend(save_outputs(p, names[b.path], out, b.rgb, value_range) for b, p in zip(batch, preds))
+        rows = [save_outputs(p, names[b.path], out, b.rgb, value_range,
+                             prediction_caption(p.pred_score, p.pred_label, predictor.threshold, source))
+                for b, p in zip(batch, preds)]
+        sink.append(rows)
+        so_far.records += rows
         batch.clear()
 
-    bar = tqdm(files, desc="predict", unit="img", disable=not progress)
+    bar = tqdm(files, desc="predict", unit="img", disable=not cfg.progress)
     for f in bar:
         try:
-            batch.append(read_image(f, predictor.image_size, want_rgb=overlays))
+            batch.append(read_image(f, predictor.image_size, want_rgb=cfg.overlays))
         except (DatasetError, OSError, ValueError) as e:  # unreadable: report, skip, go on
-            skipped += 1
+            so_far.skipped += 1
             bar.write(f"skipped {f}: {e}", file=sys.stderr)
             continue
         if len(batch) == predictor.batch_size:
@@ -118,7 +141,27 @@ def score_files(predictor, files: Sequence[Path], out: Path, value_range: Option
     if batch:
         flush()
     bar.close()
-    return records, skipped
+
+
+def threshold_source_of(predictor) -> Optional[str]:
+    """Where the predictor's threshold comes from, in words (None where it does not say)."""
+    return getattr(predictor, "threshold_source", None)
+
+
+def _value_range(cfg: PredictConfig, predictor) -> Optional[tuple[float, float]]:
+    if cfg.map_range:
+        return (cfg.map_range[0], cfg.map_range[1])
+    return None if cfg.per_image_range else predictor.map_value_range
+
+
+def _still_to_score(files: list[Path], sink: PredictionsFile) -> list[Path]:
+    """The inputs not in the CSV that ``--resume`` continues (all of them otherwise)."""
+    done = sink.done()
+    todo = [f for f in files if image_key(f) not in done]
+    if sink.kept:
+        print(f"--resume: {len(sink.kept)} rows kept in {sink.paths()['csv']}; {len(files) - len(todo)} of the "
+              f"inputs were scored already and are skipped", file=sys.stderr)
+    return todo
 
 
 def predict_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -130,20 +173,29 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
     if not files:
         print("predict: no images to score", file=sys.stderr)
         return 2
-    predictor = build_predictor(cfg, model_overrides(args))
     out = Path(cfg.out)
-    (out / "maps").mkdir(parents=True, exist_ok=True)
-    if cfg.overlays:
-        (out / "overlays").mkdir(parents=True, exist_ok=True)
-    if cfg.map_range:
-        value_range: Optional[tuple[float, float]] = (cfg.map_range[0], cfg.map_range[1])
-    else:
-        value_range = None if cfg.per_image_range else predictor.map_value_range
-    records, skipped = score_files(predictor, files, out, value_range, overlays=cfg.overlays,
-                                   progress=cfg.progress)
-    write_predictions(records, out)
-    print(_summary(records, predictor.threshold, skipped + len(missing), out / "predictions.csv"))
-    return 0 if records else 1
+    so_far = ScoredSoFar()
+    with FolderLock(out, "predict") as lock:  # a second predict into this --out refuses, naming this one
+        if lock.taken_over:
+            print(f"note: took over the lock of {out} left by pid {lock.taken_over.get('pid')}, which is gone",
+                  file=sys.stderr)
+        sink = PredictionsFile(out, FIELDS).check(cfg.resume, cfg.overwrite)  # before the model is built
+        todo = _still_to_score(files, sink)
+        predictor = build_predictor(cfg, model_overrides(args))
+        sink.start()
+        names = dict(zip(map(str, files), output_names(files)))  # all inputs: a resumed run keeps the names
+        try:
+            score_files(predictor, todo, out, names, sink, _value_range(cfg, predictor), cfg, so_far)
+        except KeyboardInterrupt:
+            print(f"predict: interrupted; the {len(sink.kept) + len(so_far.records)} rows scored so far are in "
+                  f"{sink.paths()['csv']}; continue with --resume", file=sys.stderr)
+            raise
+    print(_summary(so_far.records, predictor.threshold, so_far.skipped + len(missing), out / "predictions.csv"))
+    if predictor.threshold is not None:
+        from .visualize import threshold_caption
+
+        print(f"labels: {threshold_caption(predictor.threshold, threshold_source_of(predictor))}")
+    return 0 if so_far.records or sink.kept else 1
 
 
 def _summary(records: list[dict[str, Any]], threshold: Optional[float], skipped: int, csv_path: Path) -> str:

@@ -8,9 +8,7 @@ whichever model scores them.
 """
 from __future__ import annotations
 
-import csv
 import glob
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,45 +182,33 @@ def output_names(files: Sequence[Path]) -> list[str]:
 
 # ---------------------------------------------------------------------------- outputs
 def overlay_rgb(rgb: np.ndarray, pred: Prediction, value_range: Optional[tuple[float, float]],
-                caption: bool = True) -> np.ndarray:
-    """The heat map over the image (uint8 RGB [h, w, 3]), with the score and label written on it
-    unless ``caption`` is False (the web page shows them beside the picture instead)."""
+                caption: Sequence[str] = ()) -> np.ndarray:
+    """The heat map over the image (uint8 RGB [h, w, 3]), with the ``caption`` lines written on it
+    (``visualize.prediction_caption``: the predicted label and the threshold it came from; the web
+    page shows them beside the picture instead)."""
     from .visualize import annotate, overlay
 
     vis = overlay(rgb, pred.anomaly_map, value_range=value_range)
-    if caption:
-        vis = annotate(vis, f"{pred.pred_score:.3f} {label_text(pred.pred_label)}".strip())
-    return vis
+    return annotate(vis, list(caption)) if caption else vis
 
 
 def save_outputs(pred: Prediction, name: str, out: Path, rgb: Optional[np.ndarray],
-                 value_range: Optional[tuple[float, float]]) -> dict[str, Any]:
-    """``maps/<name>.npy`` (the raw map) and, given the image's pixels, ``overlays/<name>.png``;
-    returns the prediction's record with both paths."""
-    import cv2
+                 value_range: Optional[tuple[float, float]], caption: Sequence[str] = ()) -> dict[str, Any]:
+    """``maps/<name>.npy`` (the raw map) and, given the image's pixels, ``overlays/<name>.png`` with
+    ``caption`` on it, each written atomically (a full disk leaves no half file); returns the
+    prediction's record with both paths."""
+    from ..files import write_npy, write_png
 
-    npy = out / "maps" / f"{name}.npy"
-    npy.parent.mkdir(parents=True, exist_ok=True)
-    np.save(npy, pred.anomaly_map.astype(np.float32))
+    npy = write_npy(out / "maps" / f"{name}.npy", pred.anomaly_map.astype(np.float32))
     png = None
     if rgb is not None:
-        png = out / "overlays" / f"{name}.png"
-        png.parent.mkdir(parents=True, exist_ok=True)
-        cv2.imwrite(str(png), cv2.cvtColor(overlay_rgb(rgb, pred, value_range), cv2.COLOR_RGB2BGR))
+        png = write_png(out / "overlays" / f"{name}.png", overlay_rgb(rgb, pred, value_range, caption))
     return pred.record(anomaly_map=str(npy), overlay=str(png) if png else None)
 
 
 def write_predictions(records: list[dict[str, Any]], out_dir: Union[str, Path]) -> dict[str, Path]:
-    """``predictions.csv`` and ``predictions.jsonl`` (anomalib's field names first)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": out / "predictions.csv", "jsonl": out / "predictions.jsonl"}
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(FIELDS))
-        w.writeheader()
-        for r in records:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
-    with open(paths["jsonl"], "w") as f:
-        for r in records:
-            f.write(json.dumps({k: r.get(k) for k in FIELDS}) + "\n")
-    return paths
+    """``predictions.csv`` and ``predictions.jsonl`` (anomalib's field names first) of ``records``,
+    each written atomically. ``glocalclip predict`` appends its rows batch by batch instead."""
+    from .predict_runs import PredictionsFile
+
+    return PredictionsFile(out_dir, FIELDS).rewrite(records)

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from ..files import append_all, translated, write_text
+from ..files import append_all, remove_leftovers, translated, write_text
 
 CSV_NAME = "predictions.csv"
 JSONL_NAME = "predictions.jsonl"
@@ -62,12 +62,29 @@ def image_key(path: str | os.PathLike) -> str:
 
 
 def earlier_outputs(out: Path) -> list[Path]:
-    """The files of an earlier run in ``out``: its CSV, JSONL, maps and overlays."""
-    found = [out / name for name in (CSV_NAME, JSONL_NAME) if (out / name).is_file()]
+    """The files of an earlier run in ``out``: its CSV and JSONL where they hold rows, its maps and
+    overlays (a CSV with a header alone is a run that scored nothing)."""
+    found = [out / name for name in (CSV_NAME, JSONL_NAME) if _has_rows(out / name)]
     for folder, suffix in OUTPUT_KINDS:
         if (out / folder).is_dir():
             found += sorted(p for p in (out / folder).rglob(f"*{suffix}") if p.is_file())
     return found
+
+
+def _has_rows(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with translated(path), open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for _, line in zip(range(2), f) if line.strip()]
+    return len(lines) > (1 if path.name == CSV_NAME else 0)
+
+
+def _sweep_leftovers(out: Path) -> None:
+    """The temp files a killed run left in ``out`` and its output subfolders (files.remove_leftovers)."""
+    folders = [out] + [d for name, _ in OUTPUT_KINDS if (out / name).is_dir()
+                       for d in [out / name, *(p for p in (out / name).rglob("*") if p.is_dir())]]
+    for folder in folders:
+        remove_leftovers(folder)
 
 
 def _remove(paths: Iterable[Path], out: Path) -> None:
@@ -94,30 +111,43 @@ def _refusal(out: Path, found: list[Path]) -> str:
 
 
 class PredictionsFile:
-    """``predictions.csv`` and ``predictions.jsonl`` of one ``--out``, opened for this run:
-    :meth:`open` decides what an earlier run's files become, :meth:`append` adds a batch's rows."""
+    """``predictions.csv`` and ``predictions.jsonl`` of one ``--out``: :meth:`check` decides what an
+    earlier run's files become (before the model is built), :meth:`start` makes it so (once the model
+    is there), :meth:`append` adds a batch's rows."""
 
     def __init__(self, out: str | os.PathLike, fields: Sequence[str]):
         self.out = Path(out)
         self.fields = tuple(fields)
         self.kept: list[dict[str, Any]] = []  # the earlier run's rows that --resume continues from
+        self._doomed: list[Path] = []  # what --overwrite removes
 
-    def open(self, resume: bool, overwrite: bool) -> "PredictionsFile":
-        """Refuse an earlier run's folder, continue it (``resume``) or clear it (``overwrite``);
-        then write the files' header (and the rows kept), replacing them atomically."""
+    def check(self, resume: bool, overwrite: bool) -> "PredictionsFile":
+        """Refuse an earlier run's folder unless ``resume`` continues it (its complete rows are
+        kept) or ``overwrite`` replaces it. Writes nothing."""
         if resume and overwrite:
             raise ValueError("--resume continues the predictions in --out and --overwrite removes them: give one")
         found = earlier_outputs(self.out)
         if found and not (resume or overwrite):
             raise ValueError(_refusal(self.out, found))
         if overwrite:
-            _remove(found, self.out)
+            self._doomed = found
         elif (self.out / CSV_NAME).is_file():
             self.kept = read_rows(self.out / CSV_NAME, self.fields)
-        # both files start from the CSV's complete rows: a JSONL line or a CSV row cut short goes
-        write_text(self.out / CSV_NAME, _csv_text(self.fields, self.kept, header=True))
-        write_text(self.out / JSONL_NAME, _jsonl_text(self.fields, self.kept))
         return self
+
+    def start(self) -> "PredictionsFile":
+        """Clear what ``check`` found for ``--overwrite`` and the leftovers of killed runs, then
+        write both files afresh from the rows kept: a JSONL line or a CSV row cut short goes."""
+        _sweep_leftovers(self.out)
+        _remove(self._doomed, self.out)
+        self.rewrite(self.kept)
+        return self
+
+    def rewrite(self, records: list[dict[str, Any]]) -> dict[str, Path]:
+        """Both files holding ``records``, each replaced atomically."""
+        write_text(self.out / CSV_NAME, _csv_text(self.fields, records, header=True))
+        write_text(self.out / JSONL_NAME, _jsonl_text(self.fields, records))
+        return self.paths()
 
     def done(self) -> set[str]:
         """The inputs already scored (as :func:`image_key`)."""
@@ -138,8 +168,3 @@ class PredictionsFile:
 
     def paths(self) -> dict[str, Path]:
         return {"csv": self.out / CSV_NAME, "jsonl": self.out / JSONL_NAME}
-
-
-def resume_note(kept: int, skipped_inputs: int, out: Optional[Path] = None) -> str:
-    where = f" in {out / CSV_NAME}" if out is not None else ""
-    return f"--resume: {kept} rows kept{where}; {skipped_inputs} of the inputs were scored already and are skipped"

@@ -79,6 +79,9 @@ class OnnxPredictor:
         self.metadata = DeployMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, path)
         self.path = path
         self.threshold = self.metadata.threshold if threshold is None else float(threshold)
+        #: where the threshold comes from, in words (predict's overlays say it)
+        self.threshold_source = None if self.threshold is None else \
+            ("given" if threshold is not None else f"stored in {os.path.basename(path)}")
         self.batch_size = int(batch_size)
 
     @property

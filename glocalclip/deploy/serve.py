@@ -98,7 +98,7 @@ def result_json(pred: Prediction, loaded: LoadedImage, threshold: Optional[float
     return {"filename": pred.image_path, "width": w, "height": h, "pred_score": pred.pred_score,
             "pred_label": label_of(pred.pred_score, threshold), "threshold": threshold,
             "map_max": pred.map_max,
-            "overlay_png": _png_base64(overlay_rgb(loaded.rgb, pred, value_range, caption=False))}
+            "overlay_png": _png_base64(overlay_rgb(loaded.rgb, pred, value_range))}
 
 
 def model_info(predictor, threshold: Optional[float]) -> dict[str, Any]:
