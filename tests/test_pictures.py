@@ -57,9 +57,9 @@ def test_a_predict_caption_says_prediction_and_where_the_threshold_comes_from():
     assert source == "F1-max on mvtec test, σ 8"
     assert visualize.threshold_caption(0.4213, source) == "threshold 0.4213 (F1-max on mvtec test, σ 8)"
     assert visualize.prediction_caption(0.61, 1, 0.4213, source) == [
-        "predicted: anomalous", "score 0.610 >= threshold 0.4213 (F1-max on mvtec test, sigma 8)"]
-    assert visualize.prediction_caption(0.2, 0, 0.4213, "given as --threshold") == [
-        "predicted: normal", "score 0.200 < threshold 0.4213 (given as --threshold)"]
+        "predicted: anomalous", "score 0.610 >= threshold 0.4213", "(F1-max on mvtec test, sigma 8)"]
+    assert visualize.prediction_caption(0.2, 0, 0.4213, "given") == [
+        "predicted: normal", "score 0.200 < threshold 0.4213", "(given)"]
     assert visualize.prediction_caption(0.2, None, None, None) == ["score 0.200", "no prediction: no threshold"]
     folder = threshold_source({"dataset": None, "data_path": "/photos/my_parts/", "sigma": 4})
     assert folder == "F1-max on my_parts test, σ 4"

@@ -296,11 +296,11 @@ def test_predict_overlays_say_prediction_and_the_thresholds_origin(trained, tmp_
     out = tmp_path / "out"
     assert predict_main(_predict(trained, out, good_inputs(trained))) == 0
     thr = read_threshold(trained["ckpt"])["image_score"]
-    origin = f"threshold {thr:.4g} (F1-max on data test, sigma 4)"
     rows = _rows(out)
     assert len(written) == len(rows) == 4
     for lines, r in zip(written, rows):
         predicted = "anomalous" if int(r["pred_label"]) else "normal"
         relation = ">=" if int(r["pred_label"]) else "<"
-        assert lines == [f"predicted: {predicted}", f"score {float(r['pred_score']):.3f} {relation} {origin}"]
+        assert lines == [f"predicted: {predicted}", f"score {float(r['pred_score']):.3f} {relation} threshold {thr:.4g}",
+                         "(F1-max on data test, sigma 4)"]
     assert f"labels: threshold {thr:.4g} (F1-max on data test, σ 4)" in capsys.readouterr().out

@@ -49,18 +49,20 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: Optional[np.ndarray] 
 
 def annotate(image_rgb: np.ndarray, text: str | Sequence[str], color: tuple[int, int, int] = (255, 255, 255)
              ) -> np.ndarray:
-    """``text`` (a line, or several) written in the top-left corner, outlined so it reads on any
-    background. OpenCV's fonts are ASCII only."""
+    """``text`` (a line, or several, each wrapped to the picture's width) written in the top-left
+    corner, outlined so it reads on any background. OpenCV's fonts are ASCII only."""
     out = np.ascontiguousarray(image_rgb).copy()
-    lines = [text] if isinstance(text, str) else list(text)
-    scale = max(0.35, min(out.shape[:2]) / 400)
+    scale = max(0.35, min(out.shape[:2]) / 560)
     thick = max(1, round(scale * 1.5))
+    lines = [part for line in ([text] if isinstance(text, str) else text) if line
+             for part in _wrapped(line, out.shape[1] - 8, scale, thick + 2)]
     (_, height), baseline = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
     step = height + baseline + thick + 2  # one line under the other, outlines not touching
-    for i, line in enumerate(x for x in lines if x):
-        org = (4, 4 + height + i * step)
-        cv2.putText(out, line, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
-        cv2.putText(out, line, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
+    for i, line in enumerate(lines):
+        x, y = 4, 4 + height + i * step
+        for dx, dy in ((-1, -1), (-1, 1), (1, -1), (1, 1), (0, 2), (2, 0), (0, -2), (-2, 0)):  # a black rim
+            cv2.putText(out, line, (x + dx, y + dy), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick, cv2.LINE_AA)
+        cv2.putText(out, line, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
     return out
 
 
@@ -95,8 +97,8 @@ def prediction_caption(score: float, predicted: Optional[int], threshold: Option
     if predicted is None or threshold is None:
         return [f"score {score:.3f}", "no prediction: no threshold"]
     relation = ">=" if predicted else "<"
-    return [f"predicted: {'anomalous' if predicted else 'normal'}",
-            f"score {score:.3f} {relation} {threshold_caption(threshold, source, ascii_only=True)}"]
+    lines = [f"predicted: {'anomalous' if predicted else 'normal'}", f"score {score:.3f} {relation} threshold {threshold:.4g}"]
+    return lines + ([f"({source})".replace("σ", "sigma")] if source else [])
 
 
 def read_rgb(path: str, upright: bool = False) -> np.ndarray:
@@ -114,12 +116,12 @@ def _tile(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def _wrapped(text: str, width: int, scale: float) -> list[str]:
+def _wrapped(text: str, width: int, scale: float, thickness: int = 1) -> list[str]:
     """``text`` cut at spaces into lines that fit ``width`` pixels in OpenCV's font."""
     lines: list[str] = []
     for word in text.split(" "):
         candidate = f"{lines[-1]} {word}" if lines else word
-        fits = cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] <= width
+        fits = cv2.getTextSize(candidate, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)[0][0] <= width
         if lines and fits:
             lines[-1] = candidate
         else:
