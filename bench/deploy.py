@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tabulate import tabulate  # noqa: E402
+from tabulate import tabulate
 
-from glocalclip import GlocalCLIP, GlocalCLIPConfig, Predictor  # noqa: E402
-from glocalclip.deploy import OnnxPredictor  # noqa: E402
-from glocalclip.deploy.export import export_onnx, exported_files  # noqa: E402
+from glocalclip import GlocalCLIP, GlocalCLIPConfig, Predictor
+from glocalclip.deploy import OnnxPredictor
+from glocalclip.deploy.export import export_onnx, exported_files
 
 HERE = Path(__file__).resolve().parent
 SIGMA = 8.0
