@@ -27,8 +27,14 @@ for s in $settings; do
   for alpha in $alphas; do
     out="$OUT_ROOT/$s/alpha_$alpha"
     echo "== $s: train on $train_ds, alpha $alpha -> $out"
+    # a run begun before continues (a finished one has nothing to do); pass --overwrite in
+    # EXTRA_TRAIN_FLAGS to train it afresh
+    resume=()
+    if [[ " $EXTRA_TRAIN_FLAGS " != *" --overwrite "* ]] && compgen -G "$out/checkpoints/epoch_*.pth" >/dev/null; then
+      resume=(--resume "$out/checkpoints")
+    fi
     # shellcheck disable=SC2046,SC2086
-    $PYTHON train.py --train_data_path "$root" --dataset "$train_ds" --save_path "$out/checkpoints" \
+    $PYTHON train.py --train_data_path "$root" --dataset "$train_ds" --save_path "$out/checkpoints" "${resume[@]}" \
       --epoch "$EPOCHS" --batch_size 8 --learning_rate 0.001 --seed "$SEED" --alpha "$alpha" \
       $COMMON_FLAGS $(prompt_flags "$s") $EXTRA_TRAIN_FLAGS || { echo "!! training $s alpha $alpha failed"; failed=1; }
   done

@@ -53,3 +53,28 @@ def test_train_and_test_scripts_run_a_setting(tmp_path):
                       .read_text())["mean"]["pixel_auroc"]
     assert f"{100 * ours:.1f}" in summary  # ... and our own number from the run's results
     assert "summary of 1 test runs" in run.stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_train_sh_again_resumes_its_runs_instead_of_refusing(tmp_path):
+    """train.sh over settings already trained continues each run (nothing to do when finished), and
+    with more epochs trains on from the last checkpoint: train.py alone refuses a folder holding a run."""
+    data = tmp_path / "data"
+    make_synthetic_dataset(data / "visa", classes=("candle", "capsules"), n_train=0, n_test_good=2,
+                           n_test_defect=2, size=48, seed=1)
+    env = {**os.environ, "DATA_ROOT": str(data), "OUT_ROOT": str(tmp_path / "runs"), "EPOCHS": "1",
+           "ALPHAS": "1.0", "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", "EXTRA_TRAIN_FLAGS": TINY}
+    ckpts = tmp_path / "runs" / "visa2mvtec" / "alpha_1.0" / "checkpoints"
+
+    def train_sh(epochs: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(REPO / "train.sh"), "visa2mvtec"], env={**env, "EPOCHS": epochs},
+                              capture_output=True, text=True, timeout=300)
+
+    assert train_sh("1").returncode == 0
+    first = (ckpts / "epoch_1.pth").read_bytes()
+    again = train_sh("1")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert (ckpts / "epoch_1.pth").read_bytes() == first  # a finished run is left as it is
+    more = train_sh("2")
+    assert more.returncode == 0, more.stdout + more.stderr
+    assert (ckpts / "epoch_2.pth").is_file() and (ckpts / "epoch_1.pth").read_bytes() == first

@@ -21,7 +21,7 @@ from ..datasets.errors import DatasetError
 from ..settings import check_settings, setting
 from .flags import add_model_flags, add_settings, model_overrides, new_parser, settings_from_args
 from ..locks import FolderLock
-from .predict_io import FIELDS, LoadedImage, expand_inputs, output_names, read_image, save_outputs
+from .predict_io import check_model_source, FIELDS, LoadedImage, expand_inputs, output_names, read_image, save_outputs
 from .predict_runs import PredictionsFile, image_key
 
 DEFAULT_SIGMA = 8.0  # the paper's protocol
@@ -65,9 +65,7 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
-        if (self.checkpoint is None) == (self.model is None):
-            raise ValueError("give the model to score with: --checkpoint CKPT (PyTorch) or --model FILE.onnx "
-                             "(ONNX Runtime), one of the two")
+        check_model_source(self.checkpoint, self.model, "score with")
 
 
 def predict_parser() -> argparse.ArgumentParser:

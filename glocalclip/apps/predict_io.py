@@ -105,6 +105,13 @@ def predict_images(predictor, images: Union[ImageInput, Iterable[ImageInput]], *
     return out[0] if single else out
 
 
+def check_model_source(checkpoint: Optional[str], model: Optional[str], use: str) -> None:
+    """``predict`` and ``serve`` take a checkpoint (PyTorch) or an ONNX file (ONNX Runtime), one of the two."""
+    if (checkpoint is None) == (model is None):
+        raise ValueError(f"give the model to {use}: --checkpoint CKPT (PyTorch) or --model FILE.onnx "
+                         f"(ONNX Runtime), one of the two")
+
+
 def label_of(score: float, threshold: Optional[float]) -> Optional[int]:
     """1 (anomalous) when ``score >= threshold``, 0 below, None without a threshold."""
     return None if threshold is None else int(score >= threshold)

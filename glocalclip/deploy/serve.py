@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Optional, Sequence
 
-from ..apps.predict_io import LoadedImage, Prediction, label_of, overlay_rgb
+from ..apps.predict_io import LoadedImage, Prediction, check_model_source, label_of, overlay_rgb
 from .batching import BatchScorer
 from ..apps.flags import add_settings, new_parser, settings_from_args
 from ..settings import check_settings, setting
@@ -46,9 +46,7 @@ class ServedModel:
 
     def __post_init__(self) -> None:
         check_settings(self)
-        if (self.checkpoint is None) == (self.model is None):
-            raise ValueError("give the model to serve: --checkpoint CKPT (PyTorch) or --model FILE.onnx "
-                             "(ONNX Runtime), one of the two")
+        check_model_source(self.checkpoint, self.model, "serve")
         if self.model is not None and self.sigma is not None:
             raise ValueError("--sigma applies to --checkpoint; an ONNX file has its σ built in "
                              "(glocalclip export --sigma)")
