@@ -234,7 +234,7 @@ def read_outputs(out: Path) -> tuple[list[str], list[dict], list[dict]]:
 
 def test_predict_model_writes_what_predict_checkpoint_writes(tiny_onnx, tiny_checkpoint, deploy_images, tmp_path,
                                                             capsys):
-    from glocalclip.apps.predict import predict_main
+    from glocalclip.apps.predict_cli import predict_main
 
     folder = str(deploy_images[0].parent)
     common = [folder, "--batch_size", "2", "--no_progress"]
@@ -257,7 +257,7 @@ def test_predict_model_writes_what_predict_checkpoint_writes(tiny_onnx, tiny_che
 
 
 def test_predict_model_refuses_settings_the_file_fixes(tiny_onnx, deploy_images, tmp_path):
-    from glocalclip.apps.predict import predict_main
+    from glocalclip.apps.predict_cli import predict_main
 
     args = ["--model", str(tiny_onnx), str(deploy_images[0]), "--out", str(tmp_path), "--no_progress"]
     with pytest.raises(ValueError, match="σ=4"):

@@ -17,7 +17,7 @@ from glocalclip.model.backbone import create_backbone
 from glocalclip import cli
 from glocalclip.engine.checkpoint import read_threshold
 from glocalclip.apps.convert import convert_main
-from glocalclip.apps.predict import predict_main
+from glocalclip.apps.predict_cli import predict_main
 from glocalclip.datasets.synthetic import make_synthetic_dataset
 
 from conftest import tiny_config

@@ -156,7 +156,8 @@ def _wait_for(condition, seconds: float = 120) -> None:
 @pytest.mark.slow
 def test_ctrl_c_after_two_batches_keeps_their_rows_and_resume_finishes(trained, tmp_path, monkeypatch, capsys):
     from glocalclip.apps.cli import run_command
-    from glocalclip.apps.predict import Predictor, predict_main
+    from glocalclip.apps.predict import Predictor
+    from glocalclip.apps.predict_cli import predict_main
 
     out, goods = tmp_path / "out", good_inputs(trained)
     real, calls = Predictor.predict_uint8, []
@@ -187,7 +188,7 @@ def test_ctrl_c_after_two_batches_keeps_their_rows_and_resume_finishes(trained, 
 @pytest.mark.slow
 def test_a_second_predict_into_the_same_out_refuses_naming_the_first(trained, many_inputs, tmp_path, capsys):
     from glocalclip.apps.cli import run_command
-    from glocalclip.apps.predict import predict_main
+    from glocalclip.apps.predict_cli import predict_main
 
     out = tmp_path / "out"
     first = _start_predict(trained, out, many_inputs, "--batch_size", "1")
@@ -213,7 +214,7 @@ def test_a_second_predict_into_the_same_out_refuses_naming_the_first(trained, ma
 def test_a_sigkilled_predict_keeps_whole_rows_and_resume_takes_over_its_lock(trained, many_inputs, tmp_path, capsys):
     import numpy as np
 
-    from glocalclip.apps.predict import predict_main
+    from glocalclip.apps.predict_cli import predict_main
 
     out = tmp_path / "out"
     killed = _start_predict(trained, out, many_inputs, "--batch_size", "4")
@@ -237,7 +238,7 @@ def test_a_sigkilled_predict_keeps_whole_rows_and_resume_takes_over_its_lock(tra
 @pytest.mark.slow
 def test_a_rerun_refuses_and_overwrite_leaves_no_stale_file(trained, tmp_path, capsys):
     from glocalclip.apps.cli import run_command
-    from glocalclip.apps.predict import predict_main
+    from glocalclip.apps.predict_cli import predict_main
 
     out, goods = tmp_path / "out", good_inputs(trained)
     assert predict_main(_predict(trained, out, goods)) == 0
@@ -258,7 +259,7 @@ def test_a_full_disk_while_saving_a_map_is_one_message_and_keeps_the_rows(traine
     import numpy as np
 
     from glocalclip.apps.cli import run_command
-    from glocalclip.apps.predict import predict_main
+    from glocalclip.apps.predict_cli import predict_main
 
     out, goods = tmp_path / "out", good_inputs(trained)
     real_write, maps = os.write, []
@@ -287,7 +288,7 @@ def test_a_full_disk_while_saving_a_map_is_one_message_and_keeps_the_rows(traine
 @pytest.mark.slow
 def test_predict_overlays_say_prediction_and_the_thresholds_origin(trained, tmp_path, monkeypatch, capsys):
     from glocalclip.apps import visualize
-    from glocalclip.apps.predict import predict_main
+    from glocalclip.apps.predict_cli import predict_main
     from glocalclip.engine.checkpoint import read_threshold
 
     written: list[list[str]] = []

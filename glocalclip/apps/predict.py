@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from ..datasets.preprocess import normalize_image
 from ..engine.smoothing import GaussianSmoothing, smoothed_scores
-from .predict_cli import predict_main, predict_parser  # noqa: F401  (the command's old home)
 from .predict_io import (FIELDS, IMAGE_EXTENSIONS, ImageInput, Prediction, expand_inputs,  # noqa: F401
                          label_of, output_names, predict_images, write_predictions)
 
@@ -122,3 +121,11 @@ def checkpoint_threshold(path: Union[str, os.PathLike], ckpt: dict) -> Optional[
     return None if record is None else record["image_score"]
 
 
+def __getattr__(name: str) -> Any:
+    """``predict_main`` / ``predict_parser`` lived here before the command moved to ``predict_cli.py``;
+    the old names still resolve, without this module importing the command line."""
+    if name in ("predict_main", "predict_parser"):
+        from . import predict_cli
+
+        return getattr(predict_cli, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
