@@ -61,22 +61,25 @@ def default_test_batch_size(device: torch.device | str) -> int:
     return GPU_TEST_BATCH if torch.device(device).type == "cuda" else CPU_TEST_BATCH
 
 
+def _given_or_default(requested: Optional[int], default: int, minimum: int, flag: str, meaning: str = "") -> int:
+    """``requested`` if given (it must be >= ``minimum``), else ``default``: the library entry points
+    (``evaluate``, ``Trainer``) take these counts from callers that bypass the settings dataclasses."""
+    if requested is None:
+        return default
+    if int(requested) < minimum:
+        raise ValueError(f"{flag} must be >= {minimum}{meaning}, got {requested}")
+    return int(requested)
+
+
 def resolve_num_workers(requested: Optional[int], device: torch.device | str) -> int:
     """``requested`` if given (must be >= 0), else :func:`default_num_workers`."""
-    if requested is None:
-        return default_num_workers(device)
-    if int(requested) < 0:
-        raise ValueError(f"--num_workers must be >= 0 (0 loads in the main process), got {requested}")
-    return int(requested)
+    return _given_or_default(requested, default_num_workers(device), 0, "--num_workers",
+                             " (0 loads in the main process)")
 
 
 def resolve_batch_size(requested: Optional[int], device: torch.device | str) -> int:
     """``requested`` if given (must be >= 1), else :func:`default_test_batch_size`."""
-    if requested is None:
-        return default_test_batch_size(device)
-    if int(requested) < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {requested}")
-    return int(requested)
+    return _given_or_default(requested, default_test_batch_size(device), 1, "--batch_size")
 
 
 def shared_memory_bytes(path: str = "/dev/shm") -> Optional[int]:
