@@ -122,7 +122,7 @@ from glocalclip import files
 from glocalclip.engine.feature_cache import FeatureCache
 
 folder = sys.argv[1]
-cache = FeatureCache(4, 8, 5, 16, [0], 8, "disk", torch.device("cpu"), disk_dir=folder)  # kept alive
+cache = FeatureCache(4, 8, 5, 16, (1,), 8, "disk", torch.device("cpu"), disk_dir=folder)  # kept alive
 real_write = os.write
 
 def stalled(fd, data):  # half a checkpoint written, then the process hangs until killed

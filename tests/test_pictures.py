@@ -1,4 +1,4 @@
-"""Pictures say what they show (issue 14): the test/demo grids label the ground truth as ground
+"""Pictures say what they show: the test/demo grids label the ground truth as ground
 truth and carry a legend; predict overlays label the prediction as a prediction, with the threshold
 and the scores it was derived from; test.py prints the threshold with its origin."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Predictions are never lost (issue 14): the output folder's lock, the rows appended batch by batch
+"""Predictions are never lost: the output folder's lock, the rows appended batch by batch
 (all or none), a rerun that refuses or resumes or overwrites, and predict end to end under Ctrl-C,
 a second process, a SIGKILL and a full disk."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Runs never mix, and checkpoints are self-contained (issue 14, docs/design.md §2.1, §5).
+"""Runs never mix, and checkpoints are self-contained (docs/design.md §2.1, §5).
 
 - train.py into a folder of an earlier run refuses (exit 2, one message naming --resume DIR and
   --overwrite); --overwrite clears the earlier run first;

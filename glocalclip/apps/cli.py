@@ -36,9 +36,9 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_given(train_parser(), TrainConfig, sys.argv[1:] if argv is None else argv)  # --help: no torch yet
     from ..engine.training import train
 
-    cfg, model_cfg = train_configs(given_settings(TrainConfig, args), model_overrides(args))
+    cfg, model_cfg, resume_point = train_configs(given_settings(TrainConfig, args), model_overrides(args))
     try:
-        last = train(model_cfg, cfg)
+        last = train(model_cfg, cfg, resume_point=resume_point)
     except KeyboardInterrupt:
         return 130
     if last is not None:
@@ -47,17 +47,18 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def train_configs(given: dict[str, Any], model_given: dict[str, Any]):
-    """(TrainConfig, GlocalCLIPConfig) from the flags given: with ``--resume``, what is not given is
-    the checkpoint's (docs/design.md §5); else the defaults, and the backbone's."""
+    """(TrainConfig, GlocalCLIPConfig, the resume point or None) from the flags given: with
+    ``--resume``, what is not given is the checkpoint's (docs/design.md §5), read once and handed to
+    the trainer; else the defaults, and the backbone's."""
     from ..engine.resume_settings import resumed_configs
-    from ..engine.runs import resume_checkpoint
+    from ..engine.runs import ResumePoint
     from ..engine.settings import TrainConfig
     from ..model.config import GlocalCLIPConfig
 
     if not given.get("resume"):
-        return TrainConfig(**given), GlocalCLIPConfig.for_backbone(**model_given)
-    _, ckpt = resume_checkpoint(given["resume"], warn=lambda note: None)  # the trainer reads it again and logs
-    return resumed_configs(ckpt, given, model_given)
+        return TrainConfig(**given), GlocalCLIPConfig.for_backbone(**model_given), None
+    point = ResumePoint.read(given["resume"])
+    return (*resumed_configs(point.checkpoint, given, model_given), point)
 
 
 # ---------------------------------------------------------------------------- test

@@ -18,7 +18,7 @@ class AnomalyDataset(Dataset):
     """Images, masks and labels of one split of a prepared dataset.
 
     ``classes``: None = every class with entries in the split (in DATASET_CLASSES order when
-    ``dataset`` is given, else sorted). ``dataset`` given: class names, requested or found in
+    ``dataset`` is given, else sorted; with ``meta_order``, in meta.json's order). ``dataset`` given: class names, requested or found in
     meta.json, must belong to it. Items are dicts with "image" [3,S,S], "mask" [S,S] (zeros for
     normal images and anomalous images without a mask), "label", "has_mask", "cls_name",
     "img_path" (absolute) and "index". With ``as_uint8`` the image is the resized uint8 RGB
@@ -29,7 +29,7 @@ class AnomalyDataset(Dataset):
     """
 
     def __init__(self, root, split: str = "test", image_size: int = 518, classes=None, dataset: str | None = None,
-                 as_uint8: bool = False):
+                 as_uint8: bool = False, meta_order: bool = False):
         self.root = os.path.abspath(os.fspath(root))
         self.as_uint8 = as_uint8
         if split not in SPLITS:
@@ -54,7 +54,9 @@ class AnomalyDataset(Dataset):
                     f"{meta_path(self.root)} holds class(es) {', '.join(foreign)}, which are not classes of "
                     f"{self.dataset} ({', '.join(valid)}); pass the dataset name matching the data, or omit --dataset "
                     "for your own data")
-        if classes is None:
+        if classes is None and meta_order:  # the order meta.json lists them in (training, as the original)
+            names = list(available)
+        elif classes is None:
             names = [c for c in valid if c in available] if valid is not None else sorted(available)
         else:
             names = [classes] if isinstance(classes, str) else [str(c) for c in classes]

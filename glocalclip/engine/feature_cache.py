@@ -23,7 +23,7 @@ import torch
 from ..model.layers import LayerFeatures
 from ..files import make_temp_dir, translated
 
-LOCATIONS = ("auto", "device", "host", "disk", "off")
+from .settings import FEATURE_CACHE_PLACES as LOCATIONS  # declared once, with the setting
 
 
 def _free_host_bytes() -> int:
@@ -99,7 +99,6 @@ class FeatureCache:
         self.masks = torch.empty(n, mask_size, mask_size, dtype=torch.uint8, device=store)
         self.labels = torch.empty(n, dtype=torch.long, device=store)
         self.mask_valid = torch.empty(n, dtype=torch.bool, device=store)
-        self.filled = torch.zeros(n, dtype=torch.bool)
 
     @staticmethod
     def nbytes(n: int, global_dim: int, tokens: int, width: int, n_slots: int, mask_size: int) -> int:
@@ -121,7 +120,6 @@ class FeatureCache:
         self.masks[store_idx] = (masks > 0.5).to(torch.uint8).to(self.masks.device)
         self.labels[store_idx] = labels.long().to(self.labels.device)
         self.mask_valid[store_idx] = mask_valid.bool().to(self.mask_valid.device)
-        self.filled[idx] = True
 
     def fields(self) -> list[torch.Tensor]:
         """Every stored array, in a fixed order (for copying whole rows between processes)."""
@@ -135,7 +133,6 @@ class FeatureCache:
         idx = indices.cpu()
         for f, r in zip(self.fields(), rows):
             f[idx if f.device.type == "cpu" else idx.to(f.device)] = r.to(f.device)
-        self.filled[idx] = True
 
     def row_shapes(self, n_rows: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
         return [((n_rows, *f.shape[1:]), f.dtype) for f in self.fields()]

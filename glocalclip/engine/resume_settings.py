@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from .settings import unmasked_mode
+
 #: settings that shape the optimisation: a resumed run keeps the checkpoint's
 SHARED = ("seed", "batch_size", "alpha", "margin", "dataset", "unmasked_anomalies")
 #: settings a resumed run may change from the next step on (the trainer checks that a new
@@ -29,10 +31,10 @@ def inherit(recorded: Optional[Mapping[str, Any]], given: Mapping[str, Any]) -> 
 
 def _effective(name: str, values: Mapping[str, Any]) -> Any:
     """A setting's value as it acts: ``unmasked_anomalies auto`` is skip for folder-mode data, zero
-    for a named dataset (TrainConfig.skip_unmasked)."""
+    for a named dataset (settings.unmasked_mode)."""
     value = values.get(name)
-    if name == "unmasked_anomalies" and value == "auto":
-        return "skip" if values.get("dataset") is None else "zero"
+    if name == "unmasked_anomalies" and value is not None:
+        return unmasked_mode(value, values.get("dataset"))
     return value
 
 

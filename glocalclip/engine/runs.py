@@ -8,6 +8,7 @@ unless the run continues them (``--resume`` that folder) or ``--overwrite`` clea
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -52,9 +53,11 @@ def resume_checkpoint(path: str | os.PathLike, warn: Callable[[str], None]) -> t
     p = Path(path)
     if not p.is_dir():
         return p, read_checkpoint(p)
-    latest_checkpoint(p)  # no epoch_N.pth at all: FileNotFoundError naming the folder
+    found = epoch_files(p)
+    if not found:
+        raise FileNotFoundError(f"--resume {path}: no epoch_N.pth checkpoint there")
     damaged = []
-    for candidate in reversed(epoch_files(p)):
+    for candidate in reversed(found):
         try:
             ckpt = read_checkpoint(candidate)
         except CheckpointError as e:
@@ -66,6 +69,22 @@ def resume_checkpoint(path: str | os.PathLike, warn: Callable[[str], None]) -> t
             warn(f"--resume: continuing from {candidate}")
         return candidate, ckpt
     raise CheckpointError(f"--resume {path}: no epoch_N.pth there can be read: {'; '.join(damaged)}", "unreadable")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """What ``--resume`` continues from, read once: the file, its checkpoint dict, and the notes on
+    damaged later checkpoints passed over (logged by the run)."""
+
+    path: Path
+    checkpoint: dict
+    notes: tuple[str, ...] = ()
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "ResumePoint":
+        notes: list[str] = []
+        found, ckpt = resume_checkpoint(path, notes.append)
+        return cls(found, ckpt, tuple(notes))
 
 
 def _span(files: list[Path]) -> str:
@@ -81,11 +100,12 @@ def _same_folder(a: Path, b: Path) -> bool:
 
 
 def claim_save_folder(save_dir: Path, resume_from: Optional[Path], overwrite: bool,
-                      resume_named_file: bool = False) -> list[Path]:
+                      resume_named_file: bool = False, clear: bool = True) -> list[Path]:
     """Make sure ``save_dir`` holds only this run. ``resume_from``: the checkpoint ``--resume``
     continues from (None: a fresh run); ``resume_named_file``: ``--resume`` named that file rather
-    than a folder. Returns the files ``overwrite`` removed; raises :class:`RunFolderError` where the
-    folder holds another run's checkpoints."""
+    than a folder; ``clear``: this process removes what ``overwrite`` clears (under torchrun only
+    rank 0 does; every process checks). Returns the files removed; raises :class:`RunFolderError`
+    where the folder holds another run's checkpoints."""
     held = epoch_files(save_dir)
     continuing = resume_from is not None and _same_folder(resume_from.parent, save_dir)
     if continuing:
@@ -105,12 +125,11 @@ def claim_save_folder(save_dir: Path, resume_from: Optional[Path], overwrite: bo
             f"--save_path {save_dir} holds the checkpoints of an earlier run ({_span(held)}){source}; continue "
             f"that run with --resume {save_dir}, or start afresh with --overwrite (removes them first), or "
             f"choose another --save_path")
-    return clear_run(save_dir) if overwrite else []
+    return clear_run(save_dir) if overwrite and clear else []
 
 
 def clear_run(save_dir: Path) -> list[Path]:
-    """Remove a run's checkpoints, their threshold files, its history and log from ``save_dir``
-    (missing files are fine: several torchrun processes clear the same folder)."""
+    """Remove a run's checkpoints, their threshold files, its history and log from ``save_dir``."""
     doomed = [p for f in epoch_files(save_dir) for p in (f, threshold_path(f))]
     doomed += [save_dir / name for name in RUN_FILES]
     removed = []

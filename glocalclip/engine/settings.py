@@ -45,6 +45,14 @@ def canonical_dataset(name: Optional[str]) -> Optional[str]:
 
 
 # ---------------------------------------------------------------- training
+def unmasked_mode(setting_value: str, dataset: Optional[str]) -> str:
+    """``--unmasked_anomalies`` as it acts: ``auto`` is skip for folder-mode data (no ``--dataset``),
+    zero (the original's all-normal target) for a named dataset."""
+    if setting_value == "auto":
+        return "skip" if dataset is None else "zero"
+    return setting_value
+
+
 @dataclass
 class TrainConfig:
     """Everything about a training run that is not the model (the model is ``GlocalCLIPConfig``);
@@ -84,9 +92,7 @@ class TrainConfig:
         self.dataset = canonical_dataset(self.dataset)
 
     def skip_unmasked(self) -> bool:
-        if self.unmasked_anomalies == "auto":
-            return self.dataset is None
-        return self.unmasked_anomalies == "skip"
+        return unmasked_mode(self.unmasked_anomalies, self.dataset) == "skip"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,7 +13,6 @@ Speed: the image encoder is frozen and there is no augmentation, so images are e
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from ..files import append_text, prepare_output_dir, write_json, write_torch
 from ..model.backbone_record import BackboneRecord
 from ..model.checkpoint_format import is_ours
 from ..model.config import GlocalCLIPConfig
-from ..datasets import AnomalyDataset, collate, load_meta, normalize_image, resolve_dataset_name
+from ..datasets import AnomalyDataset, collate, normalize_image
 from .distributed import DistContext, init_distributed
 from .feature_cache import FeatureCache, choose_location
 from ..model.losses import glocal_contrastive_loss
@@ -38,21 +37,13 @@ from .loaders import plan_loader, resolve_num_workers
 from .settings import TrainConfig  # declared with the other settings; imported from here too
 from .original_draws import BackboneSizes, OriginalDraws, PromptSizes
 from .resume_settings import resume_changes, resume_entry
-from .runs import claim_save_folder, epoch_files, latest_checkpoint, resume_checkpoint
+from .runs import ResumePoint, claim_save_folder, epoch_files
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def meta_class_order(root: str, dataset: Optional[str]) -> Optional[list[str]]:
-    """The split's classes in meta.json's order: the original concatenated them in that order, so
-    its shuffled indices name the same images as ours only in it. None when meta.json lists none
-    (the dataset reader then says what is wrong)."""
-    meta = load_meta(os.path.abspath(root), resolve_dataset_name(dataset) if dataset is not None else None)
-    return [c for c, entries in meta["test"].items() if entries] or None
 
 
 def shard(batch: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -64,7 +55,7 @@ class Trainer:
     """One training run. ``run()`` returns the path of the last checkpoint written."""
 
     def __init__(self, model_cfg: GlocalCLIPConfig, cfg: TrainConfig, ctx: Optional[DistContext] = None,
-                 clip: Optional[torch.nn.Module] = None):
+                 clip: Optional[torch.nn.Module] = None, resume_point: Optional[ResumePoint] = None):
         if not cfg.train_data_path:
             raise ValueError("--train_data_path is required: the root of a dataset with a meta.json")
         self.ctx = ctx or init_distributed(cfg.device)
@@ -72,11 +63,12 @@ class Trainer:
         self.save_dir = Path(cfg.save_path)
         # a save folder that cannot take a file stops the run (every process alike) before any long work
         prepare_output_dir(self.save_dir)
-        resume_ckpt = self._open_run(model_cfg)
-        # the data first: a wrong path fails at once, not after the backbone's weights are loaded
+        resume_ckpt = self._open_run(model_cfg, resume_point)
+        # the data first: a wrong path fails at once, not after the backbone's weights are loaded;
+        # classes in meta.json's order: the original concatenated them so, and its shuffled indices
+        # name the same images as ours only in that order
         self.dataset = AnomalyDataset(cfg.train_data_path, split="test", image_size=model_cfg.image_size,
-                                      classes=meta_class_order(cfg.train_data_path, cfg.dataset),
-                                      dataset=cfg.dataset, as_uint8=True)
+                                      dataset=cfg.dataset, as_uint8=True, meta_order=True)
         self._check_same_data(resume_ckpt)
         seed_everything(cfg.seed)
         self.device = self.ctx.device
@@ -107,14 +99,21 @@ class Trainer:
         return draws
 
     # -------------------------------------------------------------- one folder, one run
-    def _open_run(self, model_cfg: GlocalCLIPConfig) -> Optional[dict]:
-        """Read the checkpoint ``--resume`` names (if any), then claim the save folder for this run:
-        a folder holding another run's checkpoints is refused, or cleared with ``--overwrite``."""
+    def _open_run(self, model_cfg: GlocalCLIPConfig, point: Optional[ResumePoint]) -> Optional[dict]:
+        """Take the checkpoint ``--resume`` names (``point`` if the caller read it already), then claim
+        the save folder for this run: a folder holding another run's checkpoints is refused, or
+        cleared with ``--overwrite`` (by rank 0, the others waiting for it)."""
         self.start_epoch, self.resume_path, self.resumes = 0, None, []
         notes: list[str] = []  # logged once the folder is this run's
-        ckpt = self._resume_checkpoint(model_cfg, notes.append) if self.cfg.resume else None
+        ckpt = None
+        if self.cfg.resume:
+            point = point or ResumePoint.read(self.cfg.resume)
+            notes += point.notes
+            ckpt = self._check_resume(model_cfg, point, notes.append)
         named_file = self.cfg.resume is not None and not Path(self.cfg.resume).is_dir()
-        removed = claim_save_folder(self.save_dir, self.resume_path, self.cfg.overwrite, resume_named_file=named_file)
+        removed = claim_save_folder(self.save_dir, self.resume_path, self.cfg.overwrite, resume_named_file=named_file,
+                                    clear=self.ctx.is_main)
+        self.ctx.barrier()
         if removed:
             notes.insert(0, f"--overwrite: removed the earlier run's files from {self.save_dir}: "
                             f"{', '.join(p.name for p in removed)}")
@@ -122,10 +121,10 @@ class Trainer:
             self.log(note)
         return ckpt
 
-    def _resume_checkpoint(self, model_cfg: GlocalCLIPConfig, note) -> dict:
-        """Read the checkpoint ``--resume`` names, check it was trained with this model and these
+    def _check_resume(self, model_cfg: GlocalCLIPConfig, point: ResumePoint, note) -> dict:
+        """Check the checkpoint ``--resume`` continues from was trained with this model and these
         settings (docs/design.md §5), and record what this run changes from its next epoch on."""
-        self.resume_path, resume_ckpt = resume_checkpoint(self.cfg.resume, note)
+        self.resume_path, resume_ckpt = point.path, point.checkpoint
         if not is_ours(resume_ckpt):
             raise ValueError(f"--resume {self.cfg.resume}: not a glocalclip training checkpoint")
         saved = GlocalCLIPConfig.from_dict(resume_ckpt["config"])
@@ -344,22 +343,22 @@ class Trainer:
                 if (epoch + 1) % max(cfg.save_freq, 1) == 0 or epoch + 1 == cfg.epoch:
                     last = self._save(epoch + 1, mean)
         except KeyboardInterrupt:
-            done = latest_checkpoint(self.save_dir) if epoch_files(self.save_dir) else None
+            done = (epoch_files(self.save_dir) or [None])[-1]
             self.log(f"interrupted; the last finished checkpoint is {done}; continue with --resume "
                      f"{self.save_dir}")
             raise
         finally:
             if self.cache is not None:
                 self.cache.close()
-        if self.ctx.is_main:
-            self._write_history()
-        return last
+        return last  # the last epoch always saves, and with it train_history.json
 
 
-def train(model_cfg: GlocalCLIPConfig, cfg: TrainConfig, clip: Optional[torch.nn.Module] = None) -> Optional[Path]:
-    """Train prompts and return the last checkpoint path (see :class:`Trainer`)."""
+def train(model_cfg: GlocalCLIPConfig, cfg: TrainConfig, clip: Optional[torch.nn.Module] = None,
+          resume_point: Optional[ResumePoint] = None) -> Optional[Path]:
+    """Train prompts and return the last checkpoint path (see :class:`Trainer`; ``resume_point``:
+    ``--resume``'s checkpoint when the caller read it already)."""
     ctx = init_distributed(cfg.device)
     try:
-        return Trainer(model_cfg, cfg, ctx, clip=clip).run()
+        return Trainer(model_cfg, cfg, ctx, clip=clip, resume_point=resume_point).run()
     finally:
         ctx.shutdown()
