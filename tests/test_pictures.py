@@ -85,3 +85,19 @@ def test_the_grid_png_is_written_with_the_legend(data, tmp_path):
     visualize.save_class_visuals(tmp_path / "vis", _class_scores(data), k=2)
     with Image.open(tmp_path / "vis" / "carpet_grid.png") as grid:
         assert grid.height >= 2 * (160 + 4 + 22) + 4 + 2 * 16
+
+
+def test_grid_pictures_show_a_16_bit_image_with_the_grey_levels_the_model_saw(tmp_path):
+    """The test grids read pictures as predict and the model do: 16-bit grey scaled by its range,
+    not clipped to white by PIL's RGB conversion."""
+    from PIL import Image
+
+    from glocalclip.apps.visualize import read_rgb
+
+    grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    path = tmp_path / "ct.png"
+    Image.fromarray(grey).save(path)
+    rgb = read_rgb(str(path))
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[..., 0], np.rint(grey / 65535 * 255).astype(np.uint8))
+    assert (rgb == 255).mean() < 0.01

@@ -97,12 +97,11 @@ def _flag_kwargs(field: dataclasses.Field, info: Setting, given_only: bool, note
     return kwargs
 
 
-def add_settings(parser: Any, cls: type, *, given_only: bool = False, note: Optional[DefaultNote] = None,
-                 exclude: Sequence[str] = ()) -> None:
+def add_settings(parser: Any, cls: type, *, given_only: bool = False, note: Optional[DefaultNote] = None) -> None:
     """One flag per field of ``cls`` declared with ``setting`` (and not ``cli=False``) on ``parser``
     (a parser or an argument group). ``note`` rewrites the shown default of ``given_only`` flags."""
     for field, info in settings_fields(cls):
-        if not info.cli or field.name in exclude:
+        if not info.cli:
             continue
         kwargs = _flag_kwargs(field, info, given_only, note)
         if info.positional:

@@ -50,17 +50,19 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
-                        threshold: Optional[float] = None, sigma: float = 8.0, batch_size: int = 8,
+                        threshold: Optional[float] = None, sigma: Optional[float] = 8.0, batch_size: int = 8,
                         **overrides: Any) -> "Predictor":
         """Our checkpoint (config inside), or an original GlocalCLIP/AnomalyCLIP one (settings from
         ``overrides``, prompt shapes from its tensors). ``threshold`` None: the F1-max threshold
-        ``test.py`` stored beside the checkpoint, else one embedded in an older checkpoint, else no labels."""
-        from ..engine.checkpoint import load_model_and_checkpoint, stored_test_record, threshold_source
+        ``test.py`` stored beside the checkpoint, else one embedded in an older checkpoint, else no labels.
+        ``sigma`` None: the σ that threshold was measured with (8 where none is stored)."""
+        from ..engine.checkpoint import load_model_and_checkpoint, stored_test_record, tested_sigma, threshold_source
 
         model, ckpt = load_model_and_checkpoint(os.fspath(path), **overrides)
+        record = stored_test_record(path, ckpt)
+        sigma = tested_sigma(record) if sigma is None else sigma
         source = "given"
         if threshold is None:
-            record = stored_test_record(path, ckpt)
             threshold, source = (None, "") if record is None else (record["image_score"], threshold_source(record))
         return cls(model, threshold=threshold, sigma=sigma, batch_size=batch_size, device=device,
                    threshold_source=source)
@@ -83,8 +85,9 @@ class Predictor:
     def predict_uint8(self, pixels: np.ndarray, sizes: Sequence[tuple[int, int]],
                       paths: Optional[Sequence[Optional[str]]] = None, sigma: Optional[float] = None,
                       threshold: Optional[float] = None) -> list[Prediction]:
-        """Score resized RGB images, uint8 [B, S, S, 3] (``read_image``'s pixels), normalised here."""
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).contiguous()
+        """Score resized RGB images, uint8 [B, S, S, 3] (``read_image``'s pixels), normalised on the
+        device (a quarter of the bytes cross; bit-identical to the CPU, as in testing)."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(0, 3, 1, 2).contiguous()
         return self.predict_tensors(normalize_image(x), sizes, paths, sigma=sigma, threshold=threshold)
 
     @torch.no_grad()

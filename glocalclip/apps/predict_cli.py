@@ -18,13 +18,13 @@ from typing import Any, Optional, Sequence, Tuple
 import numpy as np
 
 from ..datasets.errors import DatasetError
+from ..engine.settings import PAPER_SIGMA as DEFAULT_SIGMA, progress_setting
 from ..settings import check_settings, setting
 from .flags import add_model_flags, add_settings, model_overrides, new_parser, settings_from_args
 from ..locks import FolderLock
 from .predict_io import check_model_source, FIELDS, LoadedImage, expand_inputs, output_names, read_image, save_outputs
 from .predict_runs import PredictionsFile, image_key
 
-DEFAULT_SIGMA = 8.0  # the paper's protocol
 
 
 @dataclass
@@ -55,7 +55,7 @@ class PredictConfig:
     per_image_range: bool = setting(False, switch=True,
                                     help="colour each overlay by its own map's min..max (shows where, even when faint)")
     overlays: bool = setting(True, flag="no_overlays", switch=False, help="do not write overlay PNGs")
-    progress: bool = setting(True, flag="no_progress", switch=False, help="no progress bar")
+    progress: bool = progress_setting()
     resume: bool = setting(False, switch=True,
                            help="continue the predictions in --out: the images already in its predictions.csv are "
                                 "skipped, the rest scored and appended")
@@ -113,7 +113,7 @@ def score_files(predictor, files: Sequence[Path], out: Path, names: dict[str, st
 
     from .visualize import prediction_caption
 
-    source = threshold_source_of(predictor)
+    source = predictor.threshold_source
     batch: list[LoadedImage] = []
 
     def flush() -> None:
@@ -139,11 +139,6 @@ def score_files(predictor, files: Sequence[Path], out: Path, names: dict[str, st
     if batch:
         flush()
     bar.close()
-
-
-def threshold_source_of(predictor) -> Optional[str]:
-    """Where the predictor's threshold comes from, in words (None where it does not say)."""
-    return getattr(predictor, "threshold_source", None)
 
 
 def _value_range(cfg: PredictConfig, predictor) -> Optional[tuple[float, float]]:
@@ -192,7 +187,7 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
     if predictor.threshold is not None:
         from .visualize import threshold_caption
 
-        print(f"labels: {threshold_caption(predictor.threshold, threshold_source_of(predictor))}")
+        print(f"labels: {threshold_caption(predictor.threshold, predictor.threshold_source)}")
     return 0 if so_far.records or sink.kept else 1
 
 

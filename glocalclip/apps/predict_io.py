@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from ..datasets.errors import DatasetError
-from ..datasets.pixels import _from_array, _is_high_depth, decoded, exif_upright, open_image, resized_rgb, to_8bit_grey
+from ..datasets.pixels import _from_array, decoded, exif_upright, open_image, resized_rgb, rgb_pixels
 from ..datasets.scan import IMAGE_EXTENSIONS  # one list of image extensions, for datasets and predict
 
 INPUT_FIX = "or leave it out of the inputs"  # ends the message about an input that cannot be read
@@ -65,21 +65,14 @@ def read_image(item: ImageInput, image_size: int, want_rgb: bool = False) -> Loa
         with open_image(path, fix=INPUT_FIX) as im:
             im = exif_upright(decoded(im, "image", INPUT_FIX))  # the map lines up with the photo as shown
             w, h = im.size
-            rgb = to_rgb(im) if want_rgb else None
+            rgb = rgb_pixels(im) if want_rgb else None
             return LoadedImage(resized_rgb(im, image_size), (h, w), path, rgb)
     if isinstance(item, Image.Image):
         im = exif_upright(decoded(item, "image", INPUT_FIX))
         w, h = im.size
-        rgb = to_rgb(im) if want_rgb else None
+        rgb = rgb_pixels(im) if want_rgb else None
         return LoadedImage(resized_rgb(im, image_size), (h, w), getattr(im, "filename", None) or None, rgb)
     raise TypeError(f"cannot predict on a {type(item).__name__}: pass a path, a PIL image or a numpy array")
-
-
-def to_rgb(im: Image.Image) -> np.ndarray:
-    """uint8 RGB at the image's own size (16-bit/float grey scaled as the model's input is)."""
-    if _is_high_depth(im.mode):
-        im = to_8bit_grey(im)
-    return np.asarray(im.convert("RGB"))
 
 
 def as_items(images: Union[ImageInput, Iterable[ImageInput]]) -> tuple[list[ImageInput], bool]:
@@ -115,10 +108,6 @@ def check_model_source(checkpoint: Optional[str], model: Optional[str], use: str
 def label_of(score: float, threshold: Optional[float]) -> Optional[int]:
     """1 (anomalous) when ``score >= threshold``, 0 below, None without a threshold."""
     return None if threshold is None else int(score >= threshold)
-
-
-def label_text(label: Optional[int]) -> str:
-    return "" if label is None else ("anomalous" if label else "normal")
 
 
 # ---------------------------------------------------------------------------- inputs

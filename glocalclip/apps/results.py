@@ -9,6 +9,7 @@ from typing import Any, Optional
 from tabulate import tabulate
 
 from ..files import write_csv, write_json, write_text
+from .flags import shown
 
 #: GlocalCLIP, paper Table 1 (docs/design.md §8), in percent: (image AUROC, image AP), (pixel AUROC, PRO).
 PAPER_TABLE1: dict[str, dict[str, float]] = {
@@ -103,7 +104,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = [f"# Results: {name}", "", results_table(results, list(results["metric_keys"]), fmt="github")]
     lines += ["", "## Beside the paper (GlocalCLIP, Table 1)", "", paper_comparison(results, name)]
     lines += ["", "## Run", ""] + run_facts(results)
-    for title, key, headers, show in (("Config", "config", ["field", "value"], _value),
+    for title, key, headers, show in (("Config", "config", ["field", "value"], shown),
                                       ("Software", "versions", ["package", "version"], str)):
         if results.get(key):
             lines += ["", f"### {title}", ""]
@@ -138,12 +139,6 @@ def run_facts(results: dict[str, Any]) -> list[str]:
         if results.get(k) is not None:
             lines.append(f"- {label}: {_duration(float(results[k]))}")
     return lines
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, (list, tuple)):
-        return " ".join(map(str, v))
-    return "none" if v is None else str(v)
 
 
 def _duration(seconds: float) -> str:

@@ -102,14 +102,14 @@ def prediction_caption(score: float, predicted: Optional[int], threshold: Option
 
 
 def read_rgb(path: str, upright: bool = False) -> np.ndarray:
-    """A picture file as uint8 RGB; ``upright``: turned as its EXIF orientation says (as folder-mode
-    datasets and predict read images), so a map drawn over it lines up."""
+    """A picture file as uint8 RGB, grey levels as the model saw them; ``upright``: turned as its EXIF
+    orientation says (as folder-mode datasets and predict read images), so a map drawn over it lines up."""
     from PIL import Image
 
-    from ..datasets.preprocess import exif_upright
+    from ..datasets.pixels import exif_upright, rgb_pixels
 
     with Image.open(path) as im:
-        return np.asarray((exif_upright(im) if upright else im).convert("RGB"))
+        return rgb_pixels(exif_upright(im) if upright else im)
 
 
 def _tile(img: np.ndarray, size: int) -> np.ndarray:

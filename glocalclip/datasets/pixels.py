@@ -117,11 +117,21 @@ def _from_array(arr: np.ndarray) -> Image.Image:
 
 
 
+def eight_bit(img: Image.Image) -> Image.Image:
+    """High-depth grey ("I;16", "I", "F") scaled to 8-bit grey by its type's range; other modes as they are."""
+    return to_8bit_grey(img) if _is_high_depth(img.mode) else img
+
+
+def rgb_pixels(img: Image.Image) -> np.ndarray:
+    """uint8 RGB [h, w, 3] at the image's own size, grey levels scaled as the model's input is (for
+    pictures drawn over the image)."""
+    return np.asarray(eight_bit(img).convert("RGB"))
+
+
 def resized_rgb(img: Image.Image, image_size: int) -> np.ndarray:
     """The image the model sees, as uint8 [S, S, 3]: high-depth grey scaled to 8 bits, then PIL
     bicubic resize to S x S in the image's own mode (aspect ignored), then convert("RGB")."""
-    if _is_high_depth(img.mode):
-        img = to_8bit_grey(img)
+    img = eight_bit(img)
     try:
         img = img.resize((image_size, image_size), Image.BICUBIC).convert("RGB")
     except (ValueError, OSError) as exc:

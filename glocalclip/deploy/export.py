@@ -30,7 +30,6 @@ from ..apps.flags import add_settings, new_parser, settings_from_args
 from ..settings import check_settings, setting
 from .metadata import INPUT_NAME, OUTPUT_NAMES, DeployMetadata
 
-DEFAULT_SIGMA = 8.0  # the paper's protocol, for checkpoints that test.py has not scored
 PROTOBUF_LIMIT = 2 ** 31  # one ONNX protobuf holds at most 2 GiB: larger weights go to external data
 GRAPH_HEADROOM = 2 ** 27  # room left for the graph itself beside the weights
 EXPORT_EXTRA_HINT = "exporting needs the deploy extra: pip install 'glocalclip[deploy]' (onnx, onnxscript, onnxruntime)"
@@ -77,13 +76,6 @@ def _load_model(checkpoint: str | os.PathLike, **overrides: Any) -> tuple[nn.Mod
     return model.eval(), stored_test_record(checkpoint, ckpt)
 
 
-def checkpoint_sigma(record: Optional[dict]) -> float:
-    """The σ ``test.py`` scored the checkpoint with (its stored threshold belongs to it), else 8."""
-    if record is not None and record.get("sigma") is not None:
-        return float(record["sigma"])
-    return DEFAULT_SIGMA
-
-
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Optional[float] = None,
                 half: bool = False, image_size: Optional[int] = None, threshold: Optional[float] = None,
                 **overrides: Any) -> DeployMetadata:
@@ -91,13 +83,13 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Op
     [B, S, S, 3] to ``pred_score`` [B] and ``anomaly_map`` [B, S, S]. ``sigma`` defaults to the σ the
     checkpoint was tested with, ``image_size`` to its config's, ``threshold`` to its stored one.
     ``half`` stores the weight matrices as float16 (computed in float32). Returns the metadata."""
-    from ..engine.checkpoint import file_sha256
+    from ..engine.checkpoint import file_sha256, tested_sigma
 
     _require_exporter()
     if image_size is not None:
         overrides["image_size"] = int(image_size)
     model, record = _load_model(checkpoint, **{**overrides, "precision": "fp32"})
-    sigma = checkpoint_sigma(record) if sigma is None else float(sigma)
+    sigma = tested_sigma(record) if sigma is None else float(sigma)
     meta = DeployMetadata(image_size=int(model.cfg.image_size), sigma=sigma,
                           threshold=(record or {}).get("image_score") if threshold is None else float(threshold),
                           config=model.cfg.to_dict(), version=__version__,

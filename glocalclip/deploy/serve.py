@@ -187,12 +187,10 @@ def build_predictor(source: ServedModel, max_batch: int):
 
         return OnnxPredictor(source.model, batch_size=max_batch, device=source.device)
     from ..apps.predict import Predictor
-    from .export import _load_model, checkpoint_sigma
 
-    model, record = _load_model(source.checkpoint)
-    sigma = checkpoint_sigma(record) if source.sigma is None else source.sigma
-    return Predictor(model, threshold=(record or {}).get("image_score"), sigma=sigma, batch_size=max_batch,
-                     device=source.device)
+    # σ not given: the one test.py scored the checkpoint with, which its stored threshold belongs to
+    return Predictor.from_checkpoint(source.checkpoint, device=source.device, sigma=source.sigma,
+                                     batch_size=max_batch)
 
 
 def serve_main(argv: Optional[Sequence[str]] = None) -> int:

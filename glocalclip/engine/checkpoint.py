@@ -91,6 +91,15 @@ def read_threshold(checkpoint: str | os.PathLike) -> Optional[dict[str, Any]]:
     return {**record, "image_score": image_score}
 
 
+def tested_sigma(record: Optional[dict[str, Any]]) -> float:
+    """The σ ``test.py`` scored a checkpoint with (its stored threshold belongs to it), else the paper's."""
+    from .settings import PAPER_SIGMA
+
+    if record is not None and record.get("sigma") is not None:
+        return float(record["sigma"])
+    return PAPER_SIGMA
+
+
 def stored_test_record(checkpoint: str | os.PathLike | dict, ckpt: dict) -> Optional[dict[str, Any]]:
     """What ``test.py`` stored for a checkpoint (``image_score`` threshold, ``sigma``, dataset): the
     sidecar beside it if it belongs to these contents, else the record older versions embedded in the

@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 from ..settings import check_settings, setting
 
+PAPER_SIGMA = 8.0  # the test protocol's Gaussian σ (docs/design.md §4); the original CLI defaulted to 4
+
 FEATURE_CACHE_PLACES = ("auto", "device", "host", "disk", "off")
 UNMASKED_ANOMALY_MODES = ("auto", "skip", "zero")
 METRIC_MODES = ("image-level", "pixel-level", "image-pixel-level")
@@ -110,7 +112,7 @@ class TestConfig:
     checkpoint_path: str = setting("", required=True,
                                    help="our checkpoint (config inside) or an original GlocalCLIP/AnomalyCLIP one")
     save_path: str = setting("./results/run", help="folder for results.json/.csv/.md and vis/")
-    sigma: float = setting(8.0, help="Gaussian smoothing of the maps (paper: 8)")
+    sigma: float = setting(PAPER_SIGMA, help="Gaussian smoothing of the maps (paper: 8)")
     metrics: Optional[str] = setting(None, choices=METRIC_MODES, help="which metrics",
                                      default_text="per dataset as in the paper")
     batch_size: Optional[int] = setting(None, parse=int, minimum=1,
