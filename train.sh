@@ -34,7 +34,7 @@ for s in $settings; do
       resume=(--resume "$out/checkpoints")
     fi
     # shellcheck disable=SC2046,SC2086
-    $PYTHON train.py --train_data_path "$root" --dataset "$train_ds" --save_path "$out/checkpoints" "${resume[@]}" \
+    $PYTHON train.py --train_data_path "$root" --dataset "$train_ds" --save_path "$out/checkpoints" ${resume[@]+"${resume[@]}"} \
       --epoch "$EPOCHS" --batch_size 8 --learning_rate 0.001 --seed "$SEED" --alpha "$alpha" \
       $COMMON_FLAGS $(prompt_flags "$s") $EXTRA_TRAIN_FLAGS || { echo "!! training $s alpha $alpha failed"; failed=1; }
   done

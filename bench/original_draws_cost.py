@@ -1,6 +1,6 @@
 """What replaying the original's random draws (docs/design.md §5.1) costs at ViT-L size.
 
-    python bench/original_draws_cost.py [--repeat 3]
+    python -m bench.original_draws_cost [--repeat 3]
 
 Each repeat runs in a fresh process, so its peak resident memory (ru_maxrss) is the replay's own
 plus the imports; the import-only peak is measured first and shown beside it. Times the replay
@@ -27,8 +27,7 @@ VIT_L = dict(vision_width=1024, vision_layers=24, patch_size=14, grid=24, embed_
 PAPER_PROMPTS = dict(n_ctx=12, ab_ctx=12, depth=9, t_n_ctx=4, dpam_layer=20)
 
 CHILD = """
-import json, resource, sys, time
-sys.path.insert(0, {repo!r})
+import json, resource, time
 import torch
 from glocalclip.engine.original_draws import BackboneSizes, OriginalDraws, PromptSizes
 torch.set_num_threads({threads})
@@ -46,8 +45,9 @@ print(json.dumps(dict(replay_s=replay_s, epoch_order_s=epoch_s, import_peak_mib=
 
 
 def measure(threads: int) -> dict:
-    code = CHILD.format(repo=str(REPO), threads=threads, sizes=VIT_L, prompts=PAPER_PROMPTS)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    code = CHILD.format(threads=threads, sizes=VIT_L, prompts=PAPER_PROMPTS)
+    # run from the repository root, so the child imports this checkout's package
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

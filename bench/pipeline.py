@@ -7,7 +7,7 @@ Speed does not depend on weight values, so the real architecture with random wei
 real thing. Data are synthetic images written in the MVTec layout and read through the real
 loader. Prints a table and writes JSON (default bench/results/pipeline_<device>.json).
 
-Targets: later epochs <= 15 % of the first (which includes encoding); on one H100-class
+Targets (docs/speed.md): later epochs <= 15 % of the first (which includes encoding); on one H100-class
 GPU: test >= 150 images/s in bf16 (smoothing and metrics included), 15 epochs over 2162 images in
 fp32 under 6 minutes.
 """

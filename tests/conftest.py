@@ -42,10 +42,14 @@ DEPLOY_IMAGE_SIZES = [(90, 130), (150, 70), (112, 112)]  # (h, w): non-square, o
 
 def save_deploy_checkpoint(path, cfg: GlocalCLIPConfig, seed: int = 0):
     """A checkpoint of ``cfg`` with random prompts (N(0, 0.02²) from ``seed``) as test.py leaves it:
-    threshold and σ stored. The backbone's random init is seeded, so every rebuild is the same model."""
+    threshold and σ in the file beside it. The backbone's random init is seeded, so every rebuild is
+    the same model."""
+    from glocalclip.engine.checkpoint import write_threshold
+
     torch.manual_seed(seed)
     model = GlocalCLIP(cfg)
-    torch.save(model.checkpoint(0, threshold={"image_score": DEPLOY_THRESHOLD, "sigma": DEPLOY_SIGMA}), path)
+    torch.save(model.checkpoint(0), path)
+    write_threshold(path, DEPLOY_THRESHOLD, sigma=DEPLOY_SIGMA)
     return path
 
 
