@@ -14,11 +14,10 @@ from glocalclip import GlocalCLIP, load_model
 from glocalclip.apps.predict import Predictor, checkpoint_threshold
 from glocalclip.engine.checkpoint import (atomic_save, file_sha256, read_threshold, threshold_path,
                                           write_threshold)
-from glocalclip.model.checkpoint_format import adapt_checkpoint
+from glocalclip.model.checkpoint_format import GLOCAL_KEYS, adapt_checkpoint
 
 from conftest import TINY_SIZE, tiny_config
 
-GLOCAL_KEYS = ("ctx_global_pos", "ctx_global_neg", "ctx_local_pos", "ctx_local_neg")
 
 
 def _randomised(model: GlocalCLIP, seed: int) -> GlocalCLIP:

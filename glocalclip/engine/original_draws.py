@@ -18,11 +18,12 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..model.checkpoint_format import GLOCAL_KEYS
+from ..model.prompts import PROMPT_INIT_STD
+
 #: the output width of the original's unused per-depth projection, Linear(text width, 896)
 UNUSED_PROJECTION_WIDTH = 896
 #: the original's prompt-learner parameters, in the order it draws them
-CONTEXT_NAMES = ("ctx_global_pos", "ctx_global_neg", "ctx_local_pos", "ctx_local_neg")
-PROMPT_STD = 0.02
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,9 @@ def _replay_prompt_learner(b: BackboneSizes, p: PromptSizes) -> dict[str, torch.
     """§5.1 step 2: the prompt learner's parameters, keyed as ``GlocalPromptLearner.state_dict()``."""
     rows = {"ctx_global_pos": p.n_ctx, "ctx_global_neg": p.ab_ctx,
             "ctx_local_pos": p.n_ctx, "ctx_local_neg": p.ab_ctx}
-    state = {name: torch.empty(rows[name], b.text_width).normal_(std=PROMPT_STD) for name in CONTEXT_NAMES}
+    state = {name: torch.empty(rows[name], b.text_width).normal_(std=PROMPT_INIT_STD) for name in GLOCAL_KEYS}
     for i in range(p.depth - 1):
-        state[f"compound_prompts_text.{i}"] = torch.empty(p.t_n_ctx, b.text_width).normal_(std=PROMPT_STD)
+        state[f"compound_prompts_text.{i}"] = torch.empty(p.t_n_ctx, b.text_width).normal_(std=PROMPT_INIT_STD)
     nn.Linear(b.text_width, UNUSED_PROJECTION_WIDTH)  # its depth-1 copies are deep copies: no draws
     return state
 

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+PROMPT_INIT_STD = 0.02  # every learnable context and deep token starts from N(0, 0.02²)
 NORMAL_WORDS = "object."
 ANOMALOUS_WORDS = "damaged object."
 
@@ -46,7 +47,7 @@ class GlocalPromptLearner(nn.Module):
         self.n_ctx, self.ab_ctx, self.depth, self.t_n_ctx = n_ctx, ab_ctx, depth, t_n_ctx
 
         def param(rows: int) -> nn.Parameter:
-            return nn.Parameter(torch.empty(rows, width).normal_(std=0.02))
+            return nn.Parameter(torch.empty(rows, width).normal_(std=PROMPT_INIT_STD))
 
         if style == "glocal":
             self.ctx_global_pos = param(n_ctx)
