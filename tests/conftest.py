@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,3 +87,48 @@ def deploy_images(tmp_path_factory):
         paths.append(folder / f"img{i}.png")
         Image.fromarray(img).save(paths[-1])
     return paths
+
+
+# ---------------------------------------------------------------------------- predict's trained checkpoint
+SIZES = [(90, 130), (150, 70), (64, 64), (121, 200)]  # (h, w): non-square, all different
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A tiny checkpoint trained for one epoch on synthetic data, tested once (threshold stored).
+
+    The tiny backbone's random weights are saved to a file and passed as ``--pretrained`` so every
+    rebuild of the model has the same backbone (``--pretrained none`` draws new weights each time)."""
+    from PIL import Image
+
+    from glocalclip.apps import cli
+    from glocalclip.datasets.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("predict")
+    torch.manual_seed(1234)
+    weights = root / "tiny_clip.pt"
+    torch.save(create_backbone("tiny", None).state_dict(), weights)
+    data = make_synthetic_dataset(root / "data", n_train=1, n_test_good=3, n_test_defect=3, size=64, seed=0)
+    flags = ["--backbone", "tiny", "--pretrained", str(weights), "--image_size", "112",
+             "--features_list", "2", "4", "6", "8", "--dpam", "6", "--n_ctx", "5", "--ab_ctx", "3",
+             "--depth", "3", "--t_n_ctx", "2"]
+    cli.train_main(["--train_data_path", str(data), "--save_path", str(root / "ckpt"), "--epoch", "1",
+                "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--no_progress"] + flags)
+    ckpt = root / "ckpt" / "epoch_1.pth"
+    cli.test_main(["--data_path", str(data), "--checkpoint_path", str(ckpt), "--save_path", str(root / "results"),
+               "--sigma", "4", "--num_workers", "0", "--device", "cpu", "--no_progress"])
+    # a folder of inputs at their own (non-square) sizes, in two sub-folders, and a corrupt file
+    inputs = root / "inputs"
+    srcs = sorted((data / "grain" / "test").glob("*/*.png"))[:2] + sorted((data / "stripes" / "test").glob("*/*.png"))[:2]
+    for i, (src, (h, w)) in enumerate(zip(srcs, SIZES)):
+        d = inputs / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.open(src).convert("RGB").resize((w, h)).save(d / f"img{i}.png")
+    (inputs / "x.png").write_bytes(b"this is not an image \x00\x01\x02")
+    return {"root": root, "weights": weights, "data": data, "ckpt": ckpt, "inputs": inputs,
+            "model_flags": flags, "overrides": {"backbone": "tiny", "pretrained": str(weights), "image_size": 112,
+                                                "features_list": (2, 4, 6, 8), "dpam_layer": 6}}
+
+
+def good_inputs(trained) -> list[Path]:
+    return sorted(p for p in trained["inputs"].rglob("*.png") if p.name != "x.png")

@@ -107,7 +107,7 @@ def test_an_earlier_run_is_refused_resumed_or_overwritten(tmp_path):
 
 
 # ---------------------------------------------------------------------------- predict end to end
-from test_predict import good_inputs, trained  # noqa: E402,F401  (the checkpoint, tested once, and its inputs)
+from conftest import good_inputs  # noqa: E402  (the trained fixture is conftest's: built once a session)
 
 REPO = Path(__file__).resolve().parents[1]
 
