@@ -157,21 +157,38 @@ def test_demo_takes_epoch_and_still_the_old_epochs():
     assert "--epochs" not in p.format_help()
 
 
+CLI_MODULES = {"glocalclip.apps.cli", "glocalclip.cli"}  # the module, and its old path
+
+
+def _imported_modules(path: Path, source: str | None = None) -> set[str]:
+    """Absolute names of every module ``path`` (or ``source`` placed there) imports; ``from X import
+    y`` counts X and X.y."""
+    package = ["glocalclip", *path.relative_to(REPO / "glocalclip").parent.parts]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return found
+
+
 def test_library_modules_never_import_the_cli():
-    """Only the command modules themselves (cli, demo) and ``python -m glocalclip`` reach apps/cli.py."""
+    """Only the command modules themselves (cli, demo) and ``python -m glocalclip`` reach apps/cli.py,
+    however the import is spelled (relative, absolute, ``from .. import cli``, the old path)."""
     allowed = {"apps/cli.py", "apps/demo.py", "__main__.py"}
-    offenders = []
-    for path in sorted((REPO / "glocalclip").rglob("*.py")):
-        rel = path.relative_to(REPO / "glocalclip").as_posix()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                target = (node.module or "") if node.level == 0 else "." * node.level + (node.module or "")
-                names = [a.name for a in node.names]
-                if (target.endswith(".cli") or target in ("cli", "glocalclip.apps.cli")
-                        or (target.endswith("apps") or target == ".") and "cli" in names):
-                    offenders.append(rel)
-    assert sorted(set(offenders) - allowed) == []
-    assert "apps/demo.py" in offenders  # the check sees an import of the CLI where there is one
+    offenders = {path.relative_to(REPO / "glocalclip").as_posix()
+                 for path in sorted((REPO / "glocalclip").rglob("*.py")) if _imported_modules(path) & CLI_MODULES}
+    assert sorted(offenders - allowed) == []
+    assert {"apps/demo.py", "__main__.py"} <= offenders  # the check sees an import of the CLI where there is one
+    spellings = ["from .cli import x", "from . import cli", "import glocalclip.apps.cli", "from glocalclip import cli"]
+    for code in spellings:  # each spelling, as written in glocalclip/apps/ and in glocalclip/
+        for where in ("apps/probe.py", "probe.py"):
+            modules = _imported_modules(REPO / "glocalclip" / where, code)
+            # "from .cli" inside glocalclip/ itself is the old path's module, glocalclip.cli: caught too
+            assert modules & CLI_MODULES, (code, where)
 
 
 def test_every_setting_field_is_a_documented_dataclass_field():
