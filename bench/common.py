@@ -14,13 +14,12 @@ import torch
 
 from glocalclip import GlocalCLIPConfig
 from glocalclip.datasets import write_meta
-from glocalclip.datasets.synthetic import make_sample, synthetic_meta
+from glocalclip.datasets.synthetic import SYNTHETIC_CLASSES, make_sample, synthetic_meta
 from glocalclip.engine.hooks import WAITS, EvaluationHooks
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"
 MID_CONFIG = HERE / "mid_clip.json"
-SYNTHETIC_CLASSES = ("stripes", "checker", "grain")
 
 
 def model_config(kind: str, precision: str = "fp32") -> GlocalCLIPConfig:

@@ -37,8 +37,7 @@ from glocalclip.engine.checkpoint import write_threshold
 HERE = Path(__file__).resolve().parent
 SIGMA = 8.0
 PRESETS = {
-    "tiny": dict(backbone="tiny", image_size=224, features_list=(2, 4, 6, 8), dpam_layer=6, n_ctx=5, ab_ctx=3,
-                 depth=3, t_n_ctx=2),  # its text tower has 4 blocks
+    "tiny": dict(backbone="tiny", image_size=224),  # its layers and prompt lengths: the backbone's preset
     "mid": dict(backbone=str(HERE / "mid_clip.json"), image_size=224, features_list=(3, 6, 9, 12), dpam_layer=10),
 }
 
@@ -114,7 +113,7 @@ def cases(args: argparse.Namespace) -> list[tuple[str, GlocalCLIPConfig]]:
         preset = dict(PRESETS[name])
         if args.image_size:
             preset["image_size"] = args.image_size
-        out.append((name, GlocalCLIPConfig(**preset, **common)))
+        out.append((name, GlocalCLIPConfig.for_backbone(**preset, **common)))
     return out
 
 

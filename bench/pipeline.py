@@ -25,6 +25,7 @@ import torch
 from tabulate import tabulate
 
 from glocalclip import GlocalCLIP
+from glocalclip.model.config import PRECISIONS
 from glocalclip.datasets import AnomalyDataset, normalize_image
 from glocalclip.engine.distributed import DistContext
 from glocalclip.engine.evaluation import evaluate, evaluation_loader
@@ -185,7 +186,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--json", default=None, help="where to write the results (default bench/results/pipeline_*.json)")
     p.add_argument("--skip_train", action="store_true", help="time testing only")
     p.add_argument("--test_batches", type=int, nargs="+", default=[1, 16], help="test batch sizes to time")
-    p.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "fp16"), default=None,
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
                    help="test precisions (default: fp32 and bf16 on a GPU, fp32 on a CPU)")
     return p.parse_args()
 

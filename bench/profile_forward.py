@@ -24,6 +24,7 @@ from tabulate import tabulate
 from torch.profiler import ProfilerActivity, profile
 
 from glocalclip import GlocalCLIP
+from glocalclip.model.config import PRECISIONS
 from glocalclip.engine.smoothing import GaussianSmoothing, gaussian_kernel1d
 
 from .common import RESULTS_DIR, device_name, model_config, peak_gib, reset_peak, sync, write_report
@@ -130,7 +131,7 @@ def op_table(model: GlocalCLIP, batch: int, text, smooth, device: torch.device, 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="torch device to profile (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="default: 8 16 32 64 on a GPU, 1 2 on a CPU")
     p.add_argument("--profile_batch", type=int, default=None, help="default: 16 on a GPU, 2 on a CPU")

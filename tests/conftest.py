@@ -17,10 +17,8 @@ TINY_SIZE = 112  # 8×8 patch grid, not the tiny config's native 4×4: positiona
 
 
 def tiny_config(**changes) -> GlocalCLIPConfig:
-    base = dict(backbone="tiny", pretrained=None, image_size=TINY_SIZE, features_list=(2, 4, 6, 8),
-                dpam_layer=6, n_ctx=5, ab_ctx=3, depth=3, t_n_ctx=2)
-    base.update(changes)
-    return GlocalCLIPConfig(**base)
+    """The tiny backbone with its preset layers and prompt lengths (no pretrained weights)."""
+    return GlocalCLIPConfig.for_backbone(**{"backbone": "tiny", "image_size": TINY_SIZE, **changes})
 
 
 @pytest.fixture(scope="session")

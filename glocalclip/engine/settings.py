@@ -81,8 +81,8 @@ class TrainConfig:
                                                "settings not given are the checkpoint's",
                                     default_text="start afresh")
     overwrite: bool = setting(False, switch=True,
-                              help="start afresh in a --save_path that holds an earlier run: its epoch_N.pth, "
-                                   "train_history.json and log.txt are removed first")
+                              help="start afresh in a --save_path that holds an earlier run: its epoch_N.pth (with their "
+                                   "threshold files), train_history.json and log.txt are removed first")
     progress: bool = progress_setting()
     unmasked_anomalies: str = setting(
         "auto", choices=UNMASKED_ANOMALY_MODES,
