@@ -70,9 +70,10 @@ def bench_training(data: Path, kind: str, epochs: int, device: torch.device, out
 
 
 def bench_test(data: Path, model: GlocalCLIP, precision: str, batch_size: int, device: torch.device,
-               workers: int) -> tuple[dict, dict]:
+               workers: int, loader_ips: dict[str, float]) -> tuple[dict, dict]:
     """End to end through ``evaluate`` (what test.py runs: loading, forward, smoothing, all seven
-    metrics with a class's metrics overlapping the next class's scoring), then the parts alone."""
+    metrics with a class's metrics overlapping the next class's scoring), then the model alone;
+    ``loader_ips``: the loader alone at this batch size (:func:`loader_rates`)."""
     reset_peak(device)
     model.cfg = model.cfg.replace(precision=precision)  # the same weights, another autocast
     size = model.cfg.image_size
@@ -85,7 +86,6 @@ def bench_test(data: Path, model: GlocalCLIP, precision: str, batch_size: int, d
     sync(device)
     timing = clock.summary()
     n, dt, peak = res["n_images"], timing["wall_s"], peak_gib(device)
-    loader_ips = loader_rates(data, size, batch_size, workers, device)
     row = {"precision": precision, "batch_size": batch_size, "workers": workers, "images": n,
            "seconds": dt, "images_per_s": n / dt, "startup_s": timing["startup_s"],
            "images_per_s_after_startup": n / (dt - timing["startup_s"]),
@@ -133,9 +133,12 @@ def bench_tests(data: Path, kind: str, precisions: list[str], batches: list[int]
     rows, per_precision, drift = [], {}, {}
     torch.manual_seed(0)
     model = GlocalCLIP(model_config(kind)).to(device)
+    loader_ips: dict[int, dict[str, float]] = {}  # per batch size: the loader does not depend on precision
     for prec in precisions:
         for bs in batches:
-            row, metrics = bench_test(data, model, prec, bs, device, workers)
+            if bs not in loader_ips:
+                loader_ips[bs] = loader_rates(data, model.cfg.image_size, bs, workers, device)
+            row, metrics = bench_test(data, model, prec, bs, device, workers, loader_ips[bs])
             rows.append({"config": kind, **row})
             per_precision.setdefault(prec, metrics)
             print(json.dumps(rows[-1]), flush=True)
