@@ -52,8 +52,7 @@ def _backbone_of(ckpt: dict, cfg: Any, overrides: dict[str, Any]) -> BackboneRec
     recorded = BackboneRecord.of_checkpoint(ckpt, overrides)
     if recorded is not None and recorded.pretrained == cfg.pretrained:
         return recorded
-    base = recorded if recorded is not None else BackboneRecord.resolve(cfg.backbone, cfg.pretrained)
-    return base.for_weights(cfg.pretrained).hashed()
+    return BackboneRecord.wanted(cfg.backbone, cfg.pretrained, recorded).hashed()
 
 
 def convert_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -102,6 +102,12 @@ class BackboneRecord:
             return None
         return cls.from_dict(stored)
 
+    @classmethod
+    def wanted(cls, backbone: str, pretrained: Optional[str], recorded: Optional["BackboneRecord"]) -> "BackboneRecord":
+        """The backbone to build, weights not yet hashed: a checkpoint's ``recorded`` architecture with
+        the weights ``pretrained``, else ``backbone`` resolved as given."""
+        return recorded.for_weights(pretrained) if recorded is not None else cls.resolve(backbone, pretrained)
+
     def for_weights(self, pretrained: Optional[str]) -> "BackboneRecord":
         """This architecture with the weights ``pretrained`` (a ``--pretrained`` given at load time:
         the same weights elsewhere on this machine, say); the recorded hash goes with the old source."""

@@ -229,8 +229,7 @@ def build_backbone(cfg: GlocalCLIPConfig, recorded: Optional[BackboneRecord]) ->
     """(the frozen CLIP, its record with the weights' hash): the architecture ``recorded`` (a
     checkpoint's) or else ``cfg.backbone``'s, the weights ``cfg.pretrained``. A bad image size is
     refused before the weights are read; weights other than the recorded ones are warned about."""
-    wanted = recorded.for_weights(cfg.pretrained) if recorded is not None \
-        else BackboneRecord.resolve(cfg.backbone, cfg.pretrained)
+    wanted = BackboneRecord.wanted(cfg.backbone, cfg.pretrained, recorded)
     check_image_size(cfg.image_size, wanted.patch_size, cfg.backbone)
     loaded = wanted.hashed()
     if recorded is not None:
