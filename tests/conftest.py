@@ -21,6 +21,15 @@ def tiny_config(**changes) -> GlocalCLIPConfig:
     return GlocalCLIPConfig.for_backbone(**{"backbone": "tiny", "image_size": TINY_SIZE, **changes})
 
 
+def randomise_prompts(model: GlocalCLIP, seed: int) -> GlocalCLIP:
+    """Give the prompt learner fresh N(0, 0.02²) values from ``seed`` (a model that is not the default init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.prompt_learner.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_clip():
     torch.manual_seed(1234)

@@ -15,20 +15,13 @@ from glocalclip.model.backbone import (PretrainedWeightsUnavailable, build_clip,
                                  resolve_model_config)
 from glocalclip.engine.checkpoint import atomic_save
 
-from conftest import TINY_SIZE, tiny_config
-
-
-def _randomise(model: GlocalCLIP, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.prompt_learner.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+from conftest import TINY_SIZE, randomise_prompts, tiny_config
 
 
 def test_checkpoint_round_trip_restores_config_and_scores(tiny_clip, tmp_path):
     torch.manual_seed(0)
     model = GlocalCLIP(tiny_config(ab_ctx=4), clip=tiny_clip)
-    _randomise(model, 5)
+    randomise_prompts(model, 5)
     opt = torch.optim.Adam(model.prompt_parameters(), lr=1e-3)
     path = tmp_path / "epoch_3.pth"
     atomic_save(model.checkpoint(epoch=3, optimizer=opt.state_dict()), path)
@@ -62,7 +55,7 @@ def _original_format_state(model: GlocalCLIP) -> dict:
 def test_original_format_checkpoint_loads(tiny_clip, tmp_path):
     torch.manual_seed(0)
     source = GlocalCLIP(tiny_config(), clip=tiny_clip)
-    _randomise(source, 9)
+    randomise_prompts(source, 9)
     path = tmp_path / "epoch_15.pth"
     torch.save(_original_format_state(source), path)
     torch.manual_seed(1)

@@ -16,16 +16,7 @@ from glocalclip.engine.checkpoint import (atomic_save, file_sha256, read_thresho
                                           write_threshold)
 from glocalclip.model.checkpoint_format import GLOCAL_KEYS, adapt_checkpoint
 
-from conftest import TINY_SIZE, tiny_config
-
-
-
-def _randomised(model: GlocalCLIP, seed: int) -> GlocalCLIP:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.prompt_learner.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.eval()
+from conftest import TINY_SIZE, randomise_prompts, tiny_config
 
 
 def _original_layout(model: GlocalCLIP) -> dict:
@@ -48,7 +39,7 @@ def _same_outputs(a: GlocalCLIP, b: GlocalCLIP) -> None:
 @pytest.fixture()
 def source(tiny_clip):
     torch.manual_seed(0)
-    return _randomised(GlocalCLIP(tiny_config(), clip=tiny_clip), 11)
+    return randomise_prompts(GlocalCLIP(tiny_config(), clip=tiny_clip), 11).eval()
 
 
 def test_ours_loads_with_its_config_and_overrides_on_top(source, tiny_clip, tmp_path):
@@ -75,7 +66,8 @@ def test_the_original_glocal_layout_takes_its_shape_from_the_tensors(source, tin
 
 def test_the_anomalyclip_layout_has_one_context_length(tiny_clip):
     torch.manual_seed(0)
-    ref = _randomised(GlocalCLIP(tiny_config(prompt_style="anomalyclip", n_ctx=4, ab_ctx=4), clip=tiny_clip), 5)
+    ref = randomise_prompts(GlocalCLIP(tiny_config(prompt_style="anomalyclip", n_ctx=4, ab_ctx=4), clip=tiny_clip),
+                            5).eval()
     old = _original_layout(ref)
     cfg, _ = adapt_checkpoint(old, {"backbone": "tiny", "image_size": TINY_SIZE})
     assert (cfg.prompt_style, cfg.n_ctx, cfg.ab_ctx) == ("anomalyclip", 4, 4)
