@@ -19,10 +19,10 @@ OLD_MODULE_PATHS: dict[str, tuple[str, ...]] = {
     "scoring": ("model.scoring", "engine.smoothing"),
     "checkpoint": ("model.checkpoint_format", "engine.checkpoint"),
     "training": ("engine.training", "engine.settings", "engine.runs"), "feature_cache": ("engine.feature_cache",),
-    "evaluation": ("engine.evaluation",), "metrics": ("engine.metrics",), "distributed": ("engine.distributed",),
+    "evaluation": ("inference.evaluation",), "metrics": ("engine.metrics",), "distributed": ("engine.distributed",),
     "resources": ("engine.loaders",), "cli": ("apps.cli", "apps.flags", "apps.demo"),
-    "predict": ("apps.predict", "apps.predict_io", "apps.predict_cli"), "report": ("apps.report",),
-    "results": ("apps.results",), "convert": ("apps.convert",), "visualize": ("apps.visualize",),
+    "predict": ("inference.predictor", "inference.images", "apps.predict_cli"), "report": ("apps.report",),
+    "results": ("apps.results",), "convert": ("apps.convert",), "visualize": ("inference.visualize",),
     "synthetic": ("datasets.synthetic",),
 }
 

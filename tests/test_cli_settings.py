@@ -17,8 +17,8 @@ from glocalclip.apps.demo import demo_parser
 from glocalclip.apps.flags import help_with_default, model_overrides, settings_from_args
 from glocalclip.apps.predict_cli import PredictConfig, predict_parser
 from glocalclip.apps.report import report_parser
-from glocalclip.deploy.export import export_parser
-from glocalclip.deploy.serve import serve_parser
+from glocalclip.apps.export_cli import export_parser
+from glocalclip.apps.serve_cli import serve_parser
 from glocalclip.engine.settings import TestConfig, TrainConfig
 from glocalclip.model.config import BACKBONE_DEFAULTS, GlocalCLIPConfig
 from glocalclip.settings import settings_fields

@@ -130,7 +130,7 @@ def test_missing_masks_skip_keeps_those_images_for_the_image_loss_only(tmp_path,
 
 
 def test_a_predict_input_that_cannot_be_decoded_says_so_without_meta_json(tmp_path):
-    from glocalclip.apps.predict_io import read_image as _read
+    from glocalclip.inference.images import read_image as _read
 
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image at all")

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from glocalclip.apps import visualize
+from glocalclip.inference import visualize
 from glocalclip.datasets.synthetic import make_synthetic_dataset
 from glocalclip.engine.checkpoint import threshold_source
-from glocalclip.engine.evaluation import ClassScores
+from glocalclip.inference.evaluation import ClassScores
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_grid_pictures_show_a_16_bit_image_with_the_grey_levels_the_model_saw(tm
     not clipped to white by PIL's RGB conversion."""
     from PIL import Image
 
-    from glocalclip.apps.visualize import read_rgb
+    from glocalclip.inference.visualize import read_rgb
 
     grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     path = tmp_path / "ct.png"

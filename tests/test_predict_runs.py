@@ -156,7 +156,7 @@ def _wait_for(condition, seconds: float = 120) -> None:
 @pytest.mark.slow
 def test_ctrl_c_after_two_batches_keeps_their_rows_and_resume_finishes(trained, tmp_path, monkeypatch, capsys):
     from glocalclip.apps.cli import run_command
-    from glocalclip.apps.predict import Predictor
+    from glocalclip.inference.predictor import Predictor
     from glocalclip.apps.predict_cli import predict_main
 
     out, goods = tmp_path / "out", good_inputs(trained)
@@ -287,7 +287,7 @@ def test_a_full_disk_while_saving_a_map_is_one_message_and_keeps_the_rows(traine
 
 @pytest.mark.slow
 def test_predict_overlays_say_prediction_and_the_thresholds_origin(trained, tmp_path, monkeypatch, capsys):
-    from glocalclip.apps import visualize
+    from glocalclip.inference import visualize
     from glocalclip.apps.predict_cli import predict_main
     from glocalclip.engine.checkpoint import read_threshold
 

@@ -9,47 +9,26 @@ checkpoint (PyTorch) or an exported ONNX file (ONNX Runtime, no torch loaded).
 - ``GET /``: one self-contained page (``page.html``) to drop images and move a threshold slider.
 
 Requests arriving together are scored as one batch (``batching.py``). Binds to 127.0.0.1 by default.
+The command line is ``apps/serve_cli.py``.
 """
 
-import argparse
 import asyncio
 import base64
 import io
-import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-from ..apps.predict_io import LoadedImage, Prediction, check_model_source, label_of, overlay_rgb
-from .batching import BatchScorer
-from ..apps.flags import add_settings, new_parser, settings_from_args
+from ..inference.images import LoadedImage, Prediction, label_of, overlay_rgb
+from ..inference.interface import ImagePredictor
 from ..settings import check_settings, setting
+from .batching import BatchScorer
 from .uploads import UploadError, decode_upload
 
 SERVE_EXTRA_HINT = "serving needs the serve extra: pip install 'glocalclip[serve]' (fastapi, uvicorn, python-multipart)"
 OVERLAY_SIDE = 1024  # the page shows overlays small; full-size PNGs of large photos would be megabytes
 MAX_FILES = 32  # files per request; with the per-image limit this bounds a request's body
-
-
-@dataclass
-class ServedModel:
-    """Which model ``glocalclip serve`` scores with (flags; exactly one of checkpoint and model)."""
-
-    checkpoint: Optional[str] = setting(None, help="our checkpoint, scored with PyTorch; or give --model")
-    model: Optional[str] = setting(None, help="an ONNX file from `glocalclip export`, scored with ONNX Runtime "
-                                              "(no torch)")
-    sigma: Optional[float] = setting(None, parse=float, help="--checkpoint only: Gaussian smoothing of the maps",
-                                     default_text="the σ test.py scored the checkpoint with, else 8")
-    device: Optional[str] = setting(None, help="cpu or cuda", default_text="--checkpoint: the GPU if present; "
-                                                                           "--model: the CPU")
-
-    def __post_init__(self) -> None:
-        check_settings(self)
-        check_model_source(self.checkpoint, self.model, "serve")
-        if self.model is not None and self.sigma is not None:
-            raise ValueError("--sigma applies to --checkpoint; an ONNX file has its σ built in "
-                             "(glocalclip export --sigma)")
 
 
 @dataclass
@@ -99,9 +78,8 @@ def result_json(pred: Prediction, loaded: LoadedImage, threshold: Optional[float
             "overlay_png": _png_base64(overlay_rgb(loaded.rgb, pred, value_range))}
 
 
-def model_info(predictor, threshold: Optional[float]) -> dict[str, Any]:
-    backend = "onnxruntime" if hasattr(predictor, "metadata") else "pytorch"
-    return {"status": "ok", "backend": backend, "image_size": predictor.image_size,
+def model_info(predictor: ImagePredictor, threshold: Optional[float]) -> dict[str, Any]:
+    return {"status": "ok", "backend": predictor.backend, "image_size": predictor.image_size,
             "sigma": float(predictor.sigma), "threshold": threshold,
             "map_range": list(predictor.map_value_range)}
 
@@ -126,8 +104,9 @@ async def _read_uploads(files, settings: ServeSettings, image_size: int) -> list
     return loaded
 
 
-def create_app(predictor, settings: Optional[ServeSettings] = None):
-    """The FastAPI application around ``predictor`` (a ``Predictor`` or an ``OnnxPredictor``)."""
+def create_app(predictor: ImagePredictor, settings: Optional[ServeSettings] = None):
+    """The FastAPI application around ``predictor`` (a ``Predictor`` or an ``OnnxPredictor``: either
+    is an :class:`ImagePredictor`)."""
     from fastapi import FastAPI, File, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse
 
@@ -169,40 +148,3 @@ def create_app(predictor, settings: Optional[ServeSettings] = None):
         return {"threshold": threshold, "results": results}
 
     return app
-
-
-# ---------------------------------------------------------------------------- CLI
-def serve_parser() -> argparse.ArgumentParser:
-    p = new_parser("glocalclip serve", "Serve a model over HTTP: POST /predict, GET /healthz, and a web page "
-                                       "at /. Needs pip install 'glocalclip[serve]'.")
-    add_settings(p, ServedModel)
-    add_settings(p, ServeSettings)
-    return p
-
-
-def build_predictor(source: ServedModel, max_batch: int):
-    """The model to serve, with the threshold stored beside it."""
-    if source.model is not None:
-        from .runtime import OnnxPredictor
-
-        return OnnxPredictor(source.model, batch_size=max_batch, device=source.device)
-    from ..apps.predict import Predictor
-
-    # σ not given: the one test.py scored the checkpoint with, which its stored threshold belongs to
-    return Predictor.from_checkpoint(source.checkpoint, device=source.device, sigma=source.sigma,
-                                     batch_size=max_batch)
-
-
-def serve_main(argv: Optional[Sequence[str]] = None) -> int:
-    args = serve_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        import fastapi  # noqa: F401
-        import multipart  # noqa: F401
-        import uvicorn
-    except ImportError as e:
-        raise ImportError(f"{SERVE_EXTRA_HINT} ({e})") from e
-    settings = settings_from_args(ServeSettings, args)
-    app = create_app(build_predictor(settings_from_args(ServedModel, args), settings.max_batch), settings)
-    print(f"glocalclip serve: http://{settings.host}:{settings.port}/ (POST /predict, GET /healthz)")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
-    return 0

@@ -7,7 +7,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from ..apps.predict_io import LoadedImage, read_image
+from ..inference.images import LoadedImage, read_image
 from ..datasets.errors import DatasetError
 
 
