@@ -132,7 +132,7 @@ def test_onnx_backend_serves_the_file(tiny_onnx, deploy_images):
 
 
 def test_serve_refuses_sigma_with_an_onnx_file(tiny_onnx):
-    with pytest.raises(ValueError, match="σ built in"):
+    with pytest.raises(ValueError, match="σ=4, built into the file"):
         serve_main(["--model", str(tiny_onnx), "--sigma", "2"])
 
 

@@ -51,6 +51,8 @@ class Detector(nn.Module):
             model.visual.pos_embed((grid, grid))  # the positional table resized for S now: a constant in a graph
         self.register_buffer("kernel", gaussian_kernel1d(self.sigma) if self.sigma > 0 else torch.ones(1))
         self._exact: dict[torch.device, GaussianSmoothing] = {}  # per device: the kernel goes there once
+        if not self.traceable:  # made now for the model's device, not by the first batch
+            self._smoothing(global_text.device)
 
     @property
     def image_size(self) -> int:
