@@ -107,9 +107,10 @@ def test_bad_uploads_get_4xx_with_a_message_and_the_server_goes_on(predictor, de
             resp = client.post("/predict", files=files_field((name, data)))
             assert resp.status_code == status, (name, resp.text)
             assert name in resp.json()["detail"] and message in resp.json()["detail"]
-        # one bad file among good ones refuses the request, naming the bad one
+        # one bad file among good ones: the good one is scored, the bad one answered beside it
         resp = client.post("/predict", files=files_field(("ok.png", good), ("empty.png", b"")))
-        assert resp.status_code == 400 and "empty.png" in resp.json()["detail"]
+        assert resp.status_code == 200 and [r["ok"] for r in resp.json()["results"]] == [True, False]
+        assert resp.json()["results"][1]["status"] == 400 and "empty" in resp.json()["results"][1]["error"]
         assert client.post("/predict").status_code == 400  # no files at all
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a decompression bomb, in miniature
         resp = client.post("/predict", files=files_field(("bomb.png", good)))

@@ -139,3 +139,56 @@ def resized_rgb(img: Image.Image, image_size: int) -> np.ndarray:
         raise DatasetError(f"image {name} has PIL mode {img.mode!r}, which cannot be resized or converted to RGB "
                            f"({exc}); re-save it as an 8-bit RGB or grey PNG") from None
     return np.array(img, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------- reduced while decoding (serve)
+#: an image is reduced while decoding only to an integer fraction that keeps each side at least this many
+#: times the model's input side, so the bicubic resize after it still averages several pixels per output
+#: pixel (Pillow's ``reducing_gap`` idea); images smaller than that are decoded exactly as predict does
+REDUCING_GAP = 3
+_NOT_REDUCIBLE = ("1", "P", "PA")  # palette indices and bits cannot be averaged
+_ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                          6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                          8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored; 1 also where it is missing or unreadable)."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still good
+        return 1
+    return orientation if orientation in _ORIENTATION_TRANSPOSE else 1
+
+
+def _reduction(size: tuple[int, int], image_size: int, keep_long_side: int) -> tuple[int, int]:
+    """Per axis, the largest integer factor that keeps the side >= REDUCING_GAP x ``image_size``, and
+    the long side >= ``keep_long_side`` (the picture drawn from it, aspect kept), at least 1."""
+    long_factor = max(size) // max(1, keep_long_side)
+    return tuple(max(1, min(side // (REDUCING_GAP * image_size), long_factor))  # type: ignore[return-value]
+                 for side in size)
+
+
+def decode_reduced(img: Image.Image, image_size: int, keep_long_side: int = 0,
+                   what: str = "image", fix: str = DATASET_FIX) -> Image.Image:
+    """``img`` (opened lazily, not yet decoded) decoded and turned upright (EXIF), at an integer
+    fraction of its size that keeps each side >= REDUCING_GAP x ``image_size`` and the long side
+    >= ``keep_long_side``: a JPEG is decoded at 1/2, 1/4 or 1/8 scale by its DCT (``draft``), any other format
+    box-reduced (``Image.reduce``) right after decoding, in its own mode. The serve path's memory:
+    no copy of a large image beyond the decoded one, and no float copy of it (16-bit grey is reduced
+    as 32-bit integers). An image too small to reduce comes back with predict's pixels exactly; a
+    reduced one differs from predict's by the reduction filter (docs/usage.md, "Security: the server")."""
+    orientation = exif_orientation(img)
+    factors = _reduction(img.size, image_size, keep_long_side)
+    if max(factors) > 1 and img.format == "JPEG":
+        img.draft(None, (-(-img.size[0] // factors[0]), -(-img.size[1] // factors[1])))
+    img = decoded(img, what, fix)
+    factors = _reduction(img.size, image_size, keep_long_side)
+    if max(factors) > 1 and img.mode not in _NOT_REDUCIBLE:
+        if img.mode.startswith("I;"):
+            img = img.convert("I")  # same scale to 8 bits: "I" up to 65535 is read as 16-bit
+        img = img.reduce(factors)
+    if orientation != 1:
+        img = img.transpose(_ORIENTATION_TRANSPOSE[orientation])
+    return img
