@@ -261,6 +261,16 @@ def test_page_scores_uploads_and_the_slider_flips_labels(live_server, browser, d
     assert set(labels(page)) == {"anomalous", "normal"}
     assert page.inner_text("#threshold-value") == f"{float(page.input_value('#threshold')):.3f}"
 
+    # good and bad files in one upload: a card each, the bad one red with its reason; a colour bar per card
+    page.set_input_files("#files", [str(deploy_images[0]), str(bad), str(deploy_images[1])])
+    page.wait_for_function(f"document.querySelectorAll('.card').length === {len(deploy_images) + 2}")
+    errors = page.locator(".error-card").all_inner_texts()
+    assert len(errors) == 2 and "notes.png" in errors[0] and "415" in errors[0] and "not an image" in errors[0]
+    assert "1 not scored" in page.inner_text("#status") and "error" not in page.get_attribute("#status", "class")
+    bars = page.locator(".card .colorbar").all_inner_texts()
+    assert len(bars) == len(deploy_images) + 2 and all("map 0.0" in b and "4.0" in b for b in bars)
+    assert page.locator(".card .colorbar .bar").first.bounding_box()["width"] > 100
+
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "serve_page.png"
     page.screenshot(path=str(shot), full_page=True)
