@@ -172,7 +172,26 @@ def test_bomb_pngs_leave_a_real_server_under_3_gb_and_answering(server_process, 
     assert result["ok"] and (result["width"], result["height"]) == (6000, 4000)
     overlay = Image.open(io.BytesIO(__import__("base64").b64decode(result["overlay_png"])))
     assert overlay.size == (1024, 683)  # drawn at the overlay's size, not full size
-    assert process_memory(proc.pid)["VmHWM"] < RSS_BOUND
+    peak = process_memory(proc.pid)["VmHWM"]
+    print(f"server peak RSS {peak / 2**20:.0f} MiB after the 24 MP JPEG")
+    assert peak < RSS_BOUND
+
+
+@pytest.mark.slow
+def test_images_just_under_the_pixel_budget_are_scored_within_the_memory_bound(server_process, tmp_path):
+    """The worst that passes the budget: 4 concurrent requests of 2 x 39.7 MP PNGs, each decoded in full."""
+    proc, url = server_process
+    side = 6300  # 39.7 MP, under the default --max_image_mp 40
+    path = tmp_path / "big.png"
+    Image.new("RGB", (side, side), (120, 60, 200)).save(path)
+    files = files_field(("a.png", path.read_bytes()), ("b.png", path.read_bytes()))
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: httpx.post(url + "/predict", files=files, timeout=300), range(4)))
+    peak = process_memory(proc.pid)["VmHWM"]
+    print(f"server peak RSS {peak / 2**20:.0f} MiB for 4 concurrent requests of 2 x {side}^2 PNGs (scored)")
+    assert [a.status_code for a in answers] == [200] * 4
+    assert all(r["ok"] and r["width"] == side for a in answers for r in a.json()["results"])
+    assert peak < RSS_BOUND
 
 
 # ---------------------------------------------------------------------------- bodies as they arrive
@@ -347,18 +366,28 @@ def test_the_pixel_budget_is_checked_from_the_header_before_decoding(monkeypatch
     assert decoded == []
 
 
-def test_large_images_are_reduced_while_decoding_and_turned_upright():
+def test_large_images_get_predicts_pixels_or_are_reduced_while_decoding():
+    from glocalclip.apps.predict_io import read_image
+
     rng = np.random.default_rng(1)
-    small = Image.fromarray(rng.integers(0, 256, (30, 20, 3), np.uint8)).resize((2000, 3000))  # w 2000, h 3000
+    photo = Image.fromarray(rng.integers(0, 256, (30, 20, 3), np.uint8)).resize((2000, 3000))  # w 2000, h 3000
+    photo = Image.fromarray(np.clip(np.asarray(photo) + rng.integers(-20, 20, (3000, 2000, 3)), 0, 255)
+                            .astype(np.uint8))  # noise: any difference in the resize shows
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: shown 3000 wide, 2000 high
     for fmt in ("JPEG", "PNG"):
         buf = io.BytesIO()
-        small.save(buf, fmt, exif=exif)
+        photo.save(buf, fmt, exif=exif)
+        want = read_image(Image.open(io.BytesIO(buf.getvalue())), 112).pixels  # as predict reads it
         got = decode_upload(buf, "photo", 112, max_pixels=40_000_000, overlay_side=1024)
         assert got.size == (2000, 3000)  # (h, w) as shown
         assert got.rgb.shape == (683, 1024, 3) and got.pixels.shape == (112, 112, 3)
         assert got.pixels.dtype == np.uint8 and got.rgb.dtype == np.uint8
+        diff = np.abs(got.pixels.astype(int) - want)
+        if fmt == "PNG":  # decoded in full: exactly predict's pixels
+            assert diff.max() == 0
+        else:  # decoded at 1/2 scale by the DCT: off by one grey level at most
+            assert 0 < diff.max() <= 2 and diff.mean() < 0.2
 
 
 # ---------------------------------------------------------------------------- per-file outcomes

@@ -170,25 +170,29 @@ def _reduction(size: tuple[int, int], image_size: int, keep_long_side: int) -> t
                  for side in size)
 
 
-def decode_reduced(img: Image.Image, image_size: int, keep_long_side: int = 0,
-                   what: str = "image", fix: str = DATASET_FIX) -> Image.Image:
-    """``img`` (opened lazily, not yet decoded) decoded and turned upright (EXIF), at an integer
-    fraction of its size that keeps each side >= REDUCING_GAP x ``image_size`` and the long side
-    >= ``keep_long_side``: a JPEG is decoded at 1/2, 1/4 or 1/8 scale by its DCT (``draft``), any other format
-    box-reduced (``Image.reduce``) right after decoding, in its own mode. The serve path's memory:
-    no copy of a large image beyond the decoded one, and no float copy of it (16-bit grey is reduced
-    as 32-bit integers). An image too small to reduce comes back with predict's pixels exactly; a
-    reduced one differs from predict's by the reduction filter (docs/usage.md, "Security: the server")."""
+def decode_for_serving(img: Image.Image, image_size: int, picture_side: int, what: str = "image",
+                       fix: str = DATASET_FIX) -> tuple[np.ndarray, Image.Image]:
+    """``img`` (opened lazily, not yet decoded) -> (the model's input, uint8 [S, S, 3]; the image
+    upright, reduced to about ``picture_side`` on its long side, for a picture drawn over it), with
+    no copy of a large image beyond the decoded one and no float copy of it (the server's memory
+    bound). A JPEG is decoded at 1/2, 1/4 or 1/8 scale by its DCT (``draft``), to an integer
+    fraction of its size that keeps each side >= REDUCING_GAP x ``image_size`` and the long side >=
+    ``picture_side``; high-depth grey is box-reduced (``Image.reduce``, as 32-bit integers) to that
+    size before its scaling to 8 bits. Every other image is decoded in full and resized exactly as
+    ``predict`` resizes it: the same pixels (docs/usage.md, "Security: the server")."""
     orientation = exif_orientation(img)
-    factors = _reduction(img.size, image_size, keep_long_side)
+    factors = _reduction(img.size, image_size, picture_side)
     if max(factors) > 1 and img.format == "JPEG":
         img.draft(None, (-(-img.size[0] // factors[0]), -(-img.size[1] // factors[1])))
     img = decoded(img, what, fix)
-    factors = _reduction(img.size, image_size, keep_long_side)
-    if max(factors) > 1 and img.mode not in _NOT_REDUCIBLE:
-        if img.mode.startswith("I;"):
-            img = img.convert("I")  # same scale to 8 bits: "I" up to 65535 is read as 16-bit
-        img = img.reduce(factors)
+    if _is_high_depth(img.mode):  # to_8bit_grey would hold float64 copies of it: reduce it first
+        factors = _reduction(img.size, image_size, picture_side)
+        if max(factors) > 1:
+            img = (img.convert("I") if img.mode.startswith("I;") else img).reduce(factors)
     if orientation != 1:
         img = img.transpose(_ORIENTATION_TRANSPOSE[orientation])
-    return img
+    pixels = resized_rgb(img, image_size)
+    factor = max(img.size) // max(1, picture_side)  # one factor: the picture keeps its aspect
+    if factor > 1 and img.mode not in _NOT_REDUCIBLE:
+        img = img.reduce(factor)
+    return pixels, img

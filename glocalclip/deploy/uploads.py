@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..apps.predict_io import INPUT_FIX
 from ..datasets.errors import DatasetError
-from ..datasets.pixels import decode_reduced, eight_bit, exif_orientation, resized_rgb
+from ..datasets.pixels import decode_for_serving, eight_bit, exif_orientation
 
 #: an upload is kept in memory up to this size, on disk (the temp folder) beyond it
 SPOOL_BYTES = 1 << 20
@@ -203,9 +203,9 @@ def overlay_size(size: tuple[int, int], overlay_side: int) -> tuple[int, int]:
 def decode_upload(source: BinaryIO, filename: str, image_size: int, max_pixels: int,
                   overlay_side: int) -> ServedImage:
     """Decode one uploaded file (its bytes in ``source``) with bounded memory: its pixel count checked
-    from the header before decoding (413 over ``max_pixels``), then decoded reduced (``decode_reduced``;
-    a small image gets predict's pixels exactly), resized in uint8. 400 empty or truncated, 415 not
-    an image or a mode we cannot use."""
+    from the header before decoding (413 over ``max_pixels``), then decoded by ``decode_for_serving``
+    (predict's pixels, except a large JPEG or high-depth image, reduced while decoding). 400 empty or
+    truncated, 415 not an image or a mode we cannot use."""
     source.seek(0, 2)
     if source.tell() == 0:
         raise UploadError(400, f"{filename}: the file is empty (0 bytes)")
@@ -228,17 +228,19 @@ def decode_upload(source: BinaryIO, filename: str, image_size: int, max_pixels: 
                                    f"--max_image_mp); send it smaller")
         turned = exif_orientation(image) in (5, 6, 7, 8)  # a quarter turn: the sides swap
         try:
-            upright = decode_reduced(image, image_size, overlay_side, fix=INPUT_FIX)
+            pixels, picture = decode_for_serving(image, image_size, overlay_side, fix=INPUT_FIX)
         except DatasetError as e:
-            raise UploadError(400, f"{filename}: the image is truncated or corrupt ({e})") from None
+            if "PIL mode" in str(e):  # resized_rgb's message: a mode that cannot become RGB
+                raise UploadError(415, f"{filename}: unsupported image: {e}") from None
+            raise UploadError(400, f"{filename}: the image is truncated or corrupt "
+                                   f"({e.__context__ or e})") from None
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, struct.error, ...
             raise UploadError(400, f"{filename}: the image is truncated or corrupt ({e})") from None
     size = (w, h) if turned else (h, w)  # (height, width) as shown
     try:
-        pixels = resized_rgb(upright, image_size)
-        rgb = eight_bit(upright).convert("RGB")
-    except (DatasetError, ValueError, OSError) as e:
-        raise UploadError(415, f"{filename}: unsupported image (PIL mode {upright.mode!r}): {e}") from None
+        rgb = eight_bit(picture).convert("RGB")
+    except (ValueError, OSError) as e:
+        raise UploadError(415, f"{filename}: unsupported image (PIL mode {picture.mode!r}): {e}") from None
     oh, ow = overlay_size(size, overlay_side)
     if rgb.size != (ow, oh):
         rgb = rgb.resize((ow, oh), Image.BILINEAR)
