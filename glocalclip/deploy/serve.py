@@ -70,7 +70,7 @@ class ServeSettings:
                                                         "header before decoding (a 24 MP photo passes); more is "
                                                         "refused with 413")
     max_decodes: int = setting(2, minimum=1, help="images decoded (or overlays drawn) at once; each decode holds "
-                                                  "up to 4 bytes per pixel of its image")
+                                                  "4 bytes per pixel of its image, 8 if EXIF turns it")
     max_requests: int = setting(4, minimum=1, help="requests handled at once; more are answered 503 at once")
     upload_timeout_s: float = setting(60.0, minimum=0, help="a request body must arrive within this many seconds; "
                                                             "a slower or stalled upload is answered 408 and its "
