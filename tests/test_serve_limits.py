@@ -432,7 +432,7 @@ def random_images(n: int, seed: int) -> np.ndarray:
 def batches_with(target: np.ndarray, others: np.ndarray):
     """``target`` in batches of 2..8 with other images, at every position from first to last."""
     for size in range(2, 9):
-        for position in (0, size // 2, size - 1):
+        for position in sorted({0, size - 1}):
             batch = list(others[:size - 1])
             batch.insert(position, target)
             yield np.stack(batch), position
@@ -441,18 +441,20 @@ def batches_with(target: np.ndarray, others: np.ndarray):
 def check_same_label_in_every_batch(model, target, others):
     s = model.predict_uint8(target[None], [(112, 112)])[0].pred_score  # [0] alone
     moved = 0
-    for threshold, want in ((s, 1), (s - 5e-8, 1), (s + 5e-8, 0), (s - 1e-6, 1), (s + 1e-6, 0)):
-        assert model.predict_uint8(target[None], [(112, 112)], threshold=threshold)[0].pred_label == want
-        for batch, position in batches_with(target, others):
-            # threshold inf: no score is near it, so the batch's own score comes back
-            raw = model.predict_uint8(batch, [(112, 112)] * len(batch), threshold=np.inf)[position].pred_score
-            moved += raw != s
+    for batch, position in batches_with(target, others):
+        # threshold inf: no score is near it, so the batch's own score comes back
+        raw = model.predict_uint8(batch, [(112, 112)] * len(batch), threshold=np.inf)[position].pred_score
+        moved += raw != s
+        for threshold, want in ((s, 1), (s + 5e-8, 0), (s - 1e-6, 1)):
+            if len(batch) == 2:
+                assert model.predict_uint8(target[None], [(112, 112)], threshold=threshold)[0].pred_label == want
             got = model.predict_uint8(batch, [(112, 112)] * len(batch), threshold=threshold)[position]
             assert got.pred_label == want, (threshold - s, len(batch), position, raw - s)
             assert got.pred_score == s  # near the threshold: the single-image score, so score and label agree
     return moved
 
 
+@pytest.mark.slow
 def test_the_same_image_gets_the_same_label_in_any_batch(predictor, tiny_onnx):
     target, others = random_images(1, 5)[0], random_images(7, 6)
     moved = check_same_label_in_every_batch(predictor, target, others)
