@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from ..datasets.preprocess import normalize_image
 from ..engine.smoothing import GaussianSmoothing, smoothed_scores
-from .predict_io import (FIELDS, IMAGE_EXTENSIONS, ImageInput, Prediction, expand_inputs,  # noqa: F401
-                         label_of, output_names, predict_images, write_predictions)
+from .predict_io import (FIELDS, IMAGE_EXTENSIONS, ImageInput, Prediction, batch_invariant_scores,  # noqa: F401
+                         expand_inputs, label_of, output_names, predict_images, write_predictions)
 
 
 class Predictor:
@@ -100,10 +100,16 @@ class Predictor:
         smoothing = self._smoothing.get(sigma)
         if smoothing is None:
             smoothing = self._smoothing[sigma] = GaussianSmoothing(sigma, self.device)
-        score, amap = smoothed_scores(self.model(x.to(self.device), text=self.text), smoothing,
-                                      self.model.cfg.image_score)  # exactly as test.py
+        x = x.to(self.device)
+
+        def forward(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return smoothed_scores(self.model(batch, text=self.text), smoothing,
+                                   self.model.cfg.image_score)  # exactly as test.py
+
+        score, amap = forward(x)  # [B], [B, S, S]
         peak = amap.flatten(1).max(1).values
         score, peak = score.float().cpu().tolist(), peak.float().cpu().tolist()
+        score = batch_invariant_scores(score, thr, lambda i: float(forward(x[i:i + 1])[0][0].float().cpu()))
         preds = []
         for i, (h, w) in enumerate(sizes):
             m = amap[i]

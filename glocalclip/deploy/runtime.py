@@ -17,7 +17,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from ..apps.predict_io import ImageInput, Prediction, label_of, predict_images
+from ..apps.predict_io import ImageInput, Prediction, batch_invariant_scores, label_of, predict_images
 from .metadata import INPUT_NAME, DeployMetadata
 
 RUNTIME_EXTRA_HINT = "the ONNX runtime needs onnxruntime: pip install 'glocalclip[deploy]' (or pip install onnxruntime)"
@@ -118,7 +118,9 @@ class OnnxPredictor:
         thr = threshold if threshold is not None else self.threshold
         score, amap = self.run(pixels)
         peak = amap.reshape(len(amap), -1).max(axis=1)
-        return [Prediction(image_path=paths[i] if paths else None, pred_score=float(score[i]),
-                           pred_label=label_of(float(score[i]), thr), map_max=float(peak[i]),
+        score = batch_invariant_scores([float(s) for s in score], thr,
+                                       lambda i: float(self.run(pixels[i:i + 1])[0][0]))
+        return [Prediction(image_path=paths[i] if paths else None, pred_score=score[i],
+                           pred_label=label_of(score[i], thr), map_max=float(peak[i]),
                            anomaly_map=resize_bilinear(amap[i], size))
                 for i, size in enumerate(sizes)]
