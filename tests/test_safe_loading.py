@@ -194,6 +194,11 @@ def test_the_opt_in_loads_it_and_runs_its_code(evil, tmp_path, image):
     marker.unlink()
     model = load_model(ckpt, trust=True)
     assert marker.exists() and model.cfg == tiny_config()
+    marker.unlink()  # convert it once, trusted: what convert writes loads safely, serve included
+    assert convert_main([str(ckpt), str(tmp_path / "clean.pt"), TRUST_FLAG]) == 0 and marker.exists()
+    marker.unlink()
+    clean = read_checkpoint(tmp_path / "clean.pt")
+    assert "notes" not in clean and clean[INTEGRITY_KEY] == payload_sha256(clean) and not marker.exists()
 
 
 def test_every_command_that_loads_a_checkpoint_has_the_opt_in():
