@@ -51,14 +51,15 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
                         threshold: Optional[float] = None, sigma: Optional[float] = 8.0, batch_size: int = 8,
-                        **overrides: Any) -> "Predictor":
+                        trust: bool = False, **overrides: Any) -> "Predictor":
         """Our checkpoint (config inside), or an original GlocalCLIP/AnomalyCLIP one (settings from
         ``overrides``, prompt shapes from its tensors). ``threshold`` None: the F1-max threshold
         ``test.py`` stored beside the checkpoint, else one embedded in an older checkpoint, else no labels.
-        ``sigma`` None: the σ that threshold was measured with (8 where none is stored)."""
+        ``sigma`` None: the σ that threshold was measured with (8 where none is stored). ``trust``: load a
+        file even where loading it could run code (see ``glocalclip.load_model``)."""
         from ..engine.checkpoint import load_model_and_checkpoint, stored_test_record, tested_sigma, threshold_source
 
-        model, ckpt = load_model_and_checkpoint(os.fspath(path), **overrides)
+        model, ckpt = load_model_and_checkpoint(os.fspath(path), trust=trust, **overrides)
         record = stored_test_record(path, ckpt)
         sigma = tested_sigma(record) if sigma is None else sigma
         source = "given"

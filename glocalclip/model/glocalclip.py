@@ -34,10 +34,11 @@ PatchFeatures = Union[LayerFeatures, Sequence[torch.Tensor]]
 class GlocalCLIP(nn.Module):
     """``GlocalCLIP(cfg)`` builds the backbone from ``cfg``; pass ``clip`` to reuse one you built, or
     ``backbone`` (a checkpoint's :class:`BackboneRecord`) to build the architecture it recorded
-    rather than the one ``cfg.backbone`` names now (docs/design.md §2.1)."""
+    rather than the one ``cfg.backbone`` names now (docs/design.md §2.1). ``trust``: load a
+    ``pretrained`` weights file even where loading it could run code (see ``checkpoint_format.safe_load``)."""
 
     def __init__(self, cfg: Optional[GlocalCLIPConfig] = None, clip: Optional[nn.Module] = None,
-                 backbone: Optional[BackboneRecord] = None):
+                 backbone: Optional[BackboneRecord] = None, trust: bool = False):
         super().__init__()
         cfg = cfg if cfg is not None else GlocalCLIPConfig()
         cfg.validate()
@@ -45,7 +46,7 @@ class GlocalCLIP(nn.Module):
         #: the backbone as checkpoints record it; None when the caller brought its own CLIP
         self.backbone_record: Optional[BackboneRecord] = None
         if clip is None:
-            clip, self.backbone_record = build_backbone(cfg, backbone)
+            clip, self.backbone_record = build_backbone(cfg, backbone, trust)
         clip.requires_grad_(False)
         clip.eval()
         self.clip = clip
@@ -173,10 +174,11 @@ class GlocalCLIP(nn.Module):
         return {"global": glob, "local": loc, "contrastive": con, "total": total}
 
     # ------------------------------------------------------------------ checkpoints
-    def load_prompts(self, source: str | os.PathLike | dict) -> dict:
+    def load_prompts(self, source: str | os.PathLike | dict, trust: bool = False) -> dict:
         """Load prompts from our checkpoint or the original code's ``{"prompt_learner": ...}``
-        (GlocalCLIP or AnomalyCLIP). Returns the checkpoint dict. Shapes must fit this model."""
-        ckpt = ckpt_io.read_checkpoint(source)
+        (GlocalCLIP or AnomalyCLIP). Returns the checkpoint dict. Shapes must fit this model.
+        ``trust``: see ``checkpoint_format.read_checkpoint``."""
+        ckpt = ckpt_io.read_checkpoint(source, trust)
         state = ckpt_io.prompt_state_of(ckpt)
         found = ckpt_io.infer_prompt_shape(state)
         want = {"prompt_style": self.cfg.prompt_style, "n_ctx": self.cfg.n_ctx,
@@ -203,29 +205,32 @@ class GlocalCLIP(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike | dict, clip: Optional[nn.Module] = None,
-                        **overrides) -> "GlocalCLIP":
+                        trust: bool = False, **overrides) -> "GlocalCLIP":
         """Rebuild the model stored in one of our checkpoints (``overrides`` change config fields,
         e.g. ``pretrained`` pointing at a local weights file). Original-format checkpoints carry no
-        config and are refused here: ``glocalclip.load_model(path, **settings)`` takes them."""
-        ckpt = ckpt_io.read_checkpoint(path)
+        config and are refused here: ``glocalclip.load_model(path, **settings)`` takes them.
+        ``trust``: load a file even where loading it could run code (``checkpoint_format.safe_load``)."""
+        ckpt = ckpt_io.read_checkpoint(path, trust)
         if not ckpt_io.is_ours(ckpt):
             raise ValueError(f"{path} is not a glocalclip checkpoint (original-format checkpoints carry "
                              f"no config: load it with glocalclip.load_model(path, **settings), or convert "
                              f"it with `glocalclip convert`)")
-        return model_from_checkpoint(ckpt, clip, overrides)
+        return model_from_checkpoint(ckpt, clip, overrides, trust)
 
 
-def model_from_checkpoint(ckpt: dict, clip: Optional[nn.Module], overrides: dict) -> GlocalCLIP:
+def model_from_checkpoint(ckpt: dict, clip: Optional[nn.Module], overrides: dict, trust: bool = False) -> GlocalCLIP:
     """The model of a checkpoint dict (ours or the original code's, see ``adapt_checkpoint``), on
-    the backbone it records where it records one (no ``--backbone`` given, no ``clip`` passed)."""
+    the backbone it records where it records one (no ``--backbone`` given, no ``clip`` passed);
+    ``trust`` goes to the backbone's weights file."""
     cfg, prompts = ckpt_io.adapt_checkpoint(ckpt, overrides)
     recorded = None if clip is not None else BackboneRecord.of_checkpoint(ckpt, overrides)
-    model = GlocalCLIP(cfg, clip=clip, backbone=recorded)
+    model = GlocalCLIP(cfg, clip=clip, backbone=recorded, trust=trust)
     model.load_prompts({"prompt_learner": prompts})
     return model
 
 
-def build_backbone(cfg: GlocalCLIPConfig, recorded: Optional[BackboneRecord]) -> tuple[nn.Module, BackboneRecord]:
+def build_backbone(cfg: GlocalCLIPConfig, recorded: Optional[BackboneRecord],
+                   trust: bool = False) -> tuple[nn.Module, BackboneRecord]:
     """(the frozen CLIP, its record with the weights' hash): the architecture ``recorded`` (a
     checkpoint's) or else ``cfg.backbone``'s, the weights ``cfg.pretrained``. A bad image size is
     refused before the weights are read; weights other than the recorded ones are warned about."""
@@ -234,7 +239,7 @@ def build_backbone(cfg: GlocalCLIPConfig, recorded: Optional[BackboneRecord]) ->
     loaded = wanted.hashed()
     if recorded is not None:
         warn_if_other_weights(recorded, loaded)
-    return loaded.build(), loaded
+    return loaded.build(trust), loaded
 
 
 def check_image_size(image_size: int, patch: Optional[int], backbone: str) -> None:
