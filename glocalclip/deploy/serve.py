@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence
 from ..apps.predict_io import Prediction, check_model_source, overlay_rgb
 from .batching import BatchScorer
 from ..apps.flags import add_settings, new_parser, settings_from_args
+from ..model.config import PRECISIONS
 from ..settings import check_settings, setting
 from .uploads import BodyLimits, ClientGone, ServedImage, UploadError, decode_upload, receive_files
 
@@ -44,6 +45,10 @@ class ServedModel:
                                      default_text="the σ test.py scored the checkpoint with, else 8")
     device: Optional[str] = setting(None, help="cpu or cuda", default_text="--checkpoint: the GPU if present; "
                                                                            "--model: the CPU")
+    precision: Optional[str] = setting(None, choices=PRECISIONS,
+                                       help="--checkpoint only: the model's precision (docs/speed.md: bf16 is "
+                                            "faster on CPUs with bf16 units and moves scores by about 1e-2)",
+                                       default_text="the checkpoint's, fp32 unless set when training")
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -51,6 +56,8 @@ class ServedModel:
         if self.model is not None and self.sigma is not None:
             raise ValueError("--sigma applies to --checkpoint; an ONNX file has its σ built in "
                              "(glocalclip export --sigma)")
+        if self.model is not None and self.precision is not None:
+            raise ValueError("--precision applies to --checkpoint; an ONNX file is computed in float32")
 
 
 @dataclass
@@ -250,8 +257,9 @@ def build_predictor(source: ServedModel, max_batch: int):
     from ..apps.predict import Predictor
 
     # σ not given: the one test.py scored the checkpoint with, which its stored threshold belongs to
+    precision = {} if source.precision is None else {"precision": source.precision}
     return Predictor.from_checkpoint(source.checkpoint, device=source.device, sigma=source.sigma,
-                                     batch_size=max_batch)
+                                     batch_size=max_batch, **precision)
 
 
 def serve_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -81,7 +81,9 @@ class GlocalCLIPConfig:
                                 help="prompt layout: glocal, or anomalyclip (AnomalyCLIP's checkpoints)")
     temperature: float = setting(0.07, cli=False, help="softmax temperature of every similarity")
     precision: str = setting("fp32", choices=PRECISIONS,
-                             help="autocast for the frozen encoders; fp32 reproduces the paper")
+                             help="dtype of the frozen encoders' matrix products (weights cast once when "
+                                  "the model is built); fp32 reproduces the paper, bf16 is faster on CPUs "
+                                  "with bf16 units and on GPUs (docs/speed.md)")
 
     def __post_init__(self) -> None:
         # Blocks are read once each, in block order, as the original's encoder returned them.

@@ -6,7 +6,6 @@ Public API (docs/design.md §1): ``encode_image``, ``encode_text``, ``forward``,
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Optional, Sequence, Union
 
@@ -20,12 +19,11 @@ from .backbone_record import BackboneRecord, checkpoint_entry, warn_if_other_wei
 from .config import GlocalCLIPConfig
 from .layers import LayerFeatures
 from .losses import glocal_contrastive_loss, local_loss
+from .precision import cast_frozen_towers, compute_dtype
 from .prompts import GlocalPromptLearner
 from .scoring import anomaly_map, final_image_score, image_logits, layer_probability_maps
 from .text import DeepPromptTextEncoder
 from .vision import DualPathVisionEncoder
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: the selected layers' patch features: layer data, or a plain list with one tensor per layer
 PatchFeatures = Union[LayerFeatures, Sequence[torch.Tensor]]
@@ -49,7 +47,9 @@ class GlocalCLIP(nn.Module):
             clip, self.backbone_record = build_backbone(cfg, backbone, trust)
         clip.requires_grad_(False)
         clip.eval()
-        self.clip = clip
+        # precision is decided here, once: the towers' matrices in the compute dtype, in a copy this
+        # model owns (fp32: the CLIP itself); the prompt learner reads the fp32 token embedding
+        self.clip = clip = cast_frozen_towers(clip, compute_dtype(cfg.precision))
         self.visual = DualPathVisionEncoder(clip.visual, cfg.features_list, cfg.dpam_layer,
                                             cfg.multilayer, cfg.cls_ln_post)
         self.text_encoder = DeepPromptTextEncoder(clip, cfg.depth, cfg.t_n_ctx)
@@ -70,11 +70,18 @@ class GlocalCLIP(nn.Module):
     def device(self) -> torch.device:
         return self.prompt_learner.token_prefix.device
 
-    def _autocast(self, device: torch.device):
-        dtype = _AUTOCAST_DTYPES.get(self.cfg.precision)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=dtype)
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the frozen towers' matrix products, fixed when the model was built."""
+        return self.clip.visual.transformer.resblocks[0].attn.in_proj_weight.dtype
+
+    def _check_precision(self) -> None:
+        """``cfg.precision`` was applied when the weights were cast; changing it afterwards would
+        leave a config that no longer says what runs."""
+        if compute_dtype(self.cfg.precision) != self.compute_dtype:
+            raise RuntimeError(f"this model was built with {self.compute_dtype} weights but its config now says "
+                               f"precision={self.cfg.precision!r}; precision is fixed at build time: build another "
+                               f"model (GlocalCLIP(cfg.replace(precision=...)) or load_model(..., precision=...))")
 
     def prompt_parameters(self) -> list[nn.Parameter]:
         return list(self.prompt_learner.parameters())
@@ -91,7 +98,8 @@ class GlocalCLIP(nn.Module):
         and how many selected layers each stands for (docs/design.md §2.4)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an image batch [B, 3, H, W], got shape {tuple(x.shape)}")
-        with torch.no_grad(), self._autocast(x.device):
+        self._check_precision()
+        with torch.no_grad():
             g, layers = self.visual(x)
         return g.float(), layers.map(lambda t: t.float())
 
@@ -102,9 +110,8 @@ class GlocalCLIP(nn.Module):
         ``prompt_output`` is the prompt learner's output when it was called through a wrapper
         (DistributedDataParallel); by default the prompt learner is called here."""
         prompts, eot, deep = prompt_output if prompt_output is not None else self.prompt_learner()
-        with self._autocast(prompts.device):
-            feats = self.text_encoder(prompts, eot, deep)
-        feats = feats.float()
+        self._check_precision()
+        feats = self.text_encoder(prompts, eot, deep).float()
         if self.cfg.prompt_style == "anomalyclip":
             return feats, feats
         return feats[:2], feats[2:]
