@@ -54,15 +54,15 @@ def test_a_test_grid_labels_the_ground_truth_as_ground_truth(data, monkeypatch):
 
 def test_a_predict_caption_says_prediction_and_where_the_threshold_comes_from():
     source = threshold_source({"dataset": "mvtec", "data_path": "/data/mvtec", "sigma": 8.0})
-    assert source == "F1-max on mvtec test, σ 8"
-    assert visualize.threshold_caption(0.4213, source) == "threshold 0.4213 (F1-max on mvtec test, σ 8)"
+    assert source == "best F1 on the test set of mvtec, σ 8"
+    assert visualize.threshold_caption(0.4213, source) == "threshold 0.4213 (best F1 on the test set of mvtec, σ 8)"
     assert visualize.prediction_caption(0.61, 1, 0.4213, source) == [
-        "predicted: anomalous", "score 0.610 >= threshold 0.4213", "(F1-max on mvtec test, sigma 8)"]
+        "predicted: anomalous", "score 0.610 >= threshold 0.4213", "threshold: best F1 on the test set of mvtec, sigma 8"]
     assert visualize.prediction_caption(0.2, 0, 0.4213, "given") == [
-        "predicted: normal", "score 0.200 < threshold 0.4213", "(given)"]
+        "predicted: normal", "score 0.200 < threshold 0.4213", "threshold: given"]
     assert visualize.prediction_caption(0.2, None, None, None) == ["score 0.200", "no prediction: no threshold"]
     folder = threshold_source({"dataset": None, "data_path": "/photos/my_parts/", "sigma": 4})
-    assert folder == "F1-max on my_parts test, σ 4"
+    assert folder == "best F1 on the test set of my_parts, σ 4"
 
 
 @pytest.mark.slow  # train.py and test.py
@@ -78,7 +78,7 @@ def test_test_py_prints_the_threshold_with_its_origin(data, tmp_path, capsys):
                       "--num_workers", "0", "--no_progress", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("threshold "))
-    assert line.endswith(f"(F1-max on mvtec test, σ 4) for predict: {tmp_path / 'ck' / 'epoch_1.pth.threshold.json'}")
+    assert line.endswith(f"(best F1 on the test set of mvtec, σ 4) for predict: {tmp_path / 'ck' / 'epoch_1.pth.threshold.json'}")
 
 
 def test_the_grid_png_is_written_with_the_legend(data, tmp_path):

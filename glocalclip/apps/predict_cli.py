@@ -109,8 +109,6 @@ def score_files(predictor, files: Sequence[Path], out: Path, names: dict[str, st
     """Score ``files`` in batches. Each batch's maps and overlays are written, then its rows appended
     to ``sink`` (flushed): whatever stops the run, every row there has its map. Unreadable files are
     reported and skipped."""
-    from tqdm import tqdm
-
     from .visualize import prediction_caption
 
     source = predictor.threshold_source
@@ -126,7 +124,7 @@ def score_files(predictor, files: Sequence[Path], out: Path, names: dict[str, st
         so_far.records += rows
         batch.clear()
 
-    bar = tqdm(files, desc="predict", unit="img", disable=not cfg.progress)
+    bar = progress_bar(files, cfg.progress)
     for f in bar:
         try:
             batch.append(read_image(f, predictor.image_size, want_rgb=cfg.overlays))
@@ -139,6 +137,32 @@ def score_files(predictor, files: Sequence[Path], out: Path, names: dict[str, st
     if batch:
         flush()
     bar.close()
+
+
+class _NoBar:
+    """What ``predict`` uses of a tqdm bar, where tqdm is not installed (the torch-free runtime install):
+    the items, messages to stderr, and a count at the end."""
+
+    def __init__(self, items: Sequence[Path]):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def write(self, message: str, file=None) -> None:
+        print(message, file=file or sys.stderr)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(files: Sequence[Path], show: bool):
+    """tqdm's bar over ``files``; without tqdm installed, none (the messages still print)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar(files)
+    return tqdm(files, desc="predict", unit="img", disable=not show)
 
 
 def _value_range(cfg: PredictConfig, predictor) -> Optional[tuple[float, float]]:
