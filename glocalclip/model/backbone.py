@@ -24,7 +24,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-import open_clip
+from .clip_import import import_open_clip
+
+open_clip = import_open_clip()  # one message when torchvision does not fit torch
 
 TINY_BACKBONE = "tiny"
 RANDOM_INIT_SEED = 0
