@@ -139,6 +139,28 @@ def make_dirs(folder: str | os.PathLike) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(folder: str | os.PathLike) -> Iterator[Path]:
+    """Around a command that creates ``folder`` early (to fail at once on one that cannot take a file):
+    when the command fails, the folders it created (``folder`` and missing parents) are removed again
+    while they are empty, so that a failed command leaves no empty folder behind. Folders that were
+    there before, or that hold anything, are kept."""
+    path = Path(folder).absolute()
+    created = []  # deepest first
+    while not path.exists() and path != path.parent:
+        created.append(path)
+        path = path.parent
+    try:
+        yield Path(folder)
+    except BaseException:
+        for new in created:
+            try:
+                new.rmdir()  # only when empty
+            except OSError:
+                break  # not empty (or gone): its parents are not empty either
+        raise
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this machine (one of another user counts)."""
     if pid <= 0:

@@ -110,3 +110,37 @@ def test_the_torch_free_install_runs_predict_model(runtime_venv, tiny_onnx, depl
     score, shape, torch_loaded = json.loads(api.stdout.strip().splitlines()[-1])
     assert score == pytest.approx(want[0].pred_score, abs=1e-5) and shape == list(want[0].anomaly_map.shape)
     assert torch_loaded is False
+
+
+# ---------------------------------------------------------------------------- a failed command leaves no empty folder
+def test_a_failed_train_leaves_no_empty_save_folder(tmp_path, monkeypatch, capsys):
+    """The real offline-weights error (no CLIP weights can be had here): runs/x/ is created early, to
+    fail at once on a folder that cannot take a file, and removed again with its new parent."""
+    from glocalclip.apps.cli import run_command, train_main
+    from glocalclip.datasets.synthetic import make_synthetic_dataset
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = make_synthetic_dataset(tmp_path / "data", n_train=1, n_test_good=2, n_test_defect=2, size=32, seed=0)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert run_command("train.py", train_main, ["--train_data_path", str(data), "--save_path", "runs/x"]) == 2
+    assert "cannot get the 'openai' weights" in capsys.readouterr().err
+    assert list(work.iterdir()) == []  # neither runs/x nor runs
+    # a folder that was there before stays, and so does one that holds anything
+    (work / "kept").mkdir()
+    assert run_command("train.py", train_main, ["--train_data_path", str(data), "--save_path", "kept"]) == 2
+    assert (work / "kept").is_dir()
+
+
+def test_a_failed_predict_leaves_no_empty_out_folder(tmp_path, monkeypatch, capsys, deploy_images):
+    from glocalclip.apps.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    image = str(deploy_images[0])
+    assert main(["predict", image]) == 2  # no model given
+    assert "give the model to score with" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", "missing.pth", image]) == 2  # the lock was taken, then the model failed
+    assert "missing.pth does not exist" in capsys.readouterr().err
+    assert main(["predict", "--model", "missing.onnx", image, "--out", "deep/er/preds"]) == 2
+    assert list(tmp_path.iterdir()) == []  # neither ./predictions nor deep/er/preds

@@ -21,6 +21,7 @@ from ..datasets.errors import DatasetError
 from ..engine.settings import PAPER_SIGMA as DEFAULT_SIGMA, progress_setting
 from ..settings import check_settings, setting
 from .flags import add_model_flags, add_settings, model_overrides, new_parser, settings_from_args
+from ..files import removed_if_left_empty
 from ..locks import FolderLock
 from .predict_io import check_model_source, FIELDS, LoadedImage, expand_inputs, output_names, read_image, save_outputs
 from .predict_runs import PredictionsFile, image_key
@@ -192,7 +193,8 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     out = Path(cfg.out)
     so_far = ScoredSoFar()
-    with FolderLock(out, "predict") as lock:  # a second predict into this --out refuses, naming this one
+    # a second predict into this --out refuses, naming this one; a failed start leaves no empty --out
+    with removed_if_left_empty(out), FolderLock(out, "predict") as lock:
         if lock.taken_over:
             print(f"note: took over the lock of {out} left by pid {lock.taken_over.get('pid')}, which is gone",
                   file=sys.stderr)
