@@ -101,3 +101,31 @@ def test_grid_pictures_show_a_16_bit_image_with_the_grey_levels_the_model_saw(tm
     assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
     np.testing.assert_array_equal(rgb[..., 0], np.rint(grey / 65535 * 255).astype(np.uint8))
     assert (rgb == 255).mean() < 0.01
+
+
+def test_the_colour_bar_runs_blue_to_red_and_says_its_ends():
+    from glocalclip.apps import heatmap
+
+    assert heatmap.jet(np.array([0.0, 1.0])).tolist() == [[0, 0, 128], [128, 0, 0]]  # dark blue .. dark red
+    assert heatmap.jet(np.array(0.5)).tolist() == [128, 255, 128]  # the middle: green
+    bar = heatmap.colour_bar(300, (0.0, 4.0))
+    ramp = bar[3]  # a row through the colours
+    blue, red = ramp[10].astype(int), ramp[-10].astype(int)
+    assert blue[2] > 120 and blue[0] < 40 and red[0] > 120 and red[2] < 40
+    assert (bar[bar.shape[0] // 2 + 4:] < 100).any()  # the ends written under the colours
+    picture = np.full((90, 130, 3), 200, np.uint8)
+    inset = heatmap.inset_colour_bar(picture, (0.0, 4.0))
+    assert inset.shape == picture.shape  # an overlay keeps its image's size
+    assert (inset[:45] == 200).all() and not (inset[-5:] == 200).all()  # the bar along the bottom edge only
+    grid = heatmap.with_colour_bar(picture, (0.0, 1.0))
+    assert grid.shape[0] > picture.shape[0] and (grid[:90] == picture).all()  # under a grid: appended
+
+
+def test_a_class_grid_has_its_colour_bar_underneath(data):
+    from glocalclip.apps.heatmap import colour_bar
+
+    cs = _class_scores(data)
+    grid = visualize.class_grid(cs, k=2)
+    vr = (float(cs.maps.min()), float(cs.maps.max()))
+    bar = colour_bar(grid.shape[1], vr, "anomaly map, one scale for the class")
+    assert (grid[-bar.shape[0]:] == bar).all()

@@ -4,6 +4,7 @@ no OpenCV (docs/usage.md), and the test grids use the same colours.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -71,7 +72,9 @@ def colour_bar(width: int, value_range: tuple[float, float], label: str = "anoma
     draw = ImageDraw.Draw(strip)
     face = font(size)
     y = bar_h + 2 * pad
-    low, high = f"{lo:.3g}", f"{hi:.3g}"
+    span = hi - lo
+    decimals = min(6, max(0, 2 - math.floor(math.log10(span)))) if span > 0 else 3  # 0 .. 4 -> 0.00 .. 4.00
+    low, high = f"{lo:.{decimals}f}", f"{hi:.{decimals}f}"
     draw.text((pad, y), low, fill=(0, 0, 0), font=face)
     draw.text((width - pad, y), high, fill=(0, 0, 0), font=face, anchor="ra")
     room = width - 2 * pad - draw.textlength(low, font=face) - draw.textlength(high, font=face) - 2 * size
