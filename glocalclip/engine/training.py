@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..files import append_text, prepare_output_dir, write_json, write_torch
+from ..files import append_text, prepare_output_dir, removed_if_left_empty, write_json, write_torch
 from ..model.backbone_record import BackboneRecord
 from ..model.checkpoint_format import is_ours
 from ..model.config import GlocalCLIPConfig
@@ -361,6 +361,7 @@ def train(model_cfg: GlocalCLIPConfig, cfg: TrainConfig, clip: Optional[torch.nn
     ``--resume``'s checkpoint when the caller read it already; ``trust``: ``--trust_checkpoint``)."""
     ctx = init_distributed(cfg.device)
     try:
-        return Trainer(model_cfg, cfg, ctx, clip=clip, resume_point=resume_point, trust=trust).run()
+        with removed_if_left_empty(cfg.save_path):  # a failed start (no weights, bad data) leaves no empty folder
+            return Trainer(model_cfg, cfg, ctx, clip=clip, resume_point=resume_point, trust=trust).run()
     finally:
         ctx.shutdown()

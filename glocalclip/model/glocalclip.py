@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence, Union
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint_format as ckpt_io
+from .backbone import open_clip  # imported there, with one message for a broken torch/torchvision pair
 from .backbone_record import BackboneRecord, checkpoint_entry, warn_if_other_weights
 from .config import GlocalCLIPConfig
 from .layers import LayerFeatures
