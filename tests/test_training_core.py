@@ -116,7 +116,7 @@ def _trainer(tiny_clip, root, save, **changes):
     base = dict(train_data_path=str(root), save_path=str(save), batch_size=8, epoch=1, device="cpu",
                 num_workers=0, progress=False, feature_cache="host")
     base.update(changes)
-    return Trainer(tiny_config(image_size=TRAIN_SIZE), TrainConfig(**base), DistContext(), clip=tiny_clip)
+    return Trainer.prepare(tiny_config(image_size=TRAIN_SIZE), TrainConfig(**base), DistContext(), clip=tiny_clip)
 
 
 def _hand_total(model, images, masks, labels, alpha, margin):

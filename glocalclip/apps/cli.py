@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from ..engine.resume_settings import resumed_configs
 from ..engine.settings import TestConfig, TrainConfig
 from ..files import OutputError, prepare_output_dir
 from ..model.config import GlocalCLIPConfig
@@ -26,12 +25,17 @@ from .parsers import test_parser, train_parser
 # ---------------------------------------------------------------------------- train
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_given(train_parser(), TrainConfig, sys.argv[1:] if argv is None else argv)  # --help: no torch yet
+    from ..engine.resume_settings import resumed_configs
     from ..engine.runs import ResumePoint
     from ..engine.training import train
 
     given = given_settings(TrainConfig, args)
-    resume_point = ResumePoint.read(given["resume"]) if given.get("resume") else None
-    cfg, model_cfg = train_configs(given, model_overrides(args), resume_point)
+    if given.get("resume"):  # what is not given is the checkpoint's (docs/design.md §5), read once
+        resume_point = ResumePoint.read(given["resume"])
+        cfg, model_cfg = resumed_configs(resume_point.checkpoint, given, model_overrides(args))
+    else:
+        resume_point = None
+        cfg, model_cfg = TrainConfig(**given), GlocalCLIPConfig.for_backbone(**model_overrides(args))
     try:
         last = train(model_cfg, cfg, resume_point=resume_point)
     except KeyboardInterrupt:
@@ -39,16 +43,6 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     if last is not None:
         print(f"checkpoint: {last}")
     return 0
-
-
-def train_configs(given: dict[str, Any], model_given: dict[str, Any], resume_point: Any = None
-                  ) -> tuple[TrainConfig, GlocalCLIPConfig]:
-    """(TrainConfig, GlocalCLIPConfig) from the flags given: with ``--resume`` (``resume_point``, its
-    checkpoint read once and handed to the trainer too), what is not given is the checkpoint's
-    (docs/design.md §5); else the defaults, and the backbone's."""
-    if resume_point is None:
-        return TrainConfig(**given), GlocalCLIPConfig.for_backbone(**model_given)
-    return resumed_configs(resume_point.checkpoint, given, model_given)
 
 
 # ---------------------------------------------------------------------------- test
