@@ -10,8 +10,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._compat import install_old_module_paths
-
 __version__ = "0.1.0"
 
 #: public name -> module that defines it
@@ -26,8 +24,6 @@ _PUBLIC = {
 }
 
 __all__ = [*_PUBLIC, "__version__"]
-
-install_old_module_paths()
 
 
 def __getattr__(name: str) -> Any:

@@ -19,11 +19,13 @@ LAZY_ALLOWED = {"__init__.py", "apps/cli.py", "apps/backends.py", "apps/processe
 #: in-function imports still left, each with its reason (shrink, never grow)
 LAZY_LEFT = {
     "inference/visualize.py": "the AUPRO curve of --save_vis needs engine.metrics (torch); overlays stay torch-free",
-    # the lower layers' own, which the branch moving their imports to the top removes:
-    "_compat.py": "old module paths", "model/__init__.py": "package names", "engine/__init__.py": "package names",
-    "datasets/__init__.py": "package names", "model/checkpoint_format.py": "__version__",
-    "engine/settings.py": "dataset names", "engine/resume_settings.py": "checkpoint reading",
-    "datasets/synthetic.py": "meta.json",
+    "apps/report.py": "report reads results.json without torch; torch only for a run's checkpoint still on disk",
+    "model/__init__.py": "GlocalCLIP on first use: the config (and --help) load without torch",
+    "engine/__init__.py": "metrics on first use: engine.settings loads without torch",
+    "datasets/__init__.py": "the torch Dataset on first use: meta.json and pixels load without torch",
+    "model/checkpoint_format.py": "__version__ from the package root, which imports nothing heavy",
+    "engine/settings.py": "the dataset catalogue, read when a --dataset is given",
+    "datasets/synthetic.py": "meta.json written when a dataset is made",
 }
 
 
@@ -54,8 +56,9 @@ def imports_of(path: Path, source: str | None = None) -> list[tuple[str, bool]]:
             module = ".".join(base + ([node.module] if node.module else []))
             names = [module] if node.module else [f"{module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module":
-            names = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
-            names = [n for n in names if n.startswith("glocalclip")] or ["glocalclip.<computed>"]
+            first = node.args[0] if node.args else None
+            constant = isinstance(first, ast.Constant) and isinstance(first.value, str)
+            names = [first.value] if constant else ["glocalclip.<computed>"]  # a name made at run time: could be ours
         found += [(n, id(node) in in_function or isinstance(node, ast.Call))
                   for n in names if n == "glocalclip" or n.startswith("glocalclip.")]
     return found

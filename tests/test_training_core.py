@@ -2,6 +2,8 @@
 loss and α/margin plumbing against docs/design.md §5."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import pytest
 import torch
@@ -9,12 +11,27 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from glocalclip import GlocalCLIP
-from glocalclip.datasets.synthetic import make_batch
+from glocalclip.datasets.synthetic import SYNTHETIC_CLASSES, make_sample
 
 from conftest import TINY_SIZE, tiny_config
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+
+def make_batch(n: int, size: int, seed: int, classes: Sequence[str] = SYNTHETIC_CLASSES,
+               anomaly_ratio: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """In-memory samples: images uint8 [n,S,S,3], masks bool [n,S,S], labels int [n]."""
+    rng = np.random.default_rng(seed)
+    imgs, masks, labels = [], [], []
+    for i in range(n):
+        anomalous = rng.random() < anomaly_ratio
+        img, m = make_sample(classes[i % len(classes)], size, anomalous, rng)
+        imgs.append(img)
+        masks.append(m)
+        labels.append(int(anomalous))
+    return np.stack(imgs), np.stack(masks), np.array(labels)
+
 
 
 def _prep(images: np.ndarray) -> torch.Tensor:
@@ -116,7 +133,7 @@ def _trainer(tiny_clip, root, save, **changes):
     base = dict(train_data_path=str(root), save_path=str(save), batch_size=8, epoch=1, device="cpu",
                 num_workers=0, progress=False, feature_cache="host")
     base.update(changes)
-    return Trainer(tiny_config(image_size=TRAIN_SIZE), TrainConfig(**base), DistContext(), clip=tiny_clip)
+    return Trainer.prepare(tiny_config(image_size=TRAIN_SIZE), TrainConfig(**base), DistContext(), clip=tiny_clip)
 
 
 def _hand_total(model, images, masks, labels, alpha, margin):
@@ -189,7 +206,7 @@ def test_trainer_step_uses_local_plus_global_plus_alpha_contrastive(tiny_clip, t
     start = {k: v.clone() for k, v in tr.model.prompt_learner.state_dict().items()}
     tr.optimizer = torch.optim.SGD(tr.model.prompt_parameters(), lr=lr)
     last = tr.run()
-    after = torch.load(last, weights_only=False)["prompt_learner"]
+    after = torch.load(last, weights_only=True)["prompt_learner"]
 
     ref = GlocalCLIP(tiny_config(image_size=TRAIN_SIZE), clip=tiny_clip)
     ref.prompt_learner.load_state_dict(start)
@@ -203,7 +220,7 @@ def test_trainer_step_uses_local_plus_global_plus_alpha_contrastive(tiny_clip, t
     assert logged["global"] == pytest.approx(glob.item(), rel=1e-5)
     assert logged["contrastive"] == pytest.approx(con.item(), rel=1e-5)
     assert logged["total"] == pytest.approx(total.item(), rel=1e-5)
-    ckpt_losses = torch.load(last, weights_only=False)["losses"]
+    ckpt_losses = torch.load(last, weights_only=True)["losses"]
     assert ckpt_losses["total"] == pytest.approx(total.item(), rel=1e-5)
 
     total.backward()
@@ -225,7 +242,7 @@ def test_trainer_alpha_and_margin_reach_the_step(tiny_clip, train_root, tmp_path
     for i, cfg in enumerate((base, {**base, **change})):
         tr = _trainer(tiny_clip, train_root, tmp_path / str(i), **cfg)
         start = {k: v.clone() for k, v in tr.model.prompt_learner.state_dict().items()}
-        runs.append((start, torch.load(tr.run(), weights_only=False)["prompt_learner"]))
+        runs.append((start, torch.load(tr.run(), weights_only=True)["prompt_learner"]))
     (s0, a0), (s1, a1) = runs
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k  # same seed, same start

@@ -17,16 +17,18 @@ DEFAULT_BATCH = 8
 
 
 def open_predictor(settings: ModelSettings, use: str, threshold: Any = None,
-                   overrides: dict[str, Any] | None = None) -> ImagePredictor:
+                   overrides: dict[str, Any] | None = None, trust: bool = False) -> ImagePredictor:
     """The predictor of ``settings`` (one of checkpoint / model), σ by ``sigma_for``'s rule; model
-    ``overrides`` apply to a checkpoint (an ONNX file fixes its model)."""
+    ``overrides`` (and ``precision``) apply to a checkpoint (an ONNX file fixes its model); ``trust``:
+    load a checkpoint that could run code (``--trust_checkpoint``)."""
     settings.one_source(use)
     batch = settings.batch_size or DEFAULT_BATCH
+    overrides = {**(overrides or {}), **({} if settings.precision is None else {"precision": settings.precision})}
     if settings.checkpoint is not None:
         module, name = BACKENDS["checkpoint"]
         predictor_class = getattr(importlib.import_module(module), name)
         return predictor_class.from_checkpoint(settings.checkpoint, device=settings.device, threshold=threshold,
-                                               sigma=settings.sigma, batch_size=batch, **(overrides or {}))
+                                               sigma=settings.sigma, batch_size=batch, trust=trust, **overrides)
     if overrides:
         raise ValueError(f"model settings ({', '.join(sorted(overrides))}) set up a checkpoint's model; an ONNX "
                          f"file fixes its model: export it again with the settings you want")

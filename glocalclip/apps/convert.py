@@ -10,7 +10,6 @@ converted file scores exactly as loading the original with the same flags.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from typing import Any, Optional, Sequence
@@ -18,22 +17,15 @@ from typing import Any, Optional, Sequence
 from ..engine.checkpoint import atomic_save
 from ..model.backbone_record import BackboneRecord, checkpoint_entry
 from ..model.checkpoint_format import adapt_checkpoint, is_ours, make_checkpoint, read_checkpoint, tensor_settings
-from .flags import add_model_flags, model_overrides, new_parser
+from .flags import model_overrides, trusted
+from .parsers import convert_parser
 
 
-def convert_parser() -> argparse.ArgumentParser:
-    p = new_parser("glocalclip convert", __doc__.split("\n\n")[0],
-                   epilog="AnomalyCLIP's released weights: --prompt_style anomalyclip --n_ctx 12 --depth 9 "
-                          "--t_n_ctx 4 (the defaults give features 6 12 18 24, dpam 20, image 518)")
-    p.add_argument("source", metavar="OLD.pth", help="original-format checkpoint (or one of ours)")
-    p.add_argument("target", metavar="NEW.pt", help="where to write our format")
-    add_model_flags(p, for_training=False)
-    return p
-
-
-def convert_checkpoint(source: Any, overrides: dict[str, Any]) -> tuple[dict, dict[str, Any], list[str]]:
-    """(our checkpoint dict, the prompt shape read off the tensors, dropped keys)."""
-    ckpt = read_checkpoint(source)
+def convert_checkpoint(source: Any, overrides: dict[str, Any],
+                       trust: bool = False) -> tuple[dict, dict[str, Any], list[str]]:
+    """(our checkpoint dict, the prompt shape read off the tensors, dropped keys). ``trust``: read a
+    source that could run code (``--trust_checkpoint``); what is written holds tensors and plain values only."""
+    ckpt = read_checkpoint(source, trust)
     cfg, state = adapt_checkpoint(ckpt, overrides)
     raw = ckpt["prompt_learner"]
     dropped = sorted(k for k in raw if k not in state)
@@ -59,7 +51,7 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = convert_parser().parse_args(argv)
     try:
-        new, found, dropped = convert_checkpoint(args.source, model_overrides(args))
+        new, found, dropped = convert_checkpoint(args.source, model_overrides(args), trusted(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"convert: {e}", file=sys.stderr)
         return 2

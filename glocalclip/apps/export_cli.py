@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from ..deploy.export import export_onnx, exported_files
 from ..inference.settings import ModelSettings
 from ..settings import check_settings, setting
-from .flags import add_settings, new_parser, settings_from_args
+from .flags import add_load_flags, add_settings, new_parser, settings_from_args, trusted
 
 
 @dataclass
@@ -38,6 +38,7 @@ def export_parser() -> argparse.ArgumentParser:
                    "image score [B] and smoothed anomaly map [B, S, S] out. Needs pip install 'glocalclip[deploy]'.")
     add_settings(p, ModelSettings, fields=("checkpoint", "sigma"), positional=("checkpoint",))
     add_settings(p, ExportSettings)
+    add_load_flags(p)
     return p
 
 
@@ -48,7 +49,8 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     overrides = {} if options.pretrained is None else {"pretrained": options.pretrained}
     meta = export_onnx(model.checkpoint, options.out, sigma=model.sigma, half=options.half,
-                       image_size=options.image_size, threshold=options.threshold, **overrides)
+                       image_size=options.image_size, threshold=options.threshold,
+                       trust=trusted(args), **overrides)
     size = sum(p.stat().st_size for p in exported_files(options.out))
     thr = "none" if meta.threshold is None else f"{meta.threshold:.4g} ({meta.threshold_source})"
     print(f"export: {options.out} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s): images uint8 "

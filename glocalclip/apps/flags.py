@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
-from ..model.config import BACKBONE_DEFAULTS, GlocalCLIPConfig
+from ..model.config import BACKBONE_DEFAULTS, GlocalCLIPConfig, LoadSettings
 from ..settings import Setting, SettingError, field_default, settings_fields
 
 #: (field name, the default's text) -> the text shown as the default of a ``given_only`` flag
@@ -164,6 +164,16 @@ def add_model_flags(parser: Any, for_training: bool) -> None:
     come from the backbone's defaults (train) or from the checkpoint (test, predict, convert)."""
     group = parser.add_argument_group(MODEL_GROUP)
     add_settings(group, GlocalCLIPConfig, given_only=True, note=_train_default if for_training else _checkpoint_default)
+
+
+def add_load_flags(parser: Any) -> None:
+    """``--trust_checkpoint`` (``LoadSettings``), on every command that loads a checkpoint or weights file."""
+    add_settings(parser, LoadSettings)
+
+
+def trusted(args: argparse.Namespace) -> bool:
+    """Whether the command line opted in to loading files that could run code (``--trust_checkpoint``)."""
+    return settings_from_args(LoadSettings, args).trust_checkpoint
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:

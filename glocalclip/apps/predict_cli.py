@@ -25,10 +25,11 @@ from ..inference.images import FIELDS, LoadedImage, expand_inputs, output_names,
 from ..inference.interface import ImagePredictor
 from ..inference.settings import ModelSettings
 from ..inference.visualize import prediction_caption, threshold_caption
+from ..files import removed_if_left_empty
 from ..locks import FolderLock
 from ..settings import check_settings, setting
 from .backends import open_predictor
-from .flags import add_model_flags, add_settings, model_overrides, new_parser, settings_from_args
+from .flags import add_load_flags, add_model_flags, add_settings, model_overrides, new_parser, settings_from_args, trusted
 from .predict_runs import PredictionsFile, image_key
 from .processes import Processes, processes_of_this_run
 
@@ -66,7 +67,8 @@ def predict_parser() -> argparse.ArgumentParser:
     p = new_parser("glocalclip predict", "Score images with a trained checkpoint or an exported ONNX file: "
                                          "anomaly score, label, heat map.")
     add_settings(p, PredictConfig)
-    add_settings(p, ModelSettings)
+    add_settings(p, ModelSettings, fields=("checkpoint", "model", "sigma", "device", "batch_size"))
+    add_load_flags(p)
     add_model_flags(p, for_training=False)
     return p
 
@@ -86,10 +88,7 @@ def score_batches(predictor: ImagePredictor, batches: list[list[Path]], out: Pat
     overlays are written by the process that scored it, then the round's rows are appended to
     ``sink`` by the main process, in batch order (flushed): whatever stops the run, every row
     there has its map. Unreadable files are reported and skipped."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=sum(map(len, batches)), desc="predict", unit="img",
-               disable=not (cfg.progress and processes.is_main))
+    bar = progress_bar(sum(map(len, batches)), cfg.progress and processes.is_main)
     for step in range(processes.steps(len(batches))):
         rows = _score_batch(predictor, processes.batch_of(batches, step) or [], out, names, value_range, cfg,
                             so_far, bar)
@@ -99,6 +98,29 @@ def score_batches(predictor: ImagePredictor, batches: list[list[Path]], out: Pat
         so_far.records += [r for part in every for r in part] if processes.is_main else rows
         bar.update(sum(map(len, every)) if processes.is_main else 0)
     bar.close()
+
+
+class _NoBar:
+    """What ``predict`` uses of a tqdm bar, where tqdm is not installed (the torch-free runtime install):
+    messages to stderr, and nothing else."""
+
+    def write(self, message: str, file=None) -> None:
+        print(message, file=file or sys.stderr)
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, show: bool):
+    """tqdm's bar counting ``total`` images; without tqdm installed, none (the messages still print)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="predict", unit="img", disable=not show)
 
 
 def _score_batch(predictor: ImagePredictor, files: list[Path], out: Path, names: dict[str, str],
@@ -120,6 +142,32 @@ def _score_batch(predictor: ImagePredictor, files: list[Path], out: Path, names:
                          prediction_caption(p.pred_score, p.pred_label, predictor.threshold,
                                             predictor.threshold_source, predictor.sigma))
             for b, p in zip(batch, preds)]
+
+
+class _NoBar:
+    """What ``predict`` uses of a tqdm bar, where tqdm is not installed (the torch-free runtime install):
+    the items, messages to stderr, and a count at the end."""
+
+    def __init__(self, items: Sequence[Path]):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def write(self, message: str, file=None) -> None:
+        print(message, file=file or sys.stderr)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(files: Sequence[Path], show: bool):
+    """tqdm's bar over ``files``; without tqdm installed, none (the messages still print)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar(files)
+    return tqdm(files, desc="predict", unit="img", disable=not show)
 
 
 def _value_range(cfg: PredictConfig, predictor) -> Optional[tuple[float, float]]:
@@ -150,17 +198,19 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     processes = processes_of_this_run()
     try:
-        return _predict(cfg, model, model_overrides(args), files, len(missing), processes)
+        return _predict(cfg, model, model_overrides(args), trusted(args), files, len(missing), processes)
     finally:
         processes.close()
 
 
-def _predict(cfg: PredictConfig, model: ModelSettings, overrides: dict[str, Any], files: list[Path],
+def _predict(cfg: PredictConfig, model: ModelSettings, overrides: dict[str, Any], trust: bool, files: list[Path],
              n_missing: int, processes: Processes) -> int:
     """The run: the main process holds the lock and the CSV; every process scores its batches."""
     out = Path(cfg.out)
     so_far = ScoredSoFar()
-    with FolderLock(out, "predict") if processes.is_main else contextlib.nullcontext() as lock:
+    # a second predict into this --out refuses, naming this one; a failed start leaves no empty --out
+    folder = removed_if_left_empty(out) if processes.is_main else contextlib.nullcontext()
+    with folder, FolderLock(out, "predict") if processes.is_main else contextlib.nullcontext() as lock:
         sink, todo, refusal = None, None, None
         if processes.is_main:  # a second predict into this --out refuses, naming this one
             if lock.taken_over:
@@ -176,7 +226,7 @@ def _predict(cfg: PredictConfig, model: ModelSettings, overrides: dict[str, Any]
             raise ValueError(refusal)
         batch_size = model.batch_size or 8
         model = dataclasses.replace(model, device=processes.device(model.device), batch_size=batch_size)
-        predictor = open_predictor(model, "score with", threshold=cfg.threshold, overrides=overrides)
+        predictor = open_predictor(model, "score with", threshold=cfg.threshold, overrides=overrides, trust=trust)
         if sink is not None:
             sink.start()
         processes.broadcast(None)  # no process writes a map before the main one has cleared the folder

@@ -31,18 +31,19 @@ EXPORT_EXTRA_HINT = "exporting needs the deploy extra: pip install 'glocalclip[d
 
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Optional[float] = None,
                 half: bool = False, image_size: Optional[int] = None, threshold: Optional[float] = None,
-                **overrides: Any) -> DeployMetadata:
+                trust: bool = False, **overrides: Any) -> DeployMetadata:
     """Write ``out`` (and ``out.data`` when the weights pass 2 GB): one ONNX graph from uint8 images
     [B, S, S, 3] to ``pred_score`` [B] and ``anomaly_map`` [B, S, S]. ``sigma`` defaults to the σ the
     checkpoint was tested with, ``image_size`` to its config's, ``threshold`` to its stored one.
-    ``half`` stores the weight matrices as float16 (computed in float32). Returns the metadata."""
+    ``half`` stores the weight matrices as float16 (computed in float32). ``trust``: load a checkpoint
+    that could run code (``--trust_checkpoint``). Returns the metadata."""
     _require_exporter()
     if image_size is not None:
         overrides["image_size"] = int(image_size)
-    model, ckpt = load_model_and_checkpoint(checkpoint, **{**overrides, "precision": "fp32"})
+    model, ckpt = load_model_and_checkpoint(checkpoint, trust=trust, **{**overrides, "precision": "fp32"})
     record = stored_test_record(checkpoint, ckpt)
     sigma = sigma_for(record, sigma)
-    source = "given"
+    source = "given at export"
     if threshold is None and record is not None:
         threshold, source = record.threshold, record.source
     detector = Detector(model.eval(), sigma, threshold, source, traceable=True).eval()

@@ -25,7 +25,7 @@ class DeployMetadata:
     version: str
     checkpoint_sha256: str
     half: bool = False
-    threshold_source: Optional[str] = None  # how the threshold was derived, in words ("F1-max on mvtec test, σ 4")
+    threshold_source: Optional[str] = None  # in words: "best F1 on the test set of mvtec, σ 8"
 
     def to_props(self) -> dict[str, str]:
         """As ONNX ``metadata_props`` (strings only); no threshold -> no ``threshold`` key."""
@@ -34,7 +34,7 @@ class DeployMetadata:
                  "checkpoint_sha256": self.checkpoint_sha256, "weights": "float16" if self.half else "float32"}
         if self.threshold is not None:
             props["threshold"] = repr(float(self.threshold))
-        if self.threshold_source is not None:
+        if self.threshold_source:
             props["threshold_source"] = self.threshold_source
         return props
 

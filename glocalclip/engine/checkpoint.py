@@ -16,8 +16,7 @@ import torch
 
 from ..files import write_json, write_torch
 
-from ..model.backbone_record import file_sha256
-from ..model.checkpoint_format import read_checkpoint
+from ..model.checkpoint_format import file_sha256, read_checkpoint
 from ..model.glocalclip import GlocalCLIP, model_from_checkpoint
 from .settings import PAPER_SIGMA
 
@@ -26,20 +25,25 @@ THRESHOLD_SUFFIX = ".threshold.json"
 
 # ---------------------------------------------------------------------------- loading
 def load_model_and_checkpoint(source: str | os.PathLike | dict, clip: Optional[torch.nn.Module] = None,
-                              **overrides: Any) -> tuple[GlocalCLIP, dict]:
+                              trust: bool = False, **overrides: Any) -> tuple[GlocalCLIP, dict]:
     """:func:`load_model`, also returning the checkpoint dict (its ``train_config``, ``epoch``, ...)."""
-    ckpt = read_checkpoint(source)
-    return model_from_checkpoint(ckpt, clip, overrides), ckpt
+    ckpt = read_checkpoint(source, trust)
+    return model_from_checkpoint(ckpt, clip, overrides, trust), ckpt
 
 
-def load_model(source: str | os.PathLike | dict, clip: Optional[torch.nn.Module] = None,
+def load_model(source: str | os.PathLike | dict, clip: Optional[torch.nn.Module] = None, trust: bool = False,
                **overrides: Any) -> GlocalCLIP:
     """The model of a checkpoint: ours (config and backbone inside, so it rebuilds without the
     backbone's JSON; ``overrides`` change fields, e.g. ``pretrained`` pointing at a local copy of
     the weights, which are checked against the recorded SHA-256), or an original GlocalCLIP /
     AnomalyCLIP one (prompt shapes read off its tensors, the rest from ``overrides``, else the
-    backbone's defaults). Pass ``clip`` to reuse a backbone you built."""
-    return load_model_and_checkpoint(source, clip, **overrides)[0]
+    backbone's defaults). Pass ``clip`` to reuse a backbone you built.
+
+    Loading runs no code from the files: a checkpoint or weights file that holds Python objects
+    beyond tensors is refused (CheckpointError) unless ``trust=True``, the ``--trust_checkpoint``
+    flag; one of ours whose contents fail their recorded SHA-256 is refused whatever ``trust`` says
+    (docs/usage.md, "Security: files you load")."""
+    return load_model_and_checkpoint(source, clip, trust, **overrides)[0]
 
 
 # ---------------------------------------------------------------------------- writing
@@ -70,11 +74,11 @@ def write_threshold(checkpoint: str | os.PathLike, image_score: float, *, sigma:
 
 
 def threshold_source(record: dict[str, Any]) -> str:
-    """Where a stored threshold comes from, in words: ``F1-max on mvtec test, σ 8`` (the dataset,
-    or for folder-mode data its folder's name, and the smoothing of the maps it was measured on)."""
+    """Where a stored threshold comes from, in words: ``best F1 on the test set of mvtec, σ 8`` (the
+    dataset, or for folder-mode data its folder's name, and the smoothing of the maps it was measured on)."""
     data = record.get("dataset") or Path(str(record.get("data_path") or "")).name
     sigma = record.get("sigma")
-    return (f"F1-max on {data} test" if data else "F1-max, stored by test.py") + \
+    return (f"best F1 on the test set of {data}" if data else "best F1 on a test set, stored by test.py") + \
         ("" if sigma is None else f", σ {float(sigma):g}")
 
 

@@ -12,7 +12,7 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -21,7 +21,7 @@ from ..datasets.errors import DatasetError
 from ..datasets.pixels import _from_array, decoded, exif_upright, open_image, resized_rgb, rgb_pixels
 from ..datasets.scan import IMAGE_EXTENSIONS  # one list of image extensions, for datasets and predict
 from ..files import write_npy, write_png
-from .visualize import annotate, overlay
+from .heatmap import captioned, heat_overlay, inset_colour_bar
 
 INPUT_FIX = "or leave it out of the inputs"  # ends the message about an input that cannot be read
 FIELDS = ("image_path", "pred_score", "pred_label", "anomaly_map", "map_max", "overlay")
@@ -105,6 +105,24 @@ def label_of(score: float, threshold: Optional[float]) -> Optional[int]:
     return None if threshold is None else int(score >= threshold)
 
 
+#: a score from a batch of several images this close to the threshold is re-scored alone before it is
+#: labelled. A batch moves an image's score (the kernels differ with the batch's shape) by ~1e-7 in float32
+#: on the CPU (measured); TF32 or half precision on a GPU move it more: the guard leaves room up to 1e-3
+LABEL_GUARD = 1e-3
+
+
+def batch_invariant_scores(scores: Sequence[float], threshold: Optional[float],
+                           score_alone: Callable[[int], float]) -> list[float]:
+    """The label rule of both predictors, the ONNX runtime and serve, in one place: an image's label
+    is ``label_of`` its score *scored alone*, so the same image gets the same label whatever else is in
+    its batch. Scores further than LABEL_GUARD from the threshold cannot cross it in another batch
+    and are kept; a nearer one (in a batch of several) is replaced by ``score_alone(i)``, the image
+    scored in a batch of its own, so that the score reported and its label agree (docs/usage.md)."""
+    if threshold is None or len(scores) < 2:
+        return list(scores)
+    return [score_alone(i) if abs(s - threshold) < LABEL_GUARD else s for i, s in enumerate(scores)]
+
+
 # ---------------------------------------------------------------------------- inputs
 def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -173,22 +191,30 @@ def output_names(files: Sequence[Path]) -> list[str]:
 
 # ---------------------------------------------------------------------------- outputs
 def overlay_rgb(rgb: np.ndarray, pred: Prediction, value_range: Optional[tuple[float, float]],
-                caption: Sequence[str] = ()) -> np.ndarray:
+                caption: Sequence[str] = (), colour_bar: bool = False) -> np.ndarray:
     """The heat map over the image (uint8 RGB [h, w, 3]), with the ``caption`` lines written on it
     (``visualize.prediction_caption``: the predicted label and the threshold it came from; the web
-    page shows them beside the picture instead)."""
-    vis = overlay(rgb, pred.anomaly_map, value_range=value_range)
-    return annotate(vis, list(caption)) if caption else vis
+    page shows them beside the picture instead) and, with ``colour_bar``, the colours' key along its
+    bottom edge (``value_range``, else the map's own min..max); the picture keeps the image's size.
+    Numpy and Pillow only: the torch-free install has no OpenCV."""
+    vis = heat_overlay(rgb, pred.anomaly_map, value_range)
+    if caption:
+        vis = captioned(vis, list(caption))
+    if colour_bar:
+        amap = pred.anomaly_map
+        key = value_range if value_range is not None else (float(amap.min()), float(amap.max()))
+        vis = inset_colour_bar(vis, key, "anomaly map" if value_range is not None else "this image's map")
+    return vis
 
 
 def save_outputs(pred: Prediction, name: str, out: Path, rgb: Optional[np.ndarray],
                  value_range: Optional[tuple[float, float]], caption: Sequence[str] = ()) -> dict[str, Any]:
     """``maps/<name>.npy`` (the raw map) and, given the image's pixels, ``overlays/<name>.png`` with
-    ``caption`` on it, each written atomically (a full disk leaves no half file); returns the
-    prediction's record with both paths."""
+    ``caption`` on it and a colour bar along its bottom edge, each written atomically (a full disk leaves no half
+    file); returns the prediction's record with both paths."""
     npy = write_npy(out / "maps" / f"{name}.npy", pred.anomaly_map.astype(np.float32))
     png = None
     if rgb is not None:
-        png = write_png(out / "overlays" / f"{name}.png", overlay_rgb(rgb, pred, value_range, caption))
+        png = write_png(out / "overlays" / f"{name}.png", overlay_rgb(rgb, pred, value_range, caption, colour_bar=True))
     return pred.record(anomaly_map=str(npy), overlay=str(png) if png else None)
 

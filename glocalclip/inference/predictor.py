@@ -16,7 +16,7 @@ one rule of ``engine.checkpoint.sigma_for``: the σ the threshold was measured w
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..engine.checkpoint import load_model_and_checkpoint, sigma_for, stored_test_record
 from .detector import Detector
-from .images import ImageInput, Prediction, predict_images
+from .images import ImageInput, Prediction, batch_invariant_scores, predict_images
 
 
 class Predictor:
@@ -46,12 +46,13 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
                         threshold: Optional[float] = None, sigma: Optional[float] = None, batch_size: int = 8,
-                        **overrides: Any) -> "Predictor":
+                        trust: bool = False, **overrides: Any) -> "Predictor":
         """Our checkpoint (config inside), or an original GlocalCLIP/AnomalyCLIP one (settings from
         ``overrides``, prompt shapes from its tensors). ``threshold`` None: the F1-max threshold
         ``test.py`` stored beside the checkpoint, else one embedded in an older checkpoint, else no labels.
-        ``sigma`` None: the σ that threshold was measured with, else the paper's (``sigma_for``)."""
-        model, ckpt = load_model_and_checkpoint(os.fspath(path), **overrides)
+        ``sigma`` None: the σ that threshold was measured with, else the paper's (``sigma_for``). ``trust``:
+        load a file even where loading it could run code (see ``glocalclip.load_model``)."""
+        model, ckpt = load_model_and_checkpoint(os.fspath(path), trust=trust, **overrides)
         record = stored_test_record(path, ckpt)
         source = "given"
         if threshold is None and record is not None:
@@ -92,19 +93,25 @@ class Predictor:
         """Score resized RGB images, uint8 [B, S, S, 3] (``read_image``'s pixels), normalised on the
         device (a quarter of the bytes cross; bit-identical to the CPU, as in testing)."""
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
-        return self._predictions(*self.detector(x), sizes, paths, threshold)
+        return self._predictions(self.detector, x, sizes, paths, threshold)
 
     @torch.no_grad()
     def predict_tensors(self, x: torch.Tensor, sizes: Sequence[tuple[int, int]],
                         paths: Optional[Sequence[Optional[str]]] = None, threshold: Optional[float] = None
                         ) -> list[Prediction]:
         """Score a normalised batch [B, 3, S, S]; maps are resized to ``sizes`` [(h, w)] * B."""
-        return self._predictions(*self.detector.score_normalized(x.to(self.device)), sizes, paths, threshold)
+        return self._predictions(self.detector.score_normalized, x.to(self.device), sizes, paths, threshold)
 
-    def _predictions(self, score: torch.Tensor, amap: torch.Tensor, sizes: Sequence[tuple[int, int]],
-                     paths: Optional[Sequence[Optional[str]]], threshold: Optional[float]) -> list[Prediction]:
+    def _predictions(self, detect: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,
+                     sizes: Sequence[tuple[int, int]], paths: Optional[Sequence[Optional[str]]],
+                     threshold: Optional[float]) -> list[Prediction]:
+        """``detect(x)``'s scores and maps as Predictions; a score near the threshold is the image's
+        scored alone (``batch_invariant_scores``: the label does not depend on the batch)."""
+        score, amap = detect(x)  # [B], [B, S, S]
         peak = amap.flatten(1).max(1).values
         score_list, peak_list = score.float().cpu().tolist(), peak.float().cpu().tolist()
+        thr = self.threshold if threshold is None else threshold
+        score_list = batch_invariant_scores(score_list, thr, lambda i: float(detect(x[i:i + 1])[0][0].float().cpu()))
         preds = []
         for i, (h, w) in enumerate(sizes):
             m = amap[i]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from ..model.config import PRECISIONS
 from ..settings import SettingError, check_settings, setting
 
 SIGMA_RULE = "the σ the checkpoint's threshold was measured with (test.py stores it), else the paper's 8"
@@ -28,6 +29,10 @@ class ModelSettings:
                                                  "is asked for")
     batch_size: Optional[int] = setting(None, parse=int, minimum=1, help="images per forward pass",
                                         default_text="8; test: 16 on a GPU, 8 on a CPU")
+    precision: Optional[str] = setting(None, choices=PRECISIONS,
+                                       help="a checkpoint's precision (docs/speed.md: bf16 is faster on CPUs with "
+                                            "bf16 units and moves scores by about 1e-2); an ONNX file is float32",
+                                       default_text="the checkpoint's, fp32 unless set when training")
 
     def __post_init__(self) -> None:
         check_settings(self)
