@@ -202,9 +202,12 @@ def test_the_opt_in_loads_it_and_runs_its_code(evil, tmp_path, image):
 
 
 def test_every_command_that_loads_a_checkpoint_has_the_opt_in():
-    from glocalclip.deploy.export import export_parser
+    from glocalclip.apps.export_cli import export_parser
 
-    for parser in (train_parser(), cli.test_parser(), predict_parser(), convert_parser(), export_parser(), report_parser()):
+    from glocalclip.apps.serve_cli import serve_parser
+
+    for parser in (train_parser(), cli.test_parser(), predict_parser(), convert_parser(), export_parser(), report_parser(),
+                   serve_parser()):
         action = parser._option_string_actions.get(TRUST_FLAG)  # argparse's table of flags
         assert action is not None and action.default is False and action.nargs == 0, parser.prog  # never the default
         assert "run any code" in action.help and TRUST_FLAG in parser.format_help()
