@@ -222,7 +222,7 @@ def test_save_vis_writes_a_grid_and_curves_without_matplotlib(trained, tmp_path)
     assert 0 <= curves["pro"]["aupro"] <= 1 and len(curves["pro"]["fpr"]) == len(curves["pro"]["pro"])
     assert len([p for p in written if p.suffix == ".png"]) <= 3  # a grid (and plots), not one file per image
     # importing the module must not need matplotlib
-    code = "import sys, glocalclip.visualize, glocalclip.predict; assert 'matplotlib' not in sys.modules"
+    code = "import sys, glocalclip.inference.visualize, glocalclip.inference.predictor; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

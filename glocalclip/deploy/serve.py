@@ -133,7 +133,7 @@ def create_app(predictor: ImagePredictor, settings: Optional[ServeSettings] = No
 
     settings = settings or ServeSettings()
     threshold = settings.threshold if settings.threshold is not None else predictor.threshold
-    # labels decided by the predictor's rule (batch-invariant, predict_io.batch_invariant_scores)
+    # labels decided by the predictor's rule (batch-invariant, inference.images.batch_invariant_scores)
     scorer = BatchScorer(functools.partial(predictor.predict_uint8, threshold=threshold), settings.max_batch,
                          settings.batch_wait_ms)
     image_work = asyncio.Semaphore(settings.max_decodes)  # decodes and overlays: the memory of each is large
