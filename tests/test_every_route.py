@@ -99,6 +99,11 @@ def test_every_route_gives_the_same_scores_maps_and_labels(trained, routes):
     assert labels == [int(w[0] >= threshold) for w in want.values()]
     for route, got in routes["found"].items():
         assert sorted(got) == sorted(want), route
+        worst = {"score": max(abs(got[p][0] - want[p][0]) for p in want),
+                 "map_max": max(abs(got[p][2] - want[p][2]) for p in want),
+                 "map": max((float(np.abs(got[p][3] - want[p][3]).max()) for p in want if got[p][3] is not None),
+                            default=None)}
+        print(f"{route}: largest differences from the API {worst}")  # shown with pytest -s
         exact = route in ("predict --checkpoint", "serve pytorch")  # the same code on the same device
         for path, (score, label, peak, amap) in got.items():
             w_score, w_label, w_peak, w_map = want[path]

@@ -267,7 +267,7 @@ def test_run_command_turns_only_input_errors_into_messages(capsys):
 
     for error in (ValueError("bad --x; use 2"), FileNotFoundError("no f"), PretrainedWeightsUnavailable("offline")):
         assert run_command("prog", failing(error), []) == 2
-        assert capsys.readouterr().err.startswith(f"prog: error: {error}\n")
+        assert capsys.readouterr().err.startswith(f"prog: error: {error} (GLOCALCLIP_TRACEBACK=1")  # one line
     assert run_command("prog", failing(KeyboardInterrupt()), []) == 130
     with pytest.raises(RuntimeError):  # a bug keeps its traceback
         run_command("prog", failing(RuntimeError("bug")), [])

@@ -144,32 +144,6 @@ def _score_batch(predictor: ImagePredictor, files: list[Path], out: Path, names:
             for b, p in zip(batch, preds)]
 
 
-class _NoBar:
-    """What ``predict`` uses of a tqdm bar, where tqdm is not installed (the torch-free runtime install):
-    the items, messages to stderr, and a count at the end."""
-
-    def __init__(self, items: Sequence[Path]):
-        self.items = items
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def write(self, message: str, file=None) -> None:
-        print(message, file=file or sys.stderr)
-
-    def close(self) -> None:
-        pass
-
-
-def progress_bar(files: Sequence[Path], show: bool):
-    """tqdm's bar over ``files``; without tqdm installed, none (the messages still print)."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar(files)
-    return tqdm(files, desc="predict", unit="img", disable=not show)
-
-
 def _value_range(cfg: PredictConfig, predictor) -> Optional[tuple[float, float]]:
     if cfg.map_range:
         return (cfg.map_range[0], cfg.map_range[1])
