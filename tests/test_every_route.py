@@ -125,4 +125,5 @@ def test_the_check_can_tell_the_papers_sigma_from_the_tested_one(trained, routes
     want = routes["found"]["api"]
     worst = max(float(np.abs(p.anomaly_map - want[p.image_path][3]).max() /
                       (want[p.image_path][3].max() - want[p.image_path][3].min())) for p in eight)
+    print(f"σ 8 instead of the tested σ 4 moves the maps by up to {worst:.3f} of their span")
     assert worst > 100 * MAP_TOL
