@@ -222,7 +222,7 @@ def test_unmasked_anomalies_are_skipped_for_folder_data_and_zeroed_on_request(tm
 def test_evaluation_keeps_finished_classes_in_a_partial_file(data, tmp_path):
     from glocalclip import load_model
     from glocalclip.engine.distributed import DistContext
-    from glocalclip.engine.evaluation import evaluate
+    from glocalclip.inference.evaluation import evaluate
 
     save = _train(data, tmp_path / "ck", "--epoch", "1")
     model = load_model(save / "epoch_1.pth")
@@ -267,7 +267,7 @@ def test_run_command_turns_only_input_errors_into_messages(capsys):
 
     for error in (ValueError("bad --x; use 2"), FileNotFoundError("no f"), PretrainedWeightsUnavailable("offline")):
         assert run_command("prog", failing(error), []) == 2
-        assert capsys.readouterr().err.startswith(f"prog: error: {error}\n")
+        assert capsys.readouterr().err.startswith(f"prog: error: {error} (GLOCALCLIP_TRACEBACK=1")  # one line
     assert run_command("prog", failing(KeyboardInterrupt()), []) == 130
     with pytest.raises(RuntimeError):  # a bug keeps its traceback
         run_command("prog", failing(RuntimeError("bug")), [])
