@@ -1,4 +1,4 @@
-"""Few-shot benchmark (docs/design.md §9, docs/usage.md): what K normal shots add, and what they cost.
+"""Few-shot benchmark (docs/design.md §11, docs/usage.md): what K normal shots add, and what they cost.
 
     python -m bench.few_shot quality [--sizes 112 224 --shots 1 2 4 --seeds 0 1 2]
     python -m bench.few_shot cost [--kind tiny --image_size 224 --shots 4 16]

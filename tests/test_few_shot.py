@@ -1,4 +1,4 @@
-"""The few-shot term (docs/design.md §9): the nearest-neighbour map against a plain numpy search, a
+"""The few-shot term (docs/design.md §11): the nearest-neighbour map against a plain numpy search, a
 shot scored against itself, the blocked search against the whole matmul, the bank's file."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``test.py --shots K --shot_seed S`` (docs/design.md §9): the seeded draw from meta.json's train
+"""``test.py --shots K --shot_seed S`` (docs/design.md §11): the seeded draw from meta.json's train
 split, what the results record, the zero-shot threshold left alone, the lift over zero-shot on
 synthetic data the prompts never saw, the same shots on 2 gloo processes, and `report` grouping by K."""
 from __future__ import annotations

@@ -3,10 +3,10 @@
 Every ``results.json`` below the given folders (searched recursively) is one run. Runs are
 grouped by dataset and *setting* (everything that changes the numbers except the seed: the model
 config, the test's sigma and metric mode, the few-shot K and scoring (not the shot seed), and the
-training run's data, alpha, margin, epochs, batch size and learning rate); each group shows mean ± sample standard deviation (n - 1) over
-its runs, in percent, with the paper's number (docs/design.md §8) beside ours. The training settings
-and seed come from ``results.json`` when it carries them, else from the checkpoint file it
-names, else the seed from a ``seed<N>`` in the paths.
+training run's data, alpha, margin, epochs, batch size and learning rate); each group shows mean ±
+sample standard deviation (n - 1) over its runs, in percent, with the paper's number (docs/design.md
+§8) beside ours. The training settings and seed come from ``results.json`` when it carries them, else
+from the checkpoint file it names, else the seed from a ``seed<N>`` in the paths.
 """
 from __future__ import annotations
 

@@ -69,7 +69,7 @@ class Evaluator:
                  banks: Optional[dict[str, ReferenceBank]] = None):
         """``batch_size``/``num_workers`` None: chosen for the model's device (see ``resources``).
         ``hooks`` hear where the host waits (for the loader, for the device). ``banks``: few-shot,
-        one reference bank per class (docs/design.md §9)."""
+        one reference bank per class (docs/design.md §11)."""
         self.model = model.eval()
         self.banks = {c: b.to(model.device) for c, b in banks.items()} if banks else None
         self.ctx = ctx

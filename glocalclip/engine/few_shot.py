@@ -1,4 +1,4 @@
-"""Few-shot testing's shots (docs/design.md §9): K normal images per class, drawn from meta.json's
+"""Few-shot testing's shots (docs/design.md §11): K normal images per class, drawn from meta.json's
 train split by a seed, and the per-class reference banks built from them.
 
 The draw depends only on (seed, class name, the class's train normals): every torchrun process,

@@ -126,7 +126,7 @@ class TestConfig:
     progress: bool = progress_setting()
     shots: int = setting(0, minimum=0, metavar="K",
                          help="few-shot: K normal images per class from meta.json's train split sharpen the "
-                              "zero-shot map (docs/design.md §9); 0 is zero-shot")
+                              "zero-shot map (docs/design.md §11); 0 is zero-shot")
     shot_seed: int = setting(0, help="which K shots are drawn (the same on every process and every run)")
 
     def __post_init__(self) -> None:

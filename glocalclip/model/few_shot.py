@@ -1,4 +1,4 @@
-"""Few-shot scoring: K normal reference images sharpen the zero-shot map (docs/design.md §9).
+"""Few-shot scoring: K normal reference images sharpen the zero-shot map (docs/design.md §11).
 
 The reference bank holds the K images' patch features of the chosen layers (class row dropped,
 L2-normalised). Each test patch's distance to the bank is min over the bank of (1 − cos)/2; per layer
@@ -29,7 +29,7 @@ FEW_SHOT_IMAGE_TERMS = ("max", "mean")
 #: ViT-L-14 (37×37 = 1369 patches, E = 768) K = 16 shots make a bank of 21 904 rows per layer (67 MB);
 #: a batch of 16 test images is 21 904 query rows, so the full similarity matrix would be 1.9 GB per
 #: layer. Blocks of 2**26 keep the search's transient memory at 256 MiB plus the [Q] running minimum,
-#: on a 24 GB CPU or beside the ViT-L activations on one 80 GB GPU (docs/design.md §9).
+#: on a 24 GB CPU or beside the ViT-L activations on one 80 GB GPU (docs/design.md §11).
 MAX_BLOCK_ELEMENTS = 2 ** 26
 
 PathLike = Union[str, os.PathLike]
@@ -38,12 +38,13 @@ PathLike = Union[str, os.PathLike]
 @dataclass(frozen=True)
 class FewShotSettings:
     """How the reference bank's distances join the zero-shot scores; defaults measured on held-out
-    synthetic data (docs/design.md §9)."""
+    synthetic data (docs/design.md §11)."""
 
-    weight: float = setting(1.0, flag="shot_weight", minimum=0.0,
-                            help="weight of the few-shot map added to the zero-shot map (1: distances as "
-                                 "(1-cos)/2 averaged over layers; APRIL-GAN's sum of (1-cos) over 4 layers is 8)")
-    layers: str = setting("selected", flag="shot_layers", choices=FEW_SHOT_LAYERS,
+    weight: float = setting(16.0, flag="shot_weight", minimum=0.0,
+                            help="weight of the few-shot map (distances (1-cos)/2 averaged over layers) added to "
+                                 "the zero-shot map (a sum of 4 layers' probabilities); APRIL-GAN's sum of (1-cos) "
+                                 "over 4 layers is 8")
+    layers: str = setting("blocks", flag="shot_layers", choices=FEW_SHOT_LAYERS,
                           help="selected: the layers the zero-shot map reads (under multilayer=reference the "
                                "original's shared V-V tensor); blocks: each selected block's own features")
     image_term: str = setting("max", flag="shot_image_term", choices=FEW_SHOT_IMAGE_TERMS,

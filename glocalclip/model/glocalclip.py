@@ -95,7 +95,7 @@ class GlocalCLIP(nn.Module):
     def encode_image_blocks(self, x: torch.Tensor, blocks: bool = True
                             ) -> tuple[torch.Tensor, LayerFeatures, Optional[LayerFeatures]]:
         """As :meth:`encode_image_layers`, and with ``blocks`` each selected block's own patch
-        features from the same pass (the few-shot bank's ``blocks`` option, docs/design.md §9)."""
+        features from the same pass (the few-shot bank's ``blocks`` option, docs/design.md §11)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an image batch [B, 3, H, W], got shape {tuple(x.shape)}")
         with torch.no_grad(), self._autocast(x.device):
@@ -135,7 +135,7 @@ class GlocalCLIP(nn.Module):
         """``{"image_score": [B], "anomaly_map": [B, H, W]}`` (map unsmoothed); with
         ``image_score="global+max"`` also "global_score", the global branch's probability. Pass
         ``text`` (from ``encode_text``) to reuse text features across batches. With a ``reference``
-        bank (:meth:`reference_bank`) the few-shot term is added (docs/design.md §9) and the
+        bank (:meth:`reference_bank`) the few-shot term is added (docs/design.md §11) and the
         output also holds "few_shot_map", the weighted term alone."""
         self._check_size(x)
         blocks = reference is not None and reference.settings.layers == "blocks"
@@ -149,7 +149,7 @@ class GlocalCLIP(nn.Module):
     def reference_bank(self, images: torch.Tensor, settings: Optional[FewShotSettings] = None,
                        sources: Sequence[str] = (), batch_size: int = 8) -> ReferenceBank:
         """The few-shot bank of K normal images [K, 3, S, S] (normalised as for ``forward``),
-        encoded ``batch_size`` at a time, on the model's device (docs/design.md §9)."""
+        encoded ``batch_size`` at a time, on the model's device (docs/design.md §11)."""
         settings = settings if settings is not None else FewShotSettings()
         self._check_size(images)
         if images.shape[0] == 0:

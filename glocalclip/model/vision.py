@@ -172,7 +172,7 @@ class DualPathVisionEncoder(nn.Module):
                             ) -> tuple[torch.Tensor, LayerFeatures, Optional[LayerFeatures]]:
         """As :meth:`forward`, and with ``blocks`` each selected block's own projected tokens (what
         ``multilayer="snapshot"`` selects, whatever ``multilayer`` is) from the same pass: the
-        few-shot bank's distinct-blocks option (docs/design.md §9)."""
+        few-shot bank's distinct-blocks option (docs/design.md §11)."""
         x = self.embed(images)
         selected = set(self.features_list)
         raw: dict[int, torch.Tensor] = {}  # 1-based block -> unprojected tokens of the local branch
