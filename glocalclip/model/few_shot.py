@@ -87,6 +87,15 @@ def nearest_distances(patches: torch.Tensor, bank: torch.Tensor,
     m = bank.shape[0]
     if m == 0:
         raise ValueError("the reference bank is empty")
+    if not isinstance(q.shape[0], int):
+        # a symbolic batch (torch.export with a dynamic batch): no loop over queries can be traced, so
+        # all queries meet one bank slice at a time, slices of the rows a batch of 16 would take
+        m_rows = max(1, min(m, max_block // (16 * n)))
+        top = None
+        for ms in range(0, m, m_rows):
+            sims = (q @ bank[ms:ms + m_rows].t()).amax(dim=1)
+            top = sims if top is None else torch.maximum(top, sims)
+        return ((1 - top) / 2).clamp_min(0).reshape(b, n)
     q_rows = max(1, min(q.shape[0], max_block // min(m, max_block)))
     m_rows = max(1, min(m, max_block // q_rows))
     best = []
