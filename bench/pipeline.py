@@ -69,13 +69,13 @@ def bench_training(data: Path, kind: str, epochs: int, device: torch.device, out
             "later_over_first": later / first, "total_s": total, "peak_gpu_gib": peak_gib(device)}
 
 
-def bench_test(data: Path, model: GlocalCLIP, precision: str, batch_size: int, device: torch.device,
+def bench_test(data: Path, model: GlocalCLIP, batch_size: int, device: torch.device,
                workers: int, loader_ips: dict[str, float]) -> tuple[dict, dict]:
     """End to end through ``evaluate`` (what test.py runs: loading, forward, smoothing, all seven
     metrics with a class's metrics overlapping the next class's scoring), then the model alone;
     ``loader_ips``: the loader alone at this batch size (:func:`loader_rates`)."""
     reset_peak(device)
-    model.cfg = model.cfg.replace(precision=precision)  # the same weights, another autocast
+    precision = model.cfg.precision
     size = model.cfg.image_size
     with torch.no_grad():  # warm-up: kernels and autotuning at this batch size
         model(torch.randn(batch_size, 3, size, size, device=device))
@@ -132,13 +132,16 @@ def bench_tests(data: Path, kind: str, precisions: list[str], batches: list[int]
     """Every (precision, batch) test row with one model; the bf16-vs-fp32 metric drift where both ran."""
     rows, per_precision, drift = [], {}, {}
     torch.manual_seed(0)
-    model = GlocalCLIP(model_config(kind)).to(device)
+    base = GlocalCLIP(model_config(kind)).to(device)
     loader_ips: dict[int, dict[str, float]] = {}  # per batch size: the loader does not depend on precision
     for prec in precisions:
+        # precision is fixed when a model is built: one model per precision on the same CLIP and prompts
+        model = base if prec == base.cfg.precision else GlocalCLIP(base.cfg.replace(precision=prec), clip=base.clip)
+        model.prompt_learner.load_state_dict(base.prompt_learner.state_dict())
         for bs in batches:
             if bs not in loader_ips:
                 loader_ips[bs] = loader_rates(data, model.cfg.image_size, bs, workers, device)
-            row, metrics = bench_test(data, model, prec, bs, device, workers, loader_ips[bs])
+            row, metrics = bench_test(data, model, bs, device, workers, loader_ips[bs])
             rows.append({"config": kind, **row})
             per_precision.setdefault(prec, metrics)
             print(json.dumps(rows[-1]), flush=True)

@@ -74,6 +74,29 @@ def test_timing_hooks_see_a_slow_loader_and_slow_metrics(data, tiny_clip, monkey
     assert s["startup_s"] + s["loader_wait_s"] + s["metrics_wait_s"] < s["wall_s"]
 
 
+def test_cpu_limit_quick_mode_prints_every_path_with_the_deviations(tmp_path, capsys):
+    """``python -m bench.cpu_limit --quick`` (what the coordinator re-runs, here on the tiny config
+    alone): every path timed, the GEMM peaks measured, the fp32 features equal to the original
+    encoder's re-run, bf16 within a few percent, the int8 ONNX graph within its rounding."""
+    from bench import cpu_limit
+
+    report = cpu_limit.main(["--quick", "--configs", "tiny", "--repeats", "1", "--json", str(tmp_path / "r.json")])
+    assert (tmp_path / "r.json").is_file()
+    assert report["gemm_gflops"]["fp32"] > 0 and report["gemm_gflops"]["bf16"] > 0
+    assert {(r["dtype"], r["kernel"]) for r in report["attention"]} == {
+        (d, k) for d in ("float32", "bfloat16") for k in ("sdpa", "blocked", "matmul+softmax")}
+    (tiny,) = report["models"]
+    assert [p["path"] for p in tiny["paths"]] == ["original code's encoder, fp32", "ours, fp32", "ours, bf16",
+                                                  "onnx fp32", "onnx int8 weights"]
+    assert all(p["s_per_image"] > 0 for p in tiny["paths"])
+    dev = tiny["deviation"]
+    assert dev["fp32_vs_original_patch"] < 1e-4 * dev["patch_scale"] and dev["fp32_vs_original_global"] < 1e-4
+    assert 0 < dev["bf16_vs_fp32_patch_relative"] < 0.03
+    assert 0 < dev["onnx_int8_vs_fp32_map"] < 0.1 * dev["onnx_map_range"]
+    out = capsys.readouterr().out
+    assert "original code's encoder, fp32" in out and "% of bf16" in out
+
+
 def test_few_shot_cost_bench_times_the_term_beside_the_zero_shot_forward():
     """bench/few_shot.py cost: a row per (K, layers) with the bank's size as the design computes it
     (K × grid² rows per layer, float32) and both per-image costs measured."""

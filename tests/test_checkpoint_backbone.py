@@ -13,7 +13,7 @@ import torch
 from glocalclip import GlocalCLIP, GlocalCLIPConfig
 from glocalclip.model.backbone import (PretrainedWeightsUnavailable, build_clip, create_backbone,
                                  resolve_model_config)
-from glocalclip.engine.checkpoint import atomic_save
+from glocalclip.engine.checkpoint import atomic_save, file_sha256
 
 from conftest import TINY_SIZE, randomise_prompts, tiny_config
 
@@ -25,7 +25,7 @@ def test_checkpoint_round_trip_restores_config_and_scores(tiny_clip, tmp_path):
     opt = torch.optim.Adam(model.prompt_parameters(), lr=1e-3)
     path = tmp_path / "epoch_3.pth"
     atomic_save(model.checkpoint(epoch=3, optimizer=opt.state_dict()), path)
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert ckpt["epoch"] == 3 and ckpt["config"]["ab_ctx"] == 4 and "version" in ckpt
     assert "optimizer" in ckpt and set(ckpt["prompt_learner"]) == set(model.prompt_learner.state_dict())
     again = GlocalCLIP.from_checkpoint(path, clip=tiny_clip)
@@ -101,7 +101,10 @@ def test_json_config_path_and_random_init(tmp_path):
         create_backbone("ViT-Q-99", None)
 
 
-def test_local_state_dict_and_torchscript_archive_load(tmp_path):
+def test_local_state_dict_and_torchscript_archive_load(tmp_path, monkeypatch):
+    """A state dict loads; a TorchScript archive loads when its SHA-256 is one OpenAI published (here the
+    test archive's own, put in the table: test_safe_loading.py shows an unknown one refused)."""
+    from glocalclip.model import backbone
     torch.manual_seed(7)
     src = create_backbone("tiny", None)
     sd_path = tmp_path / "tiny_state.pt"
@@ -113,6 +116,9 @@ def test_local_state_dict_and_torchscript_archive_load(tmp_path):
     with pytest.raises(Exception), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*TorchScript archive")  # torch's hint, expected here
         torch.load(ts_path, weights_only=True)  # what open_clip would do
+    published = backbone.published_openai_archives()
+    assert published["3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02"] == "ViT-L-14-336px.pt"
+    monkeypatch.setattr(backbone, "published_openai_archives", lambda: {**published, file_sha256(ts_path): ts_path.name})
     cfg, _ = resolve_model_config("tiny", None)
     for path in (sd_path, ts_path):
         model = build_clip(cfg)

@@ -126,7 +126,7 @@ def test_batch_dimension_is_dynamic(tiny_onnx):
 def test_metadata_and_contents_of_the_file(tiny_onnx, tiny_checkpoint):
     model = onnx.load(str(tiny_onnx))
     props = {p.key: p.value for p in model.metadata_props}
-    ckpt = torch.load(tiny_checkpoint, weights_only=False)
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
     assert props["image_size"] == "112" and float(props["sigma"]) == DEPLOY_SIGMA  # σ test.py used
     assert float(props["threshold"]) == DEPLOY_THRESHOLD
     assert json.loads(props["config"]) == GlocalCLIPConfig.from_dict(ckpt["config"]).to_dict()

@@ -143,7 +143,7 @@ def test_a_checkpoint_that_cannot_be_updated_still_gives_the_results(data, refer
     assert run_command("test.py", run_test, _test_args(data, ckpt, out)) == 0
     err = capsys.readouterr().err
     assert "note: the image threshold was not stored" in err and "read-only" in err and "--threshold " in err
-    assert (out / "results.json").is_file() and "threshold" not in torch.load(ckpt, weights_only=False)
+    assert (out / "results.json").is_file() and "threshold" not in torch.load(ckpt, weights_only=True)
 
 
 @pytest.mark.parametrize("kind, says", [
@@ -181,7 +181,7 @@ def test_resume_passes_over_a_truncated_latest_checkpoint(data, reference, tmp_p
     log = (save / "log.txt").read_text()
     assert f"passing over a damaged checkpoint: checkpoint {save / 'epoch_2.pth'} is truncated" in log
     assert f"continuing from {save / 'epoch_1.pth'}" in log and "epochs 2..3" in log
-    ref, got = (torch.load(p / "epoch_3.pth", weights_only=False)["prompt_learner"] for p in (reference, save))
+    ref, got = (torch.load(p / "epoch_3.pth", weights_only=True)["prompt_learner"] for p in (reference, save))
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
 

@@ -45,7 +45,7 @@ def source(tiny_clip):
 def test_ours_loads_with_its_config_and_overrides_on_top(source, tiny_clip, tmp_path):
     path = tmp_path / "epoch_2.pth"
     atomic_save(source.checkpoint(2), path)
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     cfg, state = adapt_checkpoint(ckpt, {"image_score": "global+max"})
     assert cfg == source.cfg.replace(image_score="global+max")
     assert ckpt["config"]["image_score"] == "global"  # the checkpoint dict is left as it was
@@ -122,7 +122,7 @@ def test_a_failed_sidecar_write_leaves_nothing(checkpoint, monkeypatch):
 def test_predict_takes_the_explicit_then_the_sidecar_then_the_embedded_threshold(source, tmp_path):
     path = tmp_path / "old.pth"
     atomic_save(source.checkpoint(1, threshold={"image_score": 0.7}), path)  # as older versions left it
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = torch.load(path, weights_only=True)
     assert checkpoint_threshold(path, ckpt) == 0.7
     write_threshold(path, 0.4, sigma=8.0)
     assert checkpoint_threshold(path, ckpt) == 0.4
@@ -136,4 +136,4 @@ def test_predict_takes_the_explicit_then_the_sidecar_then_the_embedded_threshold
         assert checkpoint_threshold(path, ckpt) == 0.7
     bare = tmp_path / "bare.pth"
     atomic_save(source.checkpoint(1), bare)
-    assert checkpoint_threshold(bare, torch.load(bare, weights_only=False)) is None
+    assert checkpoint_threshold(bare, torch.load(bare, weights_only=True)) is None

@@ -235,7 +235,7 @@ def _train(data: Path, save: Path, image_size: int, *extra: str) -> Path:
 
 
 def _prompts_at(save: Path, epoch: int) -> dict[str, torch.Tensor]:
-    return torch.load(save / f"epoch_{epoch}.pth", weights_only=False)["prompt_learner"]
+    return torch.load(save / f"epoch_{epoch}.pth", weights_only=True)["prompt_learner"]
 
 
 def _reference_trajectory(data: Path, image_size: int) -> list[dict[str, torch.Tensor]]:

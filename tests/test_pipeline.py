@@ -37,7 +37,7 @@ def _train(data: Path, save: Path, *extra: str) -> Path:
 
 
 def _prompts(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=False)["prompt_learner"]
+    return torch.load(path, weights_only=True)["prompt_learner"]
 
 
 def _assert_same_prompts(a: Path, b: Path, atol: float) -> None:
@@ -55,7 +55,7 @@ def test_train_then_test_scripts_write_checkpoint_results_and_table(data, tmp_pa
     assert run.returncode == 0, run.stderr
     assert "epoch [2/2] loss" in run.stdout and "contrastive" in run.stdout
     ckpt_path = tmp_path / "ck" / "epoch_2.pth"
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = torch.load(ckpt_path, weights_only=True)
     assert ckpt["config"]["n_ctx"] == 5 and ckpt["epoch"] == 2 and ckpt["optimizer"] is not None
     run = subprocess.run([sys.executable, str(REPO / "test.py"), "--data_path", str(data), "--checkpoint_path",
                           str(ckpt_path), "--save_path", str(tmp_path / "res"), "--batch_size", "3",
@@ -80,7 +80,7 @@ def test_train_then_test_scripts_write_checkpoint_results_and_table(data, tmp_pa
     assert csv_lines[0].startswith("class,") and csv_lines[-1].startswith("mean,") and len(csv_lines) == 5
     # the F1-max threshold goes beside the checkpoint, which test.py leaves as it was
     assert read_threshold(ckpt_path)["image_score"] == res["image_threshold"]
-    assert torch.load(ckpt_path, weights_only=False).keys() == ckpt.keys() and "threshold" not in ckpt
+    assert torch.load(ckpt_path, weights_only=True).keys() == ckpt.keys() and "threshold" not in ckpt
 
 
 def test_resume_equals_uninterrupted(data, tmp_path):
@@ -184,7 +184,7 @@ def test_ctrl_c_keeps_last_checkpoint_and_resume_finishes_the_same(data, tmp_pat
     assert "interrupted" in out and "--resume" in out
     done = sorted(int(p.stem.split("_")[1]) for p in save.glob("epoch_*.pth"))
     assert done and done[-1] < 400 and not list(save.glob("*.tmp"))
-    last = torch.load(save / f"epoch_{done[-1]}.pth", weights_only=False)
+    last = torch.load(save / f"epoch_{done[-1]}.pth", weights_only=True)
     assert last["epoch"] == done[-1]
     # resume to a few epochs past the stop and compare with an uninterrupted run
     target = str(done[-1] + 2)
@@ -285,7 +285,7 @@ def test_tiny_backbone_needs_no_layer_flags_and_test_leaves_the_checkpoint_alone
     assert train_main(["--train_data_path", str(data), "--save_path", str(save), "--epoch", "1", "--num_workers",
                        "0", "--no_progress", "--device", "cpu", "--backbone", "tiny", "--image_size", "56"]) == 0
     ckpt = save / "epoch_1.pth"
-    cfg = torch.load(ckpt, weights_only=False)["config"]
+    cfg = torch.load(ckpt, weights_only=True)["config"]
     preset = BACKBONE_DEFAULTS["tiny"]
     assert {k: cfg[k] for k in preset} == {**preset, "features_list": list(preset["features_list"])}
     sha, mtime = file_sha256(ckpt), ckpt.stat().st_mtime_ns
@@ -306,7 +306,7 @@ def test_demo_runs_with_the_tiny_backbone_alone(tmp_path, capsys):
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--epochs", "1", "--image_size", "56", "--device", "cpu"]) == 0
-    cfg = torch.load(out / "checkpoints" / "epoch_1.pth", weights_only=False)["config"]
+    cfg = torch.load(out / "checkpoints" / "epoch_1.pth", weights_only=True)["config"]
     assert (cfg["backbone"], cfg["pretrained"], cfg["dpam_layer"], cfg["image_size"]) == ("tiny", None, 6, 56)
     assert (out / "results" / "results.json").is_file() and list((out / "results" / "vis").glob("*_grid.png"))
     assert "demo finished" in capsys.readouterr().out

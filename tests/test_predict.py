@@ -135,7 +135,7 @@ def original_format(state: dict[str, torch.Tensor], keys: tuple[str, ...], width
 
 
 def test_converted_original_checkpoint_scores_identically(trained, tmp_path, capsys):
-    ours = torch.load(trained["ckpt"], weights_only=False)
+    ours = torch.load(trained["ckpt"], weights_only=True)
     keys = ("ctx_global_pos", "ctx_global_neg", "ctx_local_pos", "ctx_local_neg")
     old = tmp_path / "old.pth"
     torch.save(original_format(ours["prompt_learner"], keys, 128), old)
@@ -143,7 +143,7 @@ def test_converted_original_checkpoint_scores_identically(trained, tmp_path, cap
     assert convert_main([str(old), str(tmp_path / "new.pt")] + flags) == 0
     out = capsys.readouterr().out
     assert "n_ctx 5" in out and "compound_prompt_projections.*.weight (2)" in out
-    new = torch.load(tmp_path / "new.pt", weights_only=False)
+    new = torch.load(tmp_path / "new.pt", weights_only=True)
     assert new["format"] == "glocalclip"
     assert {k: new["config"][k] for k in ("n_ctx", "ab_ctx", "depth", "t_n_ctx", "dpam_layer", "prompt_style")} == \
         {"n_ctx": 5, "ab_ctx": 3, "depth": 3, "t_n_ctx": 2, "dpam_layer": 6, "prompt_style": "glocal"}
@@ -193,7 +193,7 @@ def test_anomalyclip_checkpoint_loads_with_its_prompt_layout_and_scores(trained,
                         + trained["model_flags"][:13]) == 0
     conv = Predictor.from_checkpoint(tmp_path / "ac.pt", device="cpu", sigma=4).predict(images)
     assert [p.pred_score for p in conv] == [p.pred_score for p in preds]
-    assert torch.load(tmp_path / "ac.pt", weights_only=False)["config"]["prompt_style"] == "anomalyclip"
+    assert torch.load(tmp_path / "ac.pt", weights_only=True)["config"]["prompt_style"] == "anomalyclip"
     assert convert_main([str(old), str(tmp_path / "g.pt"), "--prompt_style", "glocal"]) == 2
 
 

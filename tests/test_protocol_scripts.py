@@ -38,7 +38,7 @@ def test_train_and_test_scripts_run_a_setting(tmp_path):
     assert ckpt.is_file()
     import torch
 
-    cfg = torch.load(ckpt, weights_only=False)["config"]
+    cfg = torch.load(ckpt, weights_only=True)["config"]
     assert (cfg["n_ctx"], cfg["ab_ctx"]) == (13, 13)  # the setting's prompt lengths
     run = subprocess.run(["bash", str(REPO / "test.sh"), "visa2mvtec", "mvtec2industrial"], env=env,
                          capture_output=True, text=True, timeout=300)

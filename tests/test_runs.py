@@ -54,7 +54,7 @@ def _copy(run: Path, dest: Path) -> Path:
 
 
 def _ckpt(path: Path) -> dict:
-    return torch.load(path, weights_only=False)
+    return torch.load(path, weights_only=True)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

@@ -107,9 +107,10 @@ def test_bad_uploads_get_4xx_with_a_message_and_the_server_goes_on(predictor, de
             resp = client.post("/predict", files=files_field((name, data)))
             assert resp.status_code == status, (name, resp.text)
             assert name in resp.json()["detail"] and message in resp.json()["detail"]
-        # one bad file among good ones refuses the request, naming the bad one
+        # one bad file among good ones: the good one is scored, the bad one answered beside it
         resp = client.post("/predict", files=files_field(("ok.png", good), ("empty.png", b"")))
-        assert resp.status_code == 400 and "empty.png" in resp.json()["detail"]
+        assert resp.status_code == 200 and [r["ok"] for r in resp.json()["results"]] == [True, False]
+        assert resp.json()["results"][1]["status"] == 400 and "empty" in resp.json()["results"][1]["error"]
         assert client.post("/predict").status_code == 400  # no files at all
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a decompression bomb, in miniature
         resp = client.post("/predict", files=files_field(("bomb.png", good)))
@@ -259,6 +260,16 @@ def test_page_scores_uploads_and_the_slider_flips_labels(live_server, browser, d
     assert labels(page) == ["anomalous" if s >= float(page.input_value("#threshold")) else "normal" for s in scores]
     assert set(labels(page)) == {"anomalous", "normal"}
     assert page.inner_text("#threshold-value") == f"{float(page.input_value('#threshold')):.3f}"
+
+    # good and bad files in one upload: a card each, the bad one red with its reason; a colour bar per card
+    page.set_input_files("#files", [str(deploy_images[0]), str(bad), str(deploy_images[1])])
+    page.wait_for_function(f"document.querySelectorAll('.card').length === {len(deploy_images) + 2}")
+    errors = page.locator(".error-card").all_inner_texts()
+    assert len(errors) == 2 and "notes.png" in errors[0] and "415" in errors[0] and "not an image" in errors[0]
+    assert "1 not scored" in page.inner_text("#status") and "error" not in page.get_attribute("#status", "class")
+    bars = page.locator(".card .colorbar").all_inner_texts()
+    assert len(bars) == len(deploy_images) + 2 and all("map 0.0" in b and "4.0" in b for b in bars)
+    assert page.locator(".card .colorbar .bar").first.bounding_box()["width"] > 100
 
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "serve_page.png"

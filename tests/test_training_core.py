@@ -189,7 +189,7 @@ def test_trainer_step_uses_local_plus_global_plus_alpha_contrastive(tiny_clip, t
     start = {k: v.clone() for k, v in tr.model.prompt_learner.state_dict().items()}
     tr.optimizer = torch.optim.SGD(tr.model.prompt_parameters(), lr=lr)
     last = tr.run()
-    after = torch.load(last, weights_only=False)["prompt_learner"]
+    after = torch.load(last, weights_only=True)["prompt_learner"]
 
     ref = GlocalCLIP(tiny_config(image_size=TRAIN_SIZE), clip=tiny_clip)
     ref.prompt_learner.load_state_dict(start)
@@ -203,7 +203,7 @@ def test_trainer_step_uses_local_plus_global_plus_alpha_contrastive(tiny_clip, t
     assert logged["global"] == pytest.approx(glob.item(), rel=1e-5)
     assert logged["contrastive"] == pytest.approx(con.item(), rel=1e-5)
     assert logged["total"] == pytest.approx(total.item(), rel=1e-5)
-    ckpt_losses = torch.load(last, weights_only=False)["losses"]
+    ckpt_losses = torch.load(last, weights_only=True)["losses"]
     assert ckpt_losses["total"] == pytest.approx(total.item(), rel=1e-5)
 
     total.backward()
@@ -225,7 +225,7 @@ def test_trainer_alpha_and_margin_reach_the_step(tiny_clip, train_root, tmp_path
     for i, cfg in enumerate((base, {**base, **change})):
         tr = _trainer(tiny_clip, train_root, tmp_path / str(i), **cfg)
         start = {k: v.clone() for k, v in tr.model.prompt_learner.state_dict().items()}
-        runs.append((start, torch.load(tr.run(), weights_only=False)["prompt_learner"]))
+        runs.append((start, torch.load(tr.run(), weights_only=True)["prompt_learner"]))
     (s0, a0), (s1, a1) = runs
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k  # same seed, same start

@@ -232,10 +232,9 @@ def test_forward_returns_exactly_the_documented_keys(tiny_model):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_reduced_precision_runs_the_encoders_under_autocast(tiny_clip, precision):
-    """bf16/fp16 only change the arithmetic of the frozen encoders: the outputs move (so autocast is
-    really on), by about the format's rounding, and stay float32 and finite. (CPU autocast here; the
-    speed is a GPU matter.)"""
+def test_reduced_precision_moves_outputs_by_the_formats_rounding(tiny_clip, precision):
+    """bf16/fp16 only change the arithmetic of the frozen encoders: the outputs move (so the reduced
+    precision really runs), by about the format's rounding, and stay float32 and finite."""
     torch.manual_seed(0)
     x = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
     ref_model = GlocalCLIP(tiny_config(), clip=tiny_clip)
@@ -245,6 +244,8 @@ def test_reduced_precision_runs_the_encoders_under_autocast(tiny_clip, precision
         ref, low = ref_model(x), low_model(x)
         g_ref, _ = ref_model.encode_text()
         g_low, _ = low_model.encode_text()
+        _, p_ref = ref_model.encode_image(x)
+        _, p_low = low_model.encode_image(x)
     eps = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}[precision]  # the format's relative rounding
     for key in ("image_score", "anomaly_map"):
         assert low[key].dtype == torch.float32 and torch.isfinite(low[key]).all()
@@ -252,3 +253,92 @@ def test_reduced_precision_runs_the_encoders_under_autocast(tiny_clip, precision
         # measured: ~5 eps (bf16) and ~3 eps (fp16) of the output's scale after the tiny tower's layers
         assert 0 < delta < 16 * eps * ref[key].abs().max().item(), (key, delta)
     assert 0 < (g_low.float() - g_ref).abs().max().item() < 16 * eps
+    for a, b in zip(p_low, p_ref):  # patch features: within a few percent of their scale
+        assert a.dtype == torch.float32
+        assert 0 < (a - b).abs().max().item() < 0.03 * b.abs().max().item()
+
+
+def _weight_casts(model: GlocalCLIP, fn) -> list[str]:
+    """The dtype conversions that read one of the frozen CLIP's tensors while ``fn`` runs (every
+    tensor operation is seen, whatever module or kernel calls it). The prompts are not counted:
+    the deep tokens' fp16 round trip is the original's, on trainable parameters."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    weights = {p.data_ptr() for p in model.clip.parameters()} | {b.data_ptr() for b in model.text_encoder.buffers()}
+    seen: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+                src = args[1] if func is torch.ops.aten.copy_.default else args[0]
+                if isinstance(src, torch.Tensor) and src.numel() > 1 and src.data_ptr() in weights:
+                    seen.append(f"{func} of a {tuple(src.shape)} {src.dtype} weight")
+            return func(*args, **kwargs)
+
+    with Watch():
+        fn()
+    return seen
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_casts_the_towers_once_into_a_copy(tiny_clip, precision):
+    """The towers' matrices are cast once, at build, into a copy the model owns; the CLIP passed in
+    is untouched; LayerNorms and embeddings stay fp32 and shared; a forward pass converts no weight
+    and runs without autocast."""
+    from glocalclip.model.precision import COMPUTE_DTYPES, matrix_parameters
+
+    before = {k: v.clone() for k, v in tiny_clip.state_dict().items()}
+    model = GlocalCLIP(tiny_config(precision=precision), clip=tiny_clip)
+    dtype = COMPUTE_DTYPES[precision]
+    assert model.compute_dtype == dtype
+    # the caller's CLIP: every tensor as it was, fp32
+    for k, v in tiny_clip.state_dict().items():
+        assert v.dtype == before[k].dtype and torch.equal(v, before[k]), k
+    cast = matrix_parameters(model.clip)
+    assert len(cast) == 2 + 4 * (8 + 4) * 2 - 1  # conv1; per block in/out-proj, c_fc, c_proj (+ biases)
+    assert all(p.dtype == dtype and not p.requires_grad for p in cast)
+    cast_ids = {id(p) for p in cast}
+    others = [(n, p) for n, p in model.clip.named_parameters() if id(p) not in cast_ids]
+    assert all(p.dtype == torch.float32 for _, p in others)
+    theirs = dict(tiny_clip.named_parameters())
+    assert all(p.data_ptr() == theirs[n].data_ptr() for n, p in others)  # shared, not copied
+    x = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
+    autocast_seen = []
+    hook = model.clip.visual.conv1.register_forward_pre_hook(
+        lambda *_: autocast_seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        casts = _weight_casts(model, lambda: (model(x), model.encode_text()))
+    finally:
+        hook.remove()
+    assert casts == [] and autocast_seen == [False]
+
+
+def test_weight_casts_are_seen_when_they_happen(tiny_clip):
+    """The watcher above does see a per-call weight cast (what autocast did)."""
+    model = GlocalCLIP(tiny_config(), clip=tiny_clip)
+    x = torch.randn(1, 3, TINY_SIZE, TINY_SIZE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        casts = _weight_casts(model, lambda: model(x))
+    assert len(casts) > 10
+
+
+def test_precision_is_fixed_when_the_model_is_built(tiny_clip):
+    model = GlocalCLIP(tiny_config(), clip=tiny_clip)
+    model.cfg = model.cfg.replace(precision="bf16")
+    with pytest.raises(RuntimeError, match="precision is fixed at build time"):
+        model(torch.randn(1, 3, TINY_SIZE, TINY_SIZE))
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "blocked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_kernels_match_softmax_attention(kernel, dtype):
+    """Every kernel computes softmax(A Bᵀ·s)·V per (query, key) pair, stacked along the batch."""
+    from glocalclip.model.attention import KERNELS
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(3, 4, 37, 16, generator=g) for _ in range(3))
+    got = KERNELS[kernel]([(q.to(dtype), k.to(dtype)), (v.to(dtype), v.to(dtype))], v.to(dtype)).float()
+    want = torch.cat([torch.softmax(a @ b.transpose(-1, -2) / 4, dim=-1) @ v for a, b in ((q, k), (v, v))])
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .flags import (add_model_flags, add_settings, given_settings, model_overrides, new_parser, parse_given,
-                    settings_from_args)
+from .flags import (add_load_flags, add_model_flags, add_settings, given_settings, model_overrides, new_parser,
+                    parse_given, settings_from_args, trusted)
 
 
 # ---------------------------------------------------------------------------- train
@@ -26,6 +26,7 @@ def train_parser():
     p = new_parser("train.py", "Train GlocalCLIP prompts on an auxiliary dataset's labelled test split "
                                "(the paper's protocol).")
     add_settings(p, TrainConfig)
+    add_load_flags(p)
     add_model_flags(p, for_training=True)
     return p
 
@@ -36,9 +37,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_given(train_parser(), TrainConfig, sys.argv[1:] if argv is None else argv)  # --help: no torch yet
     from ..engine.training import train
 
-    cfg, model_cfg, resume_point = train_configs(given_settings(TrainConfig, args), model_overrides(args))
+    trust = trusted(args)
+    cfg, model_cfg, resume_point = train_configs(given_settings(TrainConfig, args), model_overrides(args), trust)
     try:
-        last = train(model_cfg, cfg, resume_point=resume_point)
+        last = train(model_cfg, cfg, resume_point=resume_point, trust=trust)
     except KeyboardInterrupt:
         return 130
     if last is not None:
@@ -46,10 +48,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def train_configs(given: dict[str, Any], model_given: dict[str, Any]):
+def train_configs(given: dict[str, Any], model_given: dict[str, Any], trust: bool = False):
     """(TrainConfig, GlocalCLIPConfig, the resume point or None) from the flags given: with
-    ``--resume``, what is not given is the checkpoint's (docs/design.md §5), read once and handed to
-    the trainer; else the defaults, and the backbone's."""
+    ``--resume``, what is not given is the checkpoint's (docs/design.md §5), read once (``trust``:
+    ``--trust_checkpoint``) and handed to the trainer; else the defaults, and the backbone's."""
     from ..engine.resume_settings import resumed_configs
     from ..engine.runs import ResumePoint
     from ..engine.settings import TrainConfig
@@ -57,7 +59,7 @@ def train_configs(given: dict[str, Any], model_given: dict[str, Any]):
 
     if not given.get("resume"):
         return TrainConfig(**given), GlocalCLIPConfig.for_backbone(**model_given), None
-    point = ResumePoint.read(given["resume"])
+    point = ResumePoint.read(given["resume"], trust)
     return (*resumed_configs(point.checkpoint, given, model_given), point)
 
 
@@ -70,6 +72,7 @@ def test_parser():
     p = new_parser("test.py", "Zero-shot (or, with --shots, few-shot) test of trained GlocalCLIP prompts.")
     add_settings(p, TestConfig)
     add_settings(p.add_argument_group("few-shot (with --shots K)"), FewShotSettings)
+    add_load_flags(p)
     add_model_flags(p, for_training=False)
     return p
 
@@ -97,7 +100,7 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
         shots = draw_shots(meta["train"], cfg.classes or [c for c, e in meta["test"].items() if e], cfg.shots,
                            cfg.shot_seed, cfg.data_path) if cfg.shots else None
         prepare_output_dir(cfg.save_path)  # and so does a save folder that cannot take a file
-        model, ckpt = load_model_and_checkpoint(cfg.checkpoint_path, **model_overrides(args))
+        model, ckpt = load_model_and_checkpoint(cfg.checkpoint_path, trust=trusted(args), **model_overrides(args))
         model = model.to(ctx.device)
         banks = class_banks(model, cfg.data_path, cfg.dataset, shots, few_shot) if shots else None
         out_dir = Path(cfg.save_path)

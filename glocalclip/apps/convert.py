@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 from ..engine.checkpoint import atomic_save
 from ..model.backbone_record import BackboneRecord, checkpoint_entry
 from ..model.checkpoint_format import adapt_checkpoint, is_ours, make_checkpoint, read_checkpoint, tensor_settings
-from .flags import add_model_flags, model_overrides, new_parser
+from .flags import add_load_flags, add_model_flags, model_overrides, new_parser, trusted
 
 
 def convert_parser() -> argparse.ArgumentParser:
@@ -27,13 +27,16 @@ def convert_parser() -> argparse.ArgumentParser:
                           "--t_n_ctx 4 (the defaults give features 6 12 18 24, dpam 20, image 518)")
     p.add_argument("source", metavar="OLD.pth", help="original-format checkpoint (or one of ours)")
     p.add_argument("target", metavar="NEW.pt", help="where to write our format")
+    add_load_flags(p)
     add_model_flags(p, for_training=False)
     return p
 
 
-def convert_checkpoint(source: Any, overrides: dict[str, Any]) -> tuple[dict, dict[str, Any], list[str]]:
-    """(our checkpoint dict, the prompt shape read off the tensors, dropped keys)."""
-    ckpt = read_checkpoint(source)
+def convert_checkpoint(source: Any, overrides: dict[str, Any],
+                       trust: bool = False) -> tuple[dict, dict[str, Any], list[str]]:
+    """(our checkpoint dict, the prompt shape read off the tensors, dropped keys). ``trust``: read a
+    source that could run code (``--trust_checkpoint``); what is written holds tensors and plain values only."""
+    ckpt = read_checkpoint(source, trust)
     cfg, state = adapt_checkpoint(ckpt, overrides)
     raw = ckpt["prompt_learner"]
     dropped = sorted(k for k in raw if k not in state)
@@ -59,7 +62,7 @@ def convert_main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = convert_parser().parse_args(argv)
     try:
-        new, found, dropped = convert_checkpoint(args.source, model_overrides(args))
+        new, found, dropped = convert_checkpoint(args.source, model_overrides(args), trusted(args))
     except (ValueError, FileNotFoundError) as e:
         print(f"convert: {e}", file=sys.stderr)
         return 2

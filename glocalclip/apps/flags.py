@@ -158,6 +158,20 @@ def add_model_flags(parser: Any, for_training: bool) -> None:
     add_settings(group, GlocalCLIPConfig, given_only=True, note=_train_default if for_training else _checkpoint_default)
 
 
+def add_load_flags(parser: Any) -> None:
+    """``--trust_checkpoint`` (``LoadSettings``), on every command that loads a checkpoint or weights file."""
+    from ..model.config import LoadSettings
+
+    add_settings(parser, LoadSettings)
+
+
+def trusted(args: argparse.Namespace) -> bool:
+    """Whether the command line opted in to loading files that could run code (``--trust_checkpoint``)."""
+    from ..model.config import LoadSettings
+
+    return settings_from_args(LoadSettings, args).trust_checkpoint
+
+
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The model settings given on a command line (``--pretrained none`` counts)."""
     from ..model.config import GlocalCLIPConfig

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from ..datasets.preprocess import normalize_image
 from ..engine.smoothing import GaussianSmoothing, smoothed_scores
-from .predict_io import (FIELDS, IMAGE_EXTENSIONS, ImageInput, Prediction, expand_inputs,  # noqa: F401
-                         label_of, output_names, predict_images, write_predictions)
+from .predict_io import (FIELDS, IMAGE_EXTENSIONS, ImageInput, Prediction, batch_invariant_scores,  # noqa: F401
+                         expand_inputs, label_of, output_names, predict_images, write_predictions)
 
 
 class Predictor:
@@ -51,14 +51,15 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
                         threshold: Optional[float] = None, sigma: Optional[float] = 8.0, batch_size: int = 8,
-                        **overrides: Any) -> "Predictor":
+                        trust: bool = False, **overrides: Any) -> "Predictor":
         """Our checkpoint (config inside), or an original GlocalCLIP/AnomalyCLIP one (settings from
         ``overrides``, prompt shapes from its tensors). ``threshold`` None: the F1-max threshold
         ``test.py`` stored beside the checkpoint, else one embedded in an older checkpoint, else no labels.
-        ``sigma`` None: the σ that threshold was measured with (8 where none is stored)."""
+        ``sigma`` None: the σ that threshold was measured with (8 where none is stored). ``trust``: load a
+        file even where loading it could run code (see ``glocalclip.load_model``)."""
         from ..engine.checkpoint import load_model_and_checkpoint, stored_test_record, tested_sigma, threshold_source
 
-        model, ckpt = load_model_and_checkpoint(os.fspath(path), **overrides)
+        model, ckpt = load_model_and_checkpoint(os.fspath(path), trust=trust, **overrides)
         record = stored_test_record(path, ckpt)
         sigma = tested_sigma(record) if sigma is None else sigma
         source = "given"
@@ -100,10 +101,16 @@ class Predictor:
         smoothing = self._smoothing.get(sigma)
         if smoothing is None:
             smoothing = self._smoothing[sigma] = GaussianSmoothing(sigma, self.device)
-        score, amap = smoothed_scores(self.model(x.to(self.device), text=self.text), smoothing,
-                                      self.model.cfg.image_score)  # exactly as test.py
+        x = x.to(self.device)
+
+        def forward(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return smoothed_scores(self.model(batch, text=self.text), smoothing,
+                                   self.model.cfg.image_score)  # exactly as test.py
+
+        score, amap = forward(x)  # [B], [B, S, S]
         peak = amap.flatten(1).max(1).values
         score, peak = score.float().cpu().tolist(), peak.float().cpu().tolist()
+        score = batch_invariant_scores(score, thr, lambda i: float(forward(x[i:i + 1])[0][0].float().cpu()))
         preds = []
         for i, (h, w) in enumerate(sizes):
             m = amap[i]

@@ -20,7 +20,7 @@ import numpy as np
 from ..datasets.errors import DatasetError
 from ..engine.settings import PAPER_SIGMA as DEFAULT_SIGMA, progress_setting
 from ..settings import check_settings, setting
-from .flags import add_model_flags, add_settings, model_overrides, new_parser, settings_from_args
+from .flags import add_load_flags, add_model_flags, add_settings, model_overrides, new_parser, settings_from_args, trusted
 from ..locks import FolderLock
 from .predict_io import check_model_source, FIELDS, LoadedImage, expand_inputs, output_names, read_image, save_outputs
 from .predict_runs import PredictionsFile, image_key
@@ -72,18 +72,20 @@ def predict_parser() -> argparse.ArgumentParser:
     p = new_parser("glocalclip predict", "Score images with a trained checkpoint or an exported ONNX file: "
                                          "anomaly score, label, heat map.")
     add_settings(p, PredictConfig)
+    add_load_flags(p)
     add_model_flags(p, for_training=False)
     return p
 
 
-def build_predictor(cfg: PredictConfig, overrides: dict[str, Any]):
-    """The PyTorch Predictor for ``--checkpoint``, the ONNX Runtime one for ``--model``."""
+def build_predictor(cfg: PredictConfig, overrides: dict[str, Any], trust: bool = False):
+    """The PyTorch Predictor for ``--checkpoint`` (``trust``: ``--trust_checkpoint``), the ONNX Runtime
+    one for ``--model``."""
     if cfg.model is None:
         from .predict import Predictor
 
         sigma = DEFAULT_SIGMA if cfg.sigma is None else cfg.sigma
         return Predictor.from_checkpoint(cfg.checkpoint, device=cfg.device, threshold=cfg.threshold,
-                                         sigma=sigma, batch_size=cfg.batch_size, **overrides)
+                                         sigma=sigma, batch_size=cfg.batch_size, trust=trust, **overrides)
     if overrides:
         raise ValueError(f"model settings ({', '.join(sorted(overrides))}) set up a checkpoint's model; an ONNX "
                          f"file fixes its model: export it again with the settings you want")
@@ -174,7 +176,7 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
                   file=sys.stderr)
         sink = PredictionsFile(out, FIELDS).check(cfg.resume, cfg.overwrite)  # before the model is built
         todo = _still_to_score(files, sink)
-        predictor = build_predictor(cfg, model_overrides(args))
+        predictor = build_predictor(cfg, model_overrides(args), trusted(args))
         sink.start()
         names = dict(zip(map(str, files), output_names(files)))  # all inputs: a resumed run keeps the names
         try:

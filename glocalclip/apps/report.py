@@ -48,29 +48,34 @@ def find_results(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def _checkpoint_info(path: Optional[str]) -> dict[str, Any]:
-    """train_config and epoch of the checkpoint a run tested, if the file is still there."""
+def _checkpoint_info(path: Optional[str], trust: bool = False) -> dict[str, Any]:
+    """train_config and epoch of the checkpoint a run tested, if the file is still there and reads. A
+    results.json may come from anyone: a checkpoint it names that could run code when loaded is
+    refused (CheckpointError) unless ``trust`` (``--trust_checkpoint``), not passed over in silence."""
     if not path or not Path(path).is_file():
         return {}
-    try:
-        import torch
+    from ..model.checkpoint_format import CheckpointError, read_checkpoint
 
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:
+    try:
+        ckpt = read_checkpoint(path, trust)
+    except CheckpointError as e:
+        if e.kind == "unsafe":
+            raise
         return {}
-    if not isinstance(ckpt, dict):
+    except Exception:  # noqa: BLE001 - a damaged checkpoint only costs the run its training settings
         return {}
     return {"train_config": ckpt.get("train_config") or {}, "epoch": ckpt.get("epoch")}
 
 
-def load_run(path: Path) -> dict[str, Any]:
-    """One run: its results plus ``dataset`` name, ``seed`` (or None) and ``setting`` (a dict)."""
+def load_run(path: Path, trust: bool = False) -> dict[str, Any]:
+    """One run: its results plus ``dataset`` name, ``seed`` (or None) and ``setting`` (a dict);
+    ``trust``: see :func:`_checkpoint_info`."""
     res = json.loads(Path(path).read_text())
     if "mean" not in res or "classes" not in res:
         raise ValueError(f"{path} is not a glocalclip results.json (no 'mean'/'classes')")
     dataset = res.get("dataset") or Path(str(res.get("data_path", path.parent))).name
     train = res.get("train_config")
-    info = {} if train is not None else _checkpoint_info(res.get("checkpoint"))
+    info = {} if train is not None else _checkpoint_info(res.get("checkpoint"), trust)
     train = train if train is not None else info.get("train_config", {})
     seed = train.get("seed")
     if seed is None:
@@ -221,7 +226,7 @@ def build_report(runs: list[dict[str, Any]], per_class: bool = False, all_metric
 
 
 def report_parser() -> argparse.ArgumentParser:
-    from .flags import new_parser
+    from .flags import add_load_flags, new_parser
 
     p = new_parser("glocalclip report", "Merge test runs (results.json, searched recursively) into one table "
                                         "per dataset: mean ± std over seeds.")
@@ -231,6 +236,7 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("--per_class", action="store_true", help="add a per-class table per setting")
     p.add_argument("--all_metrics", action="store_true",
                    help="every metric of the runs, not only the paper's four")
+    add_load_flags(p)
     return p
 
 
@@ -240,7 +246,10 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
         files = find_results(args.runs)
         if not files:
             raise FileNotFoundError(f"no results.json below {' '.join(args.runs)}")
-        runs = [load_run(f) for f in files]
+        from .flags import trusted
+
+        trust = trusted(args)
+        runs = [load_run(f, trust) for f in files]
     except (FileNotFoundError, ValueError, json.JSONDecodeError) as e:
         print(f"report: {e}", file=sys.stderr)
         return 2

@@ -139,3 +139,60 @@ def resized_rgb(img: Image.Image, image_size: int) -> np.ndarray:
         raise DatasetError(f"image {name} has PIL mode {img.mode!r}, which cannot be resized or converted to RGB "
                            f"({exc}); re-save it as an 8-bit RGB or grey PNG") from None
     return np.array(img, dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------- reduced while decoding (serve)
+#: an image is reduced while decoding only to an integer fraction that keeps each side at least this many
+#: times the model's input side, so the bicubic resize after it still averages several pixels per output
+#: pixel (Pillow's ``reducing_gap`` idea); images smaller than that are decoded exactly as predict does
+REDUCING_GAP = 3
+_NOT_REDUCIBLE = ("1", "P", "PA")  # palette indices and bits cannot be averaged
+_ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                          6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                          8: Image.Transpose.ROTATE_90}
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored; 1 also where it is missing or unreadable)."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the pixels are still good
+        return 1
+    return orientation if orientation in _ORIENTATION_TRANSPOSE else 1
+
+
+def _reduction(size: tuple[int, int], image_size: int, keep_long_side: int) -> tuple[int, int]:
+    """Per axis, the largest integer factor that keeps the side >= REDUCING_GAP x ``image_size``, and
+    the long side >= ``keep_long_side`` (the picture drawn from it, aspect kept), at least 1."""
+    long_factor = max(size) // max(1, keep_long_side)
+    return tuple(max(1, min(side // (REDUCING_GAP * image_size), long_factor))  # type: ignore[return-value]
+                 for side in size)
+
+
+def decode_for_serving(img: Image.Image, image_size: int, picture_side: int, what: str = "image",
+                       fix: str = DATASET_FIX) -> tuple[np.ndarray, Image.Image]:
+    """``img`` (opened lazily, not yet decoded) -> (the model's input, uint8 [S, S, 3]; the image
+    upright, reduced to about ``picture_side`` on its long side, for a picture drawn over it), with
+    no copy of a large image beyond the decoded one and no float copy of it (the server's memory
+    bound). A JPEG is decoded at 1/2, 1/4 or 1/8 scale by its DCT (``draft``), to an integer
+    fraction of its size that keeps each side >= REDUCING_GAP x ``image_size`` and the long side >=
+    ``picture_side``; high-depth grey is box-reduced (``Image.reduce``, as 32-bit integers) to that
+    size before its scaling to 8 bits. Every other image is decoded in full and resized exactly as
+    ``predict`` resizes it: the same pixels (docs/usage.md, "Security: the server")."""
+    orientation = exif_orientation(img)
+    factors = _reduction(img.size, image_size, picture_side)
+    if max(factors) > 1 and img.format == "JPEG":
+        img.draft(None, (-(-img.size[0] // factors[0]), -(-img.size[1] // factors[1])))
+    img = decoded(img, what, fix)
+    if _is_high_depth(img.mode):  # to_8bit_grey would hold float64 copies of it: reduce it first
+        factors = _reduction(img.size, image_size, picture_side)
+        if max(factors) > 1:
+            img = (img.convert("I") if img.mode.startswith("I;") else img).reduce(factors)
+    if orientation != 1:
+        img = img.transpose(_ORIENTATION_TRANSPOSE[orientation])
+    pixels = resized_rgb(img, image_size)
+    factor = max(img.size) // max(1, picture_side)  # one factor: the picture keeps its aspect
+    if factor > 1 and img.mode not in _NOT_REDUCIBLE:
+        img = img.reduce(factor)
+    return pixels, img

@@ -26,7 +26,7 @@ from .. import __version__
 from ..datasets.preprocess import normalize_image
 from ..engine.smoothing import gaussian_kernel1d, separable_smooth
 from ..model.scoring import final_image_score
-from ..apps.flags import add_settings, new_parser, settings_from_args
+from ..apps.flags import add_load_flags, add_settings, new_parser, settings_from_args, trusted
 from ..settings import check_settings, setting
 from .metadata import INPUT_NAME, OUTPUT_NAMES, DeployMetadata
 
@@ -68,27 +68,28 @@ class DeployedDetector(nn.Module):
         return out["image_score"], amap
 
 
-def _load_model(checkpoint: str | os.PathLike, **overrides: Any) -> tuple[nn.Module, dict]:
+def _load_model(checkpoint: str | os.PathLike, trust: bool = False, **overrides: Any) -> tuple[nn.Module, dict]:
     """The checkpoint's model in eval mode, and its test record (threshold and σ ``test.py`` stored)."""
     from ..engine.checkpoint import load_model_and_checkpoint, stored_test_record
 
-    model, ckpt = load_model_and_checkpoint(checkpoint, **overrides)
+    model, ckpt = load_model_and_checkpoint(checkpoint, trust=trust, **overrides)
     return model.eval(), stored_test_record(checkpoint, ckpt)
 
 
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Optional[float] = None,
                 half: bool = False, image_size: Optional[int] = None, threshold: Optional[float] = None,
-                **overrides: Any) -> DeployMetadata:
+                trust: bool = False, **overrides: Any) -> DeployMetadata:
     """Write ``out`` (and ``out.data`` when the weights pass 2 GB): one ONNX graph from uint8 images
     [B, S, S, 3] to ``pred_score`` [B] and ``anomaly_map`` [B, S, S]. ``sigma`` defaults to the σ the
     checkpoint was tested with, ``image_size`` to its config's, ``threshold`` to its stored one.
-    ``half`` stores the weight matrices as float16 (computed in float32). Returns the metadata."""
+    ``half`` stores the weight matrices as float16 (computed in float32). ``trust``: load a checkpoint
+    that could run code (``--trust_checkpoint``). Returns the metadata."""
     from ..engine.checkpoint import file_sha256, tested_sigma
 
     _require_exporter()
     if image_size is not None:
         overrides["image_size"] = int(image_size)
-    model, record = _load_model(checkpoint, **{**overrides, "precision": "fp32"})
+    model, record = _load_model(checkpoint, trust, **{**overrides, "precision": "fp32"})
     sigma = tested_sigma(record) if sigma is None else float(sigma)
     meta = DeployMetadata(image_size=int(model.cfg.image_size), sigma=sigma,
                           threshold=(record or {}).get("image_score") if threshold is None else float(threshold),
@@ -175,6 +176,7 @@ def export_parser() -> argparse.ArgumentParser:
     p = new_parser("glocalclip export", "Export a checkpoint as one ONNX graph: uint8 images [B, S, S, 3] in, "
                    "image score [B] and smoothed anomaly map [B, S, S] out. Needs pip install 'glocalclip[deploy]'.")
     add_settings(p, ExportSettings)
+    add_load_flags(p)
     return p
 
 
@@ -184,7 +186,7 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
     checkpoint, out, pretrained = options.pop("checkpoint"), options.pop("out"), options.pop("pretrained")
     t0 = time.perf_counter()
     overrides = {} if pretrained is None else {"pretrained": pretrained}
-    meta = export_onnx(checkpoint, out, **options, **overrides)
+    meta = export_onnx(checkpoint, out, **options, trust=trusted(args), **overrides)
     size = sum(p.stat().st_size for p in exported_files(out))
     thr = "none" if meta.threshold is None else f"{meta.threshold:.4g}"
     print(f"export: {out} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s): images uint8 "

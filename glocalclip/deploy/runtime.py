@@ -17,7 +17,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from ..apps.predict_io import ImageInput, Prediction, label_of, predict_images
+from ..apps.predict_io import ImageInput, Prediction, batch_invariant_scores, label_of, predict_images
 from .metadata import INPUT_NAME, DeployMetadata
 
 RUNTIME_EXTRA_HINT = "the ONNX runtime needs onnxruntime: pip install 'glocalclip[deploy]' (or pip install onnxruntime)"
@@ -59,6 +59,10 @@ def _providers(device: Optional[str]) -> list[str]:
     raise ValueError(f"device must be cpu or cuda[:N] for an ONNX file, got {device!r}")
 
 
+class OnnxFileError(ValueError):
+    """A file given as an exported model that ONNX Runtime cannot read (an input error: one message, exit 2)."""
+
+
 class OnnxPredictor:
     """An exported file on ONNX Runtime. ``threshold`` None: the threshold stored in the file (from
     the checkpoint), else no labels. σ and the image size are fixed in the file (``self.metadata``)."""
@@ -75,7 +79,14 @@ class OnnxPredictor:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = int(threads)
-        self.session = ort.InferenceSession(path, sess_options=options, providers=_providers(device))
+        providers = _providers(device)
+        try:
+            self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's errors are its own types (InvalidProtobuf, Fail, ...)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise OnnxFileError(f"ONNX file {path} cannot be read by ONNX Runtime ({first[:200]}): it is not an ONNX "
+                                f"file, or it is damaged; write it again with `glocalclip export CKPT --out "
+                                f"{path}`") from None
         self.metadata = DeployMetadata.from_props(self.session.get_modelmeta().custom_metadata_map, path)
         self.path = path
         self.threshold = self.metadata.threshold if threshold is None else float(threshold)
@@ -118,7 +129,9 @@ class OnnxPredictor:
         thr = threshold if threshold is not None else self.threshold
         score, amap = self.run(pixels)
         peak = amap.reshape(len(amap), -1).max(axis=1)
-        return [Prediction(image_path=paths[i] if paths else None, pred_score=float(score[i]),
-                           pred_label=label_of(float(score[i]), thr), map_max=float(peak[i]),
+        score = batch_invariant_scores([float(s) for s in score], thr,
+                                       lambda i: float(self.run(pixels[i:i + 1])[0][0]))
+        return [Prediction(image_path=paths[i] if paths else None, pred_score=score[i],
+                           pred_label=label_of(score[i], thr), map_max=float(peak[i]),
                            anomaly_map=resize_bilinear(amap[i], size))
                 for i, size in enumerate(sizes)]

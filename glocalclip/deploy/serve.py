@@ -1,19 +1,21 @@
 """``glocalclip serve``: a small HTTP service (FastAPI + uvicorn, the ``serve`` extra) around a
 checkpoint (PyTorch) or an exported ONNX file (ONNX Runtime, no torch loaded).
 
-- ``POST /predict``: multipart, one or more files in the field ``files``; answers
-  ``{"threshold", "results": [{"filename", "width", "height", "pred_score", "pred_label", "threshold",
-  "map_max", "overlay_png"}]}`` (``overlay_png``: base64 PNG of the heat map over the image, at most
-  1024 px on its long side). Bad uploads get a 4xx with ``{"detail": message}``.
+- ``POST /predict``: multipart, one or more files in the field ``files``; answers one outcome per file,
+  in order: a prediction (``"ok": true``) or the reason it was refused (``"ok": false``, ``"status"``,
+  ``"error"``). The schema is in docs/usage.md, "HTTP API".
 - ``GET /healthz``: the model's settings, to check the service is up.
 - ``GET /``: one self-contained page (``page.html``) to drop images and move a threshold slider.
 
 Requests arriving together are scored as one batch (``batching.py``). Binds to 127.0.0.1 by default.
+Every upload is bounded while it is read and decoded (``uploads.py``; the limits, timeouts and the
+memory they give: docs/usage.md, "Security: the server").
 """
 
 import argparse
 import asyncio
 import base64
+import functools
 import io
 import sys
 from contextlib import asynccontextmanager
@@ -21,15 +23,15 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Optional, Sequence
 
-from ..apps.predict_io import LoadedImage, Prediction, check_model_source, label_of, overlay_rgb
+from ..apps.predict_io import Prediction, check_model_source, overlay_rgb
 from .batching import BatchScorer
 from ..apps.flags import add_settings, new_parser, settings_from_args
+from ..model.config import PRECISIONS
 from ..settings import check_settings, setting
-from .uploads import UploadError, decode_upload
+from .uploads import BodyLimits, ClientGone, ServedImage, UploadError, decode_upload, receive_files
 
 SERVE_EXTRA_HINT = "serving needs the serve extra: pip install 'glocalclip[serve]' (fastapi, uvicorn, python-multipart)"
 OVERLAY_SIDE = 1024  # the page shows overlays small; full-size PNGs of large photos would be megabytes
-MAX_FILES = 32  # files per request; with the per-image limit this bounds a request's body
 
 
 @dataclass
@@ -43,6 +45,10 @@ class ServedModel:
                                      default_text="the σ test.py scored the checkpoint with, else 8")
     device: Optional[str] = setting(None, help="cpu or cuda", default_text="--checkpoint: the GPU if present; "
                                                                            "--model: the CPU")
+    precision: Optional[str] = setting(None, choices=PRECISIONS,
+                                       help="--checkpoint only: the model's precision (docs/speed.md: bf16 is "
+                                            "faster on CPUs with bf16 units and moves scores by about 1e-2)",
+                                       default_text="the checkpoint's, fp32 unless set when training")
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -50,16 +56,32 @@ class ServedModel:
         if self.model is not None and self.sigma is not None:
             raise ValueError("--sigma applies to --checkpoint; an ONNX file has its σ built in "
                              "(glocalclip export --sigma)")
+        if self.model is not None and self.precision is not None:
+            raise ValueError("--precision applies to --checkpoint; an ONNX file is computed in float32")
 
 
 @dataclass
 class ServeSettings:
-    """How the service runs and answers (each a ``glocalclip serve`` flag)."""
+    """How the service runs and answers (each a ``glocalclip serve`` flag). The limits bound what
+    any request can cost; docs/usage.md, "Security: the server", gives the memory they allow."""
 
     host: str = setting("127.0.0.1", help="address to bind: 127.0.0.1 is this machine only; 0.0.0.0 opens the "
                                           "service to the network")
     port: int = setting(8000, minimum=1, help="TCP port")
-    max_upload_mb: float = setting(20.0, minimum=0, help="largest image file accepted, in MB")
+    max_upload_mb: float = setting(20.0, minimum=0, help="largest image file accepted, in MB; counted as the "
+                                                         "bytes arrive, a larger file ends its request with 413")
+    max_request_mb: float = setting(100.0, minimum=0, help="largest request body, in MB, counted as the bytes "
+                                                           "arrive (with or without Content-Length)")
+    max_files: int = setting(16, minimum=1, help="most files in one request")
+    max_image_mp: float = setting(40.0, minimum=0, help="most pixels in one image, in megapixels, read from its "
+                                                        "header before decoding (a 24 MP photo passes); more is "
+                                                        "refused with 413")
+    max_decodes: int = setting(2, minimum=1, help="images decoded (or overlays drawn) at once; each decode holds "
+                                                  "4 bytes per pixel of its image, 8 if EXIF turns it")
+    max_requests: int = setting(4, minimum=1, help="requests handled at once; more are answered 503 at once")
+    upload_timeout_s: float = setting(60.0, minimum=0, help="a request body must arrive within this many seconds; "
+                                                            "a slower or stalled upload is answered 408 and its "
+                                                            "connection closed")
     max_batch: int = setting(8, minimum=1, help="most images scored in one forward pass; requests arriving "
                                                 "together share it")
     batch_wait_ms: float = setting(5.0, minimum=0, help="how long the first waiting request waits for others "
@@ -74,6 +96,15 @@ class ServeSettings:
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1e6)
 
+    @property
+    def body_limits(self) -> BodyLimits:
+        return BodyLimits(file_bytes=self.max_upload_bytes, body_bytes=int(self.max_request_mb * 1e6),
+                          files=self.max_files, seconds=self.upload_timeout_s)
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.max_image_mp * 1e6)
+
 
 def page_html() -> str:
     return resources.files("glocalclip.deploy").joinpath("page.html").read_text(encoding="utf-8")
@@ -82,21 +113,23 @@ def page_html() -> str:
 def _png_base64(rgb) -> str:
     from PIL import Image
 
-    im = Image.fromarray(rgb)
-    im.thumbnail((OVERLAY_SIDE, OVERLAY_SIDE), Image.BILINEAR)
     buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=False)
+    Image.fromarray(rgb).save(buf, format="PNG", optimize=False)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def result_json(pred: Prediction, loaded: LoadedImage, threshold: Optional[float],
+def result_json(filename: str, pred: Prediction, image: ServedImage, threshold: Optional[float],
                 value_range: tuple[float, float]) -> dict[str, Any]:
-    """One image's answer: the Prediction's fields, the threshold the label used, the overlay."""
-    h, w = loaded.size
-    return {"filename": pred.image_path, "width": w, "height": h, "pred_score": pred.pred_score,
-            "pred_label": label_of(pred.pred_score, threshold), "threshold": threshold,
-            "map_max": pred.map_max,
-            "overlay_png": _png_base64(overlay_rgb(loaded.rgb, pred, value_range))}
+    """One image's answer: the Prediction's fields, the threshold the label used, the overlay (drawn
+    at the overlay's size: the map was resized to it) and the map range its colours span."""
+    h, w = image.size
+    return {"filename": filename, "ok": True, "width": w, "height": h, "pred_score": pred.pred_score,
+            "pred_label": pred.pred_label, "threshold": threshold, "map_max": pred.map_max,
+            "map_range": list(value_range), "overlay_png": _png_base64(overlay_rgb(image.rgb, pred, value_range))}
+
+
+def error_json(filename: str, error: UploadError) -> dict[str, Any]:
+    return {"filename": filename, "ok": False, "status": error.status, "error": error.message}
 
 
 def model_info(predictor, threshold: Optional[float]) -> dict[str, Any]:
@@ -106,34 +139,33 @@ def model_info(predictor, threshold: Optional[float]) -> dict[str, Any]:
             "map_range": list(predictor.map_value_range)}
 
 
-async def _read_uploads(files, settings: ServeSettings, image_size: int) -> list[LoadedImage]:
-    from fastapi import HTTPException
+def refusal(status: int, message: str, results: Optional[list] = None):
+    """A 4xx/5xx answer; ``Connection: close`` so that a body still arriving is not read on."""
+    from fastapi.responses import JSONResponse
 
-    if not files:
-        raise HTTPException(400, "no files: send one or more images in the multipart field 'files'")
-    if len(files) > MAX_FILES:
-        raise HTTPException(413, f"{len(files)} files in one request; at most {MAX_FILES}")
-    loaded = []
-    for f in files:
-        data = await f.read(settings.max_upload_bytes + 1)
-        try:  # decoding a large photo takes a while: off the event loop
-            item = await asyncio.to_thread(decode_upload, data, f.filename or "upload", image_size,
-                                           settings.max_upload_bytes)
-        except UploadError as e:
-            raise HTTPException(e.status, e.message) from None
-        item.path = f.filename or "upload"
-        loaded.append(item)
-    return loaded
+    body: dict[str, Any] = {"detail": message}
+    if results is not None:
+        body["results"] = results
+    return JSONResponse(body, status_code=status, headers={"Connection": "close"})
+
+
+PREDICT_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["files"],
+    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
 
 
 def create_app(predictor, settings: Optional[ServeSettings] = None):
     """The FastAPI application around ``predictor`` (a ``Predictor`` or an ``OnnxPredictor``)."""
-    from fastapi import FastAPI, File, Request, UploadFile
-    from fastapi.responses import HTMLResponse, JSONResponse
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse
 
     settings = settings or ServeSettings()
     threshold = settings.threshold if settings.threshold is not None else predictor.threshold
-    scorer = BatchScorer(predictor.predict_uint8, settings.max_batch, settings.batch_wait_ms)
+    # labels decided by the predictor's rule (batch-invariant, predict_io.batch_invariant_scores)
+    scorer = BatchScorer(functools.partial(predictor.predict_uint8, threshold=threshold), settings.max_batch,
+                         settings.batch_wait_ms)
+    image_work = asyncio.Semaphore(settings.max_decodes)  # decodes and overlays: the memory of each is large
+    in_flight = [0]
 
     @asynccontextmanager
     async def lifespan(app):
@@ -142,15 +174,10 @@ def create_app(predictor, settings: Optional[ServeSettings] = None):
         await scorer.stop()
 
     app = FastAPI(title="glocalclip", lifespan=lifespan)
-    body_limit = settings.max_upload_bytes * MAX_FILES + 1_000_000
 
-    @app.middleware("http")
-    async def refuse_huge_bodies(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > body_limit:
-            return JSONResponse({"detail": f"request body of {int(length) / 1e6:.0f} MB is over the limit of "
-                                           f"{body_limit / 1e6:.0f} MB"}, status_code=413)
-        return await call_next(request)
+    async def bounded(fn, *args):
+        async with image_work:
+            return await asyncio.to_thread(fn, *args)
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -160,12 +187,53 @@ def create_app(predictor, settings: Optional[ServeSettings] = None):
     async def healthz() -> dict[str, Any]:
         return model_info(predictor, threshold)
 
-    @app.post("/predict")
-    async def predict(files: list[UploadFile] = File(default=[])) -> dict[str, Any]:
-        loaded = await _read_uploads(files, settings, predictor.image_size)
-        preds = await scorer.score([x.pixels for x in loaded], [x.size for x in loaded], [x.path for x in loaded])
-        results = await asyncio.to_thread(lambda: [result_json(p, x, threshold, predictor.map_value_range)
-                                                    for p, x in zip(preds, loaded)])
+    @app.post("/predict", openapi_extra=PREDICT_OPENAPI)
+    async def predict(request: Request):
+        if in_flight[0] >= settings.max_requests:
+            return refusal(503, f"busy: {settings.max_requests} requests are being handled; try again "
+                                f"(glocalclip serve --max_requests)")
+        in_flight[0] += 1
+        try:
+            return await _predict(request)
+        finally:
+            in_flight[0] -= 1
+
+    async def _predict(request: Request):
+        try:
+            files = await receive_files(request.receive, dict(request.headers), settings.body_limits)
+        except UploadError as e:
+            return refusal(e.status, e.message)
+        except ClientGone:
+            return refusal(400, "the client closed the connection before its body arrived")
+        try:
+            if not files:
+                return refusal(400, "no files: send one or more images in the multipart field 'files'")
+            outcomes: list[Any] = []
+            for f in files:  # one at a time per request; max_decodes across requests
+                try:
+                    outcomes.append(await bounded(decode_upload, f.data, f.filename, predictor.image_size,
+                                                  settings.max_pixels, OVERLAY_SIDE))
+                except UploadError as e:
+                    outcomes.append(e)
+                f.data.close()  # the bytes are no longer needed
+        finally:
+            for f in files:
+                f.data.close()
+        good = [x for x in outcomes if isinstance(x, ServedImage)]
+        if not good:
+            statuses = {e.status for e in outcomes}
+            results = [error_json(f.filename, e) for f, e in zip(files, outcomes)]
+            return refusal(statuses.pop() if len(statuses) == 1 else 400,
+                           "; ".join(e.message for e in outcomes), results)
+        preds = iter(await scorer.score([x.pixels for x in good], [x.rgb.shape[:2] for x in good],
+                                        [f.filename for f, x in zip(files, outcomes) if isinstance(x, ServedImage)]))
+        results = []
+        for f, x in zip(files, outcomes):
+            if isinstance(x, ServedImage):
+                results.append(await bounded(result_json, f.filename, next(preds), x, threshold,
+                                             predictor.map_value_range))
+            else:
+                results.append(error_json(f.filename, x))
         return {"threshold": threshold, "results": results}
 
     return app
@@ -189,8 +257,9 @@ def build_predictor(source: ServedModel, max_batch: int):
     from ..apps.predict import Predictor
 
     # σ not given: the one test.py scored the checkpoint with, which its stored threshold belongs to
+    precision = {} if source.precision is None else {"precision": source.precision}
     return Predictor.from_checkpoint(source.checkpoint, device=source.device, sigma=source.sigma,
-                                     batch_size=max_batch)
+                                     batch_size=max_batch, **precision)
 
 
 def serve_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -204,5 +273,6 @@ def serve_main(argv: Optional[Sequence[str]] = None) -> int:
     settings = settings_from_args(ServeSettings, args)
     app = create_app(build_predictor(settings_from_args(ServedModel, args), settings.max_batch), settings)
     print(f"glocalclip serve: http://{settings.host}:{settings.port}/ (POST /predict, GET /healthz)")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info")
+    # timeout_keep_alive: an idle kept-alive connection is closed after 5 s (the body timeout is ours)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_keep_alive=5)
     return 0

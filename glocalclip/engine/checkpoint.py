@@ -15,8 +15,7 @@ import torch
 
 from ..files import write_json, write_torch
 
-from ..model.backbone_record import file_sha256
-from ..model.checkpoint_format import read_checkpoint
+from ..model.checkpoint_format import file_sha256, read_checkpoint
 from ..model.glocalclip import GlocalCLIP, model_from_checkpoint
 
 THRESHOLD_SUFFIX = ".threshold.json"
@@ -24,20 +23,25 @@ THRESHOLD_SUFFIX = ".threshold.json"
 
 # ---------------------------------------------------------------------------- loading
 def load_model_and_checkpoint(source: str | os.PathLike | dict, clip: Optional[torch.nn.Module] = None,
-                              **overrides: Any) -> tuple[GlocalCLIP, dict]:
+                              trust: bool = False, **overrides: Any) -> tuple[GlocalCLIP, dict]:
     """:func:`load_model`, also returning the checkpoint dict (its ``train_config``, ``epoch``, ...)."""
-    ckpt = read_checkpoint(source)
-    return model_from_checkpoint(ckpt, clip, overrides), ckpt
+    ckpt = read_checkpoint(source, trust)
+    return model_from_checkpoint(ckpt, clip, overrides, trust), ckpt
 
 
-def load_model(source: str | os.PathLike | dict, clip: Optional[torch.nn.Module] = None,
+def load_model(source: str | os.PathLike | dict, clip: Optional[torch.nn.Module] = None, trust: bool = False,
                **overrides: Any) -> GlocalCLIP:
     """The model of a checkpoint: ours (config and backbone inside, so it rebuilds without the
     backbone's JSON; ``overrides`` change fields, e.g. ``pretrained`` pointing at a local copy of
     the weights, which are checked against the recorded SHA-256), or an original GlocalCLIP /
     AnomalyCLIP one (prompt shapes read off its tensors, the rest from ``overrides``, else the
-    backbone's defaults). Pass ``clip`` to reuse a backbone you built."""
-    return load_model_and_checkpoint(source, clip, **overrides)[0]
+    backbone's defaults). Pass ``clip`` to reuse a backbone you built.
+
+    Loading runs no code from the files: a checkpoint or weights file that holds Python objects
+    beyond tensors is refused (CheckpointError) unless ``trust=True``, the ``--trust_checkpoint``
+    flag; one of ours whose contents fail their recorded SHA-256 is refused whatever ``trust`` says
+    (docs/usage.md, "Security: files you load")."""
+    return load_model_and_checkpoint(source, clip, trust, **overrides)[0]
 
 
 # ---------------------------------------------------------------------------- writing

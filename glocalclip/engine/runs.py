@@ -46,21 +46,26 @@ def latest_checkpoint(path: str | os.PathLike) -> Path:
     return found[-1]
 
 
-def resume_checkpoint(path: str | os.PathLike, warn: Callable[[str], None]) -> tuple[Path, dict]:
+def resume_checkpoint(path: str | os.PathLike, warn: Callable[[str], None],
+                      trust: bool = False) -> tuple[Path, dict]:
     """(file, checkpoint dict) that ``--resume path`` continues from: ``path`` itself if a file, else
     the highest ``epoch_N.pth`` in the folder that reads. A damaged later one (truncated, empty: an
-    interrupted copy) is passed over with a message through ``warn``; a file named directly is not."""
+    interrupted copy; corrupt: its contents fail their SHA-256) is passed over with a message through
+    ``warn``; a file named directly is not, nor one refused as unsafe (not ``trust``): that is no accident
+    of a copy, and the run stops on it."""
     p = Path(path)
     if not p.is_dir():
-        return p, read_checkpoint(p)
+        return p, read_checkpoint(p, trust)
     found = epoch_files(p)
     if not found:
         raise FileNotFoundError(f"--resume {path}: no epoch_N.pth checkpoint there")
     damaged = []
     for candidate in reversed(found):
         try:
-            ckpt = read_checkpoint(candidate)
+            ckpt = read_checkpoint(candidate, trust)
         except CheckpointError as e:
+            if e.kind == "unsafe":
+                raise
             damaged.append(str(e))
             continue
         for reason in damaged:
@@ -81,9 +86,9 @@ class ResumePoint:
     notes: tuple[str, ...] = ()
 
     @classmethod
-    def read(cls, path: str | os.PathLike) -> "ResumePoint":
+    def read(cls, path: str | os.PathLike, trust: bool = False) -> "ResumePoint":
         notes: list[str] = []
-        found, ckpt = resume_checkpoint(path, notes.append)
+        found, ckpt = resume_checkpoint(path, notes.append, trust)
         return cls(found, ckpt, tuple(notes))
 
 

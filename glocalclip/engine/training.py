@@ -55,7 +55,8 @@ class Trainer:
     """One training run. ``run()`` returns the path of the last checkpoint written."""
 
     def __init__(self, model_cfg: GlocalCLIPConfig, cfg: TrainConfig, ctx: Optional[DistContext] = None,
-                 clip: Optional[torch.nn.Module] = None, resume_point: Optional[ResumePoint] = None):
+                 clip: Optional[torch.nn.Module] = None, resume_point: Optional[ResumePoint] = None,
+                 trust: bool = False):
         if not cfg.train_data_path:
             raise ValueError("--train_data_path is required: the root of a dataset with a meta.json")
         self.ctx = ctx or init_distributed(cfg.device)
@@ -63,6 +64,7 @@ class Trainer:
         self.save_dir = Path(cfg.save_path)
         # a save folder that cannot take a file stops the run (every process alike) before any long work
         prepare_output_dir(self.save_dir)
+        self.trust = trust  # load --resume / --pretrained files that could run code (--trust_checkpoint)
         resume_ckpt = self._open_run(model_cfg, resume_point)
         # the data first: a wrong path fails at once, not after the backbone's weights are loaded;
         # classes in meta.json's order: the original concatenated them so, and its shuffled indices
@@ -74,7 +76,7 @@ class Trainer:
         self.device = self.ctx.device
         # a resumed run rebuilds the backbone its checkpoint records, not what --backbone names today
         recorded = BackboneRecord.of_checkpoint(resume_ckpt, {}) if resume_ckpt is not None and clip is None else None
-        self.model = GlocalCLIP(model_cfg, clip=clip, backbone=recorded).to(self.device)
+        self.model = GlocalCLIP(model_cfg, clip=clip, backbone=recorded, trust=trust).to(self.device)
         self.draws = self._replay_original_run(resuming=resume_ckpt is not None)
         self.optimizer = torch.optim.Adam(self.model.prompt_parameters(), lr=cfg.learning_rate,
                                           betas=(0.5, 0.999))
@@ -107,7 +109,7 @@ class Trainer:
         notes: list[str] = []  # logged once the folder is this run's
         ckpt = None
         if self.cfg.resume:
-            point = point or ResumePoint.read(self.cfg.resume)
+            point = point or ResumePoint.read(self.cfg.resume, self.trust)
             notes += point.notes
             ckpt = self._check_resume(model_cfg, point, notes.append)
         named_file = self.cfg.resume is not None and not Path(self.cfg.resume).is_dir()
@@ -354,11 +356,11 @@ class Trainer:
 
 
 def train(model_cfg: GlocalCLIPConfig, cfg: TrainConfig, clip: Optional[torch.nn.Module] = None,
-          resume_point: Optional[ResumePoint] = None) -> Optional[Path]:
+          resume_point: Optional[ResumePoint] = None, trust: bool = False) -> Optional[Path]:
     """Train prompts and return the last checkpoint path (see :class:`Trainer`; ``resume_point``:
-    ``--resume``'s checkpoint when the caller read it already)."""
+    ``--resume``'s checkpoint when the caller read it already; ``trust``: ``--trust_checkpoint``)."""
     ctx = init_distributed(cfg.device)
     try:
-        return Trainer(model_cfg, cfg, ctx, clip=clip, resume_point=resume_point).run()
+        return Trainer(model_cfg, cfg, ctx, clip=clip, resume_point=resume_point, trust=trust).run()
     finally:
         ctx.shutdown()

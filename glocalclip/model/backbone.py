@@ -4,7 +4,10 @@ Why this does not simply call ``open_clip.create_model(name, pretrained=...)``:
 - OpenAI weights need QuickGELU; the plain ``ViT-L-14-336`` config builds ``nn.GELU`` and only
   warns, which silently changes every feature. We map the name / force QuickGELU.
 - The original code cached OpenAI's TorchScript archive (``ViT-L-14-336px.pt``), which open_clip
-  refuses to read with ``weights_only=True``; we detect it and read its state dict.
+  refuses to read with ``weights_only=True``; we detect it and read its state dict. Loading a
+  TorchScript archive runs the code inside it, so only the archives OpenAI published are loaded:
+  their SHA-256 is checked against the one in OpenAI's download address (open_clip's pretrained
+  table lists them); any other archive needs the caller's trust (docs/usage.md, "Security").
 - Offline, a hub download retries DNS for about a minute; we look in the cache first and probe the
   network with a short timeout, then fail with a message that says how to get the weights.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import socket
 import warnings
 import zipfile
@@ -25,6 +29,8 @@ import torch
 from torch import nn
 
 import open_clip
+
+from .checkpoint_format import TRUST_HINT, CheckpointError, file_sha256, safe_load
 
 TINY_BACKBONE = "tiny"
 RANDOM_INIT_SEED = 0
@@ -119,9 +125,37 @@ def _is_torchscript_archive(path: Path) -> bool:
         return any(n.endswith("constants.pkl") or "/code/" in n for n in zf.namelist())
 
 
-def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+#: OpenAI's download addresses hold the SHA-256 of the file: .../clip/models/<sha256>/ViT-L-14-336px.pt
+_OPENAI_URL = re.compile(r"openaipublic\.azureedge\.net/clip/models/([0-9a-f]{64})/([^/]+)$")
+
+
+def published_openai_archives() -> dict[str, str]:
+    """SHA-256 -> file name of every TorchScript archive OpenAI published, read off the download
+    addresses in open_clip's pretrained table (OpenAI's ``clip`` package checks downloads the same way)."""
+    found = {}
+    for model, tag in open_clip.list_pretrained():
+        match = _OPENAI_URL.search((open_clip.get_pretrained_cfg(model, tag) or {}).get("url") or "")
+        if match:
+            found[match.group(1)] = match.group(2)
+    return found
+
+
+def _check_torchscript_archive(path: Path, trust: bool) -> None:
+    """Refuse a TorchScript archive that is not one OpenAI published, unless ``trust``: loading one
+    runs the code it holds."""
+    if trust or file_sha256(path) in published_openai_archives():
+        return
+    raise CheckpointError(f"pretrained weights file {path} refused: it is a TorchScript archive, whose loading runs "
+                          f"the code inside it, and its SHA-256 is not that of any archive OpenAI published (as "
+                          f"ViT-L-14-336px.pt is); pass a state dict or safetensors file instead, or {TRUST_HINT}",
+                          "unsafe")
+
+
+def read_clip_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, torch.Tensor]:
     """Read CLIP weights from a file: OpenAI TorchScript archive, plain state dict (OpenAI or
-    open_clip key names — they coincide for ViT models), ``{"state_dict": ...}``, or safetensors."""
+    open_clip key names — they coincide for ViT models), ``{"state_dict": ...}``, or safetensors.
+    Nothing in the file runs unless ``trust`` (see :func:`_check_torchscript_archive` and
+    ``checkpoint_format.safe_load``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained weights file {path} does not exist")
@@ -130,11 +164,12 @@ def read_clip_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
         sd = load_file(str(path), device="cpu")
     elif _is_torchscript_archive(path):
+        _check_torchscript_archive(path, trust)
         with warnings.catch_warnings():  # torch deprecates jit.load; the archive format is fixed
             warnings.simplefilter("ignore")
             sd = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        sd = safe_load(path, "pretrained weights file", trust)
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
     if not isinstance(sd, dict):
@@ -224,15 +259,16 @@ def fetch_pretrained(name: str, tag: str, probe_timeout: float = 4.0) -> str:
         raise PretrainedWeightsUnavailable(_offline_message(name, tag, f"download failed ({e})")) from e
 
 
-def create_backbone(backbone: str, pretrained: Optional[str]) -> nn.Module:
+def create_backbone(backbone: str, pretrained: Optional[str], trust: bool = False) -> nn.Module:
     """Build the frozen fp32 CLIP backbone: architecture from ``backbone``, weights from
     ``pretrained`` (an open_clip tag, a local weights file, or None for a random init that is
-    the same on every call)."""
+    the same on every call). ``trust``: see :func:`read_clip_state_dict`."""
     cfg, name = resolve_model_config(backbone, pretrained)
-    return backbone_from_config(cfg, name, pretrained)
+    return backbone_from_config(cfg, name, pretrained, trust=trust)
 
 
-def backbone_from_config(model_cfg: dict[str, Any], name: str, pretrained: Optional[str]) -> nn.Module:
+def backbone_from_config(model_cfg: dict[str, Any], name: str, pretrained: Optional[str],
+                         trust: bool = False) -> nn.Module:
     """The frozen fp32 CLIP of an open_clip model config dict (``name`` is its canonical open_clip
     name, used to look up a ``pretrained`` tag); weights as in :func:`create_backbone`."""
     path = source = None
@@ -248,7 +284,7 @@ def backbone_from_config(model_cfg: dict[str, Any], name: str, pretrained: Optio
         torch.manual_seed(RANDOM_INIT_SEED)
         model = build_clip(model_cfg)
     if path is not None:
-        load_clip_weights(model, read_clip_state_dict(path), source)
+        load_clip_weights(model, read_clip_state_dict(path, trust), source)
     model = model.float().eval()
     model.requires_grad_(False)
     return model

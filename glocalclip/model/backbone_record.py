@@ -11,7 +11,6 @@ are not the recorded ones.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import warnings
 from dataclasses import dataclass, field, replace
@@ -20,18 +19,10 @@ from typing import Any, Mapping, Optional
 from torch import nn
 
 from .backbone import backbone_from_config, resolve_model_config
+from .checkpoint_format import file_sha256
 
 #: the checkpoint entry that holds a :class:`BackboneRecord`
 CHECKPOINT_KEY = "backbone"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -72,9 +63,10 @@ class BackboneRecord:
                 f"here; pass --pretrained PATH to a copy of it (SHA-256 {self.weights_sha256})")
         return replace(self, weights_sha256=file_sha256(self.pretrained))
 
-    def build(self) -> nn.Module:
-        """The frozen CLIP this record describes (its weights read from ``pretrained``)."""
-        return backbone_from_config(self.model_config, self.name, self.pretrained)
+    def build(self, trust: bool = False) -> nn.Module:
+        """The frozen CLIP this record describes (its weights read from ``pretrained``; ``trust``: a
+        weights file that could run code is loaded all the same, see ``checkpoint_format.safe_load``)."""
+        return backbone_from_config(self.model_config, self.name, self.pretrained, trust=trust)
 
     def identity(self) -> str:
         """What the weights are, in words: compared between a checkpoint and a load."""

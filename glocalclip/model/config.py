@@ -26,6 +26,25 @@ BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+#: the flag of :class:`LoadSettings`, named in every refusal of an unsafe file
+TRUST_FLAG = "--trust_checkpoint"
+
+
+@dataclass
+class LoadSettings:
+    """How the files a command loads are treated (docs/usage.md, "Security: files you load"). Not part
+    of a model's config and never saved: trusting a file is a decision about that file, each time."""
+
+    trust_checkpoint: bool = setting(
+        False, switch=True,
+        help="load a checkpoint or --pretrained file even if it holds Python objects beyond tensors (a pickled "
+             "class, a TorchScript archive OpenAI did not publish): loading such a file can run any code in it, so "
+             "give this only for files you made or whose source you trust")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
 def pretrained_source(text: str) -> Optional[str]:
     """A ``--pretrained`` value: 'none' (or 'random', or empty) means random initialisation."""
     return None if text.lower() in ("none", "random", "") else text
@@ -62,7 +81,9 @@ class GlocalCLIPConfig:
                                 help="prompt layout: glocal, or anomalyclip (AnomalyCLIP's checkpoints)")
     temperature: float = setting(0.07, cli=False, help="softmax temperature of every similarity")
     precision: str = setting("fp32", choices=PRECISIONS,
-                             help="autocast for the frozen encoders; fp32 reproduces the paper")
+                             help="dtype of the frozen encoders' matrix products (weights cast once when "
+                                  "the model is built); fp32 reproduces the paper, bf16 is faster on CPUs "
+                                  "with bf16 units and on GPUs (docs/speed.md)")
 
     def __post_init__(self) -> None:
         # Blocks are read once each, in block order, as the original's encoder returned them.

@@ -6,7 +6,6 @@ Public API (docs/design.md §1): ``encode_image``, ``encode_text``, ``forward``,
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Optional, Sequence, Union
 
@@ -21,12 +20,11 @@ from .config import GlocalCLIPConfig
 from .few_shot import FewShotSettings, ReferenceBank, bank_from_features, features_key, few_shot_map, join_scores
 from .layers import LayerFeatures
 from .losses import glocal_contrastive_loss, local_loss
+from .precision import cast_frozen_towers, compute_dtype
 from .prompts import GlocalPromptLearner
 from .scoring import anomaly_map, final_image_score, image_logits, layer_probability_maps
 from .text import DeepPromptTextEncoder
 from .vision import DualPathVisionEncoder
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: the selected layers' patch features: layer data, or a plain list with one tensor per layer
 PatchFeatures = Union[LayerFeatures, Sequence[torch.Tensor]]
@@ -35,10 +33,11 @@ PatchFeatures = Union[LayerFeatures, Sequence[torch.Tensor]]
 class GlocalCLIP(nn.Module):
     """``GlocalCLIP(cfg)`` builds the backbone from ``cfg``; pass ``clip`` to reuse one you built, or
     ``backbone`` (a checkpoint's :class:`BackboneRecord`) to build the architecture it recorded
-    rather than the one ``cfg.backbone`` names now (docs/design.md §2.1)."""
+    rather than the one ``cfg.backbone`` names now (docs/design.md §2.1). ``trust``: load a
+    ``pretrained`` weights file even where loading it could run code (see ``checkpoint_format.safe_load``)."""
 
     def __init__(self, cfg: Optional[GlocalCLIPConfig] = None, clip: Optional[nn.Module] = None,
-                 backbone: Optional[BackboneRecord] = None):
+                 backbone: Optional[BackboneRecord] = None, trust: bool = False):
         super().__init__()
         cfg = cfg if cfg is not None else GlocalCLIPConfig()
         cfg.validate()
@@ -46,10 +45,12 @@ class GlocalCLIP(nn.Module):
         #: the backbone as checkpoints record it; None when the caller brought its own CLIP
         self.backbone_record: Optional[BackboneRecord] = None
         if clip is None:
-            clip, self.backbone_record = build_backbone(cfg, backbone)
+            clip, self.backbone_record = build_backbone(cfg, backbone, trust)
         clip.requires_grad_(False)
         clip.eval()
-        self.clip = clip
+        # precision is decided here, once: the towers' matrices in the compute dtype, in a copy this
+        # model owns (fp32: the CLIP itself); the prompt learner reads the fp32 token embedding
+        self.clip = clip = cast_frozen_towers(clip, compute_dtype(cfg.precision))
         self.visual = DualPathVisionEncoder(clip.visual, cfg.features_list, cfg.dpam_layer,
                                             cfg.multilayer, cfg.cls_ln_post)
         self.text_encoder = DeepPromptTextEncoder(clip, cfg.depth, cfg.t_n_ctx)
@@ -70,11 +71,18 @@ class GlocalCLIP(nn.Module):
     def device(self) -> torch.device:
         return self.prompt_learner.token_prefix.device
 
-    def _autocast(self, device: torch.device):
-        dtype = _AUTOCAST_DTYPES.get(self.cfg.precision)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=dtype)
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the frozen towers' matrix products, fixed when the model was built."""
+        return self.clip.visual.transformer.resblocks[0].attn.in_proj_weight.dtype
+
+    def _check_precision(self) -> None:
+        """``cfg.precision`` was applied when the weights were cast; changing it afterwards would
+        leave a config that no longer says what runs."""
+        if compute_dtype(self.cfg.precision) != self.compute_dtype:
+            raise RuntimeError(f"this model was built with {self.compute_dtype} weights but its config now says "
+                               f"precision={self.cfg.precision!r}; precision is fixed at build time: build another "
+                               f"model (GlocalCLIP(cfg.replace(precision=...)) or load_model(..., precision=...))")
 
     def prompt_parameters(self) -> list[nn.Parameter]:
         return list(self.prompt_learner.parameters())
@@ -98,7 +106,8 @@ class GlocalCLIP(nn.Module):
         features from the same pass (the few-shot bank's ``blocks`` option, docs/design.md §11)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an image batch [B, 3, H, W], got shape {tuple(x.shape)}")
-        with torch.no_grad(), self._autocast(x.device):
+        self._check_precision()
+        with torch.no_grad():
             g, layers, per_block = self.visual.forward_with_blocks(x, blocks=blocks)
         per_block = per_block.map(lambda t: t.float()) if per_block is not None else None
         return g.float(), layers.map(lambda t: t.float()), per_block
@@ -110,9 +119,8 @@ class GlocalCLIP(nn.Module):
         ``prompt_output`` is the prompt learner's output when it was called through a wrapper
         (DistributedDataParallel); by default the prompt learner is called here."""
         prompts, eot, deep = prompt_output if prompt_output is not None else self.prompt_learner()
-        with self._autocast(prompts.device):
-            feats = self.text_encoder(prompts, eot, deep)
-        feats = feats.float()
+        self._check_precision()
+        feats = self.text_encoder(prompts, eot, deep).float()
         if self.cfg.prompt_style == "anomalyclip":
             return feats, feats
         return feats[:2], feats[2:]
@@ -206,10 +214,11 @@ class GlocalCLIP(nn.Module):
         return {"global": glob, "local": loc, "contrastive": con, "total": total}
 
     # ------------------------------------------------------------------ checkpoints
-    def load_prompts(self, source: str | os.PathLike | dict) -> dict:
+    def load_prompts(self, source: str | os.PathLike | dict, trust: bool = False) -> dict:
         """Load prompts from our checkpoint or the original code's ``{"prompt_learner": ...}``
-        (GlocalCLIP or AnomalyCLIP). Returns the checkpoint dict. Shapes must fit this model."""
-        ckpt = ckpt_io.read_checkpoint(source)
+        (GlocalCLIP or AnomalyCLIP). Returns the checkpoint dict. Shapes must fit this model.
+        ``trust``: see ``checkpoint_format.read_checkpoint``."""
+        ckpt = ckpt_io.read_checkpoint(source, trust)
         state = ckpt_io.prompt_state_of(ckpt)
         found = ckpt_io.infer_prompt_shape(state)
         want = {"prompt_style": self.cfg.prompt_style, "n_ctx": self.cfg.n_ctx,
@@ -236,29 +245,32 @@ class GlocalCLIP(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike | dict, clip: Optional[nn.Module] = None,
-                        **overrides) -> "GlocalCLIP":
+                        trust: bool = False, **overrides) -> "GlocalCLIP":
         """Rebuild the model stored in one of our checkpoints (``overrides`` change config fields,
         e.g. ``pretrained`` pointing at a local weights file). Original-format checkpoints carry no
-        config and are refused here: ``glocalclip.load_model(path, **settings)`` takes them."""
-        ckpt = ckpt_io.read_checkpoint(path)
+        config and are refused here: ``glocalclip.load_model(path, **settings)`` takes them.
+        ``trust``: load a file even where loading it could run code (``checkpoint_format.safe_load``)."""
+        ckpt = ckpt_io.read_checkpoint(path, trust)
         if not ckpt_io.is_ours(ckpt):
             raise ValueError(f"{path} is not a glocalclip checkpoint (original-format checkpoints carry "
                              f"no config: load it with glocalclip.load_model(path, **settings), or convert "
                              f"it with `glocalclip convert`)")
-        return model_from_checkpoint(ckpt, clip, overrides)
+        return model_from_checkpoint(ckpt, clip, overrides, trust)
 
 
-def model_from_checkpoint(ckpt: dict, clip: Optional[nn.Module], overrides: dict) -> GlocalCLIP:
+def model_from_checkpoint(ckpt: dict, clip: Optional[nn.Module], overrides: dict, trust: bool = False) -> GlocalCLIP:
     """The model of a checkpoint dict (ours or the original code's, see ``adapt_checkpoint``), on
-    the backbone it records where it records one (no ``--backbone`` given, no ``clip`` passed)."""
+    the backbone it records where it records one (no ``--backbone`` given, no ``clip`` passed);
+    ``trust`` goes to the backbone's weights file."""
     cfg, prompts = ckpt_io.adapt_checkpoint(ckpt, overrides)
     recorded = None if clip is not None else BackboneRecord.of_checkpoint(ckpt, overrides)
-    model = GlocalCLIP(cfg, clip=clip, backbone=recorded)
+    model = GlocalCLIP(cfg, clip=clip, backbone=recorded, trust=trust)
     model.load_prompts({"prompt_learner": prompts})
     return model
 
 
-def build_backbone(cfg: GlocalCLIPConfig, recorded: Optional[BackboneRecord]) -> tuple[nn.Module, BackboneRecord]:
+def build_backbone(cfg: GlocalCLIPConfig, recorded: Optional[BackboneRecord],
+                   trust: bool = False) -> tuple[nn.Module, BackboneRecord]:
     """(the frozen CLIP, its record with the weights' hash): the architecture ``recorded`` (a
     checkpoint's) or else ``cfg.backbone``'s, the weights ``cfg.pretrained``. A bad image size is
     refused before the weights are read; weights other than the recorded ones are warned about."""
@@ -267,7 +279,7 @@ def build_backbone(cfg: GlocalCLIPConfig, recorded: Optional[BackboneRecord]) ->
     loaded = wanted.hashed()
     if recorded is not None:
         warn_if_other_weights(recorded, loaded)
-    return loaded.build(), loaded
+    return loaded.build(trust), loaded
 
 
 def check_image_size(image_size: int, patch: Optional[int], backbone: str) -> None:

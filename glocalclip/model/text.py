@@ -2,14 +2,17 @@
 
 Before text blocks 2..D (1-based), positions 1..t of every sequence are overwritten by the
 deep token Z_{i} shared by all prompts. As in the original code, Z is rounded to fp16 and back
-before insertion (which also rounds its gradient). The frozen open_clip modules are used as
-they are; only the loop over blocks is ours.
+before insertion (which also rounds its gradient). The frozen open_clip modules are read, not
+changed; the loop over blocks and each block's forward are ours (``attention.standard_block``:
+fp32 residual stream, matrix products in the dtype of the block's weights).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention import check_attention, standard_block, sdpa_kernel
 
 
 class DeepPromptTextEncoder(nn.Module):
@@ -25,15 +28,17 @@ class DeepPromptTextEncoder(nn.Module):
         self.positional_embedding = clip.positional_embedding
         self.ln_final = clip.ln_final
         self.text_projection = clip.text_projection
-        self.register_buffer("attn_mask", clip.attn_mask, persistent=False)
+        for block in self.transformer.resblocks:
+            check_attention(block.attn)
+        # the causal mask in the dtype of the blocks' weights, once (not per block and call)
+        mask_dtype = self.transformer.resblocks[0].attn.in_proj_weight.dtype
+        self.register_buffer("attn_mask", clip.attn_mask.to(mask_dtype), persistent=False)
         self.depth = depth
         self.t_n_ctx = t_n_ctx
 
     def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        mask = self.attn_mask.to(x.dtype)
-        if getattr(self.transformer, "batch_first", True):
-            return block(x, attn_mask=mask)
-        return block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
+        """One causal block on batch-first fp32 tokens [P, L, W]."""
+        return standard_block(block, x, sdpa_kernel, attn_mask=self.attn_mask)
 
     def forward(self, prompts: torch.Tensor, eot_indices: torch.Tensor,
                 deep_tokens: list[torch.Tensor]) -> torch.Tensor:

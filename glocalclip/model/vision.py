@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import check_attention, kernel_for, merge_heads, mlp_residual, split_heads, standard_block
 from .layers import LayerFeatures
 
 
@@ -22,26 +23,23 @@ class VVAttention(nn.Module):
     """Both attentions of one block from its ``nn.MultiheadAttention`` weights.
 
     Returns ``(y_ori, y_vv)``: standard softmax(QKᵀ·s)V and V-V softmax(VVᵀ·s)V, each through the
-    block's out-projection. Heads split as ``nn.MultiheadAttention`` does; no mask, no dropout.
+    block's out-projection, in the dtype of the block's weights. Heads split as
+    ``nn.MultiheadAttention`` does; no mask, no dropout. The kernel is the measured fastest for
+    the device and dtype (``attention.kernel_for``).
     """
 
     def __init__(self, attn: nn.MultiheadAttention):
         super().__init__()
-        if not getattr(attn, "_qkv_same_embed_dim", True) or attn.in_proj_weight is None:
-            raise ValueError("V-V attention needs a packed in-projection (CLIP's attention has one)")
+        check_attention(attn)
         self.attn = attn  # shared, frozen; we only read its parameters
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``h``: LayerNorm'd tokens, batch-first [B, N, C]."""
         attn = self.attn
-        b, n, c = h.shape
-        heads = attn.num_heads
-        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
-        q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        # one fused call for both paths: rows [0, B) are Q·Kᵀ, rows [B, 2B) are V·Vᵀ
-        out = F.scaled_dot_product_attention(torch.cat([q, v]), torch.cat([k, v]), torch.cat([v, v]))
-        out = out.transpose(1, 2).reshape(2 * b, n, c)
-        out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+        q, k, v = split_heads(attn, h)
+        kernel = kernel_for(v.device, v.dtype)
+        out = merge_heads(attn, kernel([(q, k), (v, v)], v))  # rows [0, B): Q·Kᵀ, rows [B, 2B): V·Vᵀ
+        b = h.shape[0]
         return out[:b], out[b:]
 
 
@@ -58,10 +56,11 @@ class DualPathBlock(nn.Module):
         self.vv_attention = VVAttention(block.attn)
 
     def forward(self, o: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``o``, ``v``: the two fp32 streams [B, N, C]; LayerNorms and additions stay fp32."""
         blk = self.block
         y_ori, y_vv = self.vv_attention(blk.ln_1(o))
         o = o + blk.ls_1(y_ori)
-        o = o + blk.ls_2(blk.mlp(blk.ln_2(o)))
+        o = mlp_residual(blk, o)
         # LayerScale is the identity in CLIP; applying it to the V-V path too keeps both paths the
         # same function of the attention output for models that have one.
         v = v + blk.ls_1(y_vv)
@@ -143,14 +142,15 @@ class DualPathVisionEncoder(nn.Module):
         return int(self.visual.conv1.kernel_size[0])
 
     def _run_standard(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if getattr(self.visual.transformer, "batch_first", True):
-            return block(x)
-        return block(x.transpose(0, 1)).transpose(0, 1)
+        """One unmodified block on batch-first fp32 tokens (the layout open_clip's own flag only
+        changes how open_clip calls it)."""
+        return standard_block(block, x, kernel_for(x.device, block.attn.in_proj_weight.dtype))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embedding + class token + resized positional table + ln_pre -> [B, N, C]."""
+        """Patch embedding + class token + resized positional table + ln_pre -> [B, N, C], fp32 (the
+        residual stream); the patch convolution runs in its weight's dtype."""
         vis = self.visual
-        x = vis.conv1(images.to(vis.conv1.weight.dtype))
+        x = vis.conv1(images.to(vis.conv1.weight.dtype)).float()
         b, c, gh, gw = x.shape
         x = x.reshape(b, c, gh * gw).permute(0, 2, 1)
         cls = vis.class_embedding.to(x.dtype).view(1, 1, c).expand(b, 1, c)

@@ -1,0 +1,121 @@
+"""What ``precision=bf16`` costs in accuracy against fp32: scores, maps and test metrics.
+
+    python -m bench.bf16_accuracy                                   # tiny and mid (random prompts), ViT-L maps
+    python -m bench.bf16_accuracy --checkpoint demo_out/checkpoints/epoch_8.pth --data demo_out/data
+
+For each model the fp32 and the bf16 model share one CLIP and one set of prompts (the bf16 one
+casts its own copy of the towers). On a synthetic test set (or ``--data``, e.g. the demo's) both
+run ``evaluate()`` exactly as test.py does, and the table gives the largest score and map
+differences (unsmoothed maps of the first batch, relative to the map's range) and the metric
+deltas (bf16 - fp32, mean and largest over classes, in points). ViT-L (random weights, 518 px) is
+too slow on a CPU for a test set: only its scores and maps on ``--vitl_images`` images.
+Writes JSON (default bench/results/bf16_accuracy.json).
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tabulate import tabulate
+
+from glocalclip import GlocalCLIP, load_model
+from glocalclip.engine.distributed import DistContext
+from glocalclip.engine.evaluation import evaluate
+
+from .common import RESULTS_DIR, make_dataset, model_config, write_report
+
+
+def pair(kind: str, checkpoint: Optional[str], image_size: int) -> tuple[GlocalCLIP, GlocalCLIP]:
+    """(fp32 model, bf16 model) on the same CLIP and prompts."""
+    if checkpoint:
+        fp32 = load_model(checkpoint, precision="fp32")
+    else:
+        torch.manual_seed(0)
+        cfg = model_config(kind)
+        fp32 = GlocalCLIP(cfg.replace(image_size=image_size))
+        with torch.no_grad():  # prompts away from their init, so that the two classes score apart
+            for p in fp32.prompt_learner.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    bf16 = GlocalCLIP(fp32.cfg.replace(precision="bf16"), clip=fp32.clip)
+    bf16.prompt_learner.load_state_dict(fp32.prompt_learner.state_dict())
+    return fp32.eval(), bf16.eval()
+
+
+def outputs_delta(fp32: GlocalCLIP, bf16: GlocalCLIP, x: torch.Tensor) -> dict[str, float]:
+    with torch.no_grad():
+        a, b = fp32(x), bf16(x)
+    amap = a["anomaly_map"]
+    span = (amap.max() - amap.min()).item()
+    return {"score_max_abs": (a["image_score"] - b["image_score"]).abs().max().item(),
+            "map_max_abs": (amap - b["anomaly_map"]).abs().max().item(), "map_range": span,
+            "map_mean_abs": (amap - b["anomaly_map"]).abs().mean().item()}
+
+
+def metric_deltas(fp32: GlocalCLIP, bf16: GlocalCLIP, data: Path) -> dict:
+    res = {}
+    for name, model in (("fp32", fp32), ("bf16", bf16)):
+        res[name] = evaluate(model, str(data), None, DistContext(device=torch.device("cpu")), mode="image-pixel-level",
+                             sigma=4, batch_size=8, num_workers=0, progress=False)["classes"]
+    a, b = res["fp32"], res["bf16"]
+    keys = next(iter(a.values())).keys()
+    out = {}
+    for k in keys:
+        d = [100 * (b[c][k] - a[c][k]) for c in a]
+        out[k] = {"fp32_mean": 100 * float(np.mean([a[c][k] for c in a])), "delta_mean": float(np.mean(d)),
+                  "delta_max_abs": float(np.max(np.abs(d)))}
+    return out
+
+
+def first_images(data: Path, model: GlocalCLIP, n: int) -> torch.Tensor:
+    from glocalclip.datasets import AnomalyDataset
+    from glocalclip.datasets.preprocess import normalize_image
+
+    ds = AnomalyDataset(str(data), split="test", image_size=model.cfg.image_size, as_uint8=True)
+    return normalize_image(torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))]))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", choices=("tiny", "mid", "vitl"), default=["tiny", "mid", "vitl"],
+                   help="models measured (vitl: scores and maps only)")
+    p.add_argument("--checkpoint", default=None, help="a trained checkpoint (e.g. the demo's) used for 'tiny'")
+    p.add_argument("--data", default=None, help="test data (meta.json layout) for tiny/mid; default: synthetic")
+    p.add_argument("--images", type=int, default=48, help="synthetic test images when --data is not given")
+    p.add_argument("--image_size", type=int, default=224, help="input side for tiny and mid (vitl: 518)")
+    p.add_argument("--vitl_images", type=int, default=2, help="images for the ViT-L scores and maps")
+    p.add_argument("--json", default=str(RESULTS_DIR / "bf16_accuracy.json"), help="where to write the results")
+    args = p.parse_args(argv)
+    report: dict = {"models": []}
+    with tempfile.TemporaryDirectory(prefix="bf16_accuracy-") as tmp:
+        data = Path(args.data) if args.data else make_dataset(Path(tmp) / "data", args.images, 256, 1)
+        for kind in args.configs:
+            vitl = kind == "vitl"
+            fp32, bf16 = pair(kind, args.checkpoint if kind == "tiny" else None, 518 if vitl else args.image_size)
+            x = first_images(data, fp32, args.vitl_images if vitl else 8)
+            row = {"config": kind + (" (checkpoint)" if kind == "tiny" and args.checkpoint else ""),
+                   "image_size": fp32.cfg.image_size, "outputs": outputs_delta(fp32, bf16, x)}
+            if not vitl:
+                row["metrics"] = metric_deltas(fp32, bf16, data)
+            report["models"].append(row)
+            print(row, flush=True)
+            del fp32, bf16
+    rows = []
+    for m in report["models"]:
+        o = m["outputs"]
+        metrics = m.get("metrics", {})
+        rows.append([m["config"], m["image_size"], f"{o['score_max_abs']:.2g}",
+                     f"{o['map_max_abs']:.2g} / {o['map_range']:.2g}",
+                     "; ".join(f"{k} {v['fp32_mean']:.1f} {v['delta_mean']:+.2f} (max {v['delta_max_abs']:.2f})"
+                               for k, v in metrics.items()) or "-"])
+    print(tabulate(rows, headers=["model", "px", "score max |Δ|", "map max |Δ| / range",
+                                  "metric: fp32, bf16 - fp32 mean over classes (largest), points"], tablefmt="github"))
+    write_report(report, args.json)
+    return report
+
+
+if __name__ == "__main__":
+    main()
