@@ -129,3 +129,53 @@ def test_bank_file_round_trips_with_weights_only_and_refuses_another_model(tiny_
     torch.save({"format": object()}, tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="not a reference bank"):
         ReferenceBank.load(tmp_path / "evil.pt")
+
+
+# ---------------------------------------------------------------------------- --reference DIR|GLOB|BANK
+def _write_pngs(folder, n, seed, size=(70, 90)):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"ref{i}.png")
+    return sorted(folder.glob("*.png"))
+
+
+def test_reference_from_a_folder_a_glob_and_a_saved_bank_is_one_bank(tiny_clip, tmp_path):
+    from glocalclip.datasets import normalize_image
+    from glocalclip.engine.few_shot import load_reference, reference_pixels
+
+    torch.manual_seed(0)
+    model = GlocalCLIP(tiny_config(), clip=tiny_clip)
+    files = _write_pngs(tmp_path / "good" / "sub", 3, seed=1)
+    (tmp_path / "good" / "notes.txt").write_text("not an image")
+    from_dir = load_reference(model, str(tmp_path / "good"))
+    from_glob = load_reference(model, str(tmp_path / "good" / "**" / "*.png"))
+    direct = model.reference_bank(normalize_image(reference_pixels(files, 112)))
+    assert from_dir.sources == tuple(str(f.resolve()) for f in files) and from_dir.settings == FewShotSettings()
+    for a, b, c in zip(from_dir.layers.tensors, from_glob.layers.tensors, direct.layers.tensors):
+        torch.testing.assert_close(a, c, atol=0, rtol=0)
+        torch.testing.assert_close(b, c, atol=0, rtol=0)
+    from_dir.save(tmp_path / "bank.pt")
+    again = load_reference(model, str(tmp_path / "bank.pt"))
+    for a, b in zip(again.layers.tensors, from_dir.layers.tensors):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="saved bank built with"):
+        load_reference(model, str(tmp_path / "bank.pt"), FewShotSettings(weight=2.0))
+
+
+def test_reference_without_images_or_with_a_broken_one_is_refused_by_name(tiny_clip, tmp_path):
+    from glocalclip.datasets import DatasetError
+    from glocalclip.engine.few_shot import load_reference
+
+    model = GlocalCLIP(tiny_config(), clip=tiny_clip)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no images found"):
+        load_reference(model, str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        load_reference(model, str(tmp_path / "missing"))
+    _write_pngs(tmp_path / "mixed", 1, seed=2)
+    (tmp_path / "mixed" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DatasetError, match="broken.png.*remove it from --reference"):
+        load_reference(model, str(tmp_path / "mixed"))
