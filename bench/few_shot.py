@@ -33,7 +33,8 @@ from glocalclip.datasets import AnomalyDataset, load_meta, normalize_image
 from glocalclip.datasets.synthetic import make_synthetic_dataset
 from glocalclip.engine.few_shot import draw_shots
 from glocalclip.engine.smoothing import GaussianSmoothing, smoothed_scores
-from glocalclip.model.few_shot import FewShotSettings, bank_from_features, few_shot_map, join_scores
+from glocalclip.model.config import FewShotSettings
+from glocalclip.model.few_shot import bank_from_features, few_shot_map, join_scores
 
 WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0)
 LAYER_CHOICES = ("selected", "blocks")

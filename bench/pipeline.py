@@ -57,7 +57,7 @@ def bench_training(data: Path, kind: str, epochs: int, device: torch.device, out
                       num_workers=workers, device=str(device), progress=False, feature_cache=cache,
                       save_freq=epochs)
     t0 = time.time()
-    trainer = TimedTrainer(model_config(kind), cfg, DistContext(device=device))
+    trainer = TimedTrainer.prepare(model_config(kind), cfg, DistContext(device=device))
     build = time.time() - t0
     trainer.run()
     total = time.time() - t0

@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._compat import install_old_module_paths
-
 __version__ = "0.1.0"
 
 #: public name -> module that defines it
@@ -25,8 +23,6 @@ _PUBLIC = {
 }
 
 __all__ = [*_PUBLIC, "__version__"]
-
-install_old_module_paths()
 
 
 def __getattr__(name: str) -> Any:

@@ -139,6 +139,28 @@ def make_dirs(folder: str | os.PathLike) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(folder: str | os.PathLike) -> Iterator[Path]:
+    """Around a command that creates ``folder`` early (to fail at once on one that cannot take a file):
+    when the command fails, the folders it created (``folder`` and missing parents) are removed again
+    while they are empty, so that a failed command leaves no empty folder behind. Folders that were
+    there before, or that hold anything, are kept."""
+    path = Path(folder).absolute()
+    created = []  # deepest first
+    while not path.exists() and path != path.parent:
+        created.append(path)
+        path = path.parent
+    try:
+        yield Path(folder)
+    except BaseException:
+        for new in created:
+            try:
+                new.rmdir()  # only when empty
+            except OSError:
+                break  # not empty (or gone): its parents are not empty either
+        raise
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this machine (one of another user counts)."""
     if pid <= 0:
@@ -273,17 +295,19 @@ def write_npy(path: str | os.PathLike, array: Any) -> Path:
 
 
 def write_png(path: str | os.PathLike, rgb: Any) -> Path:
-    """A uint8 RGB [H, W, 3] (or grey [H, W]) picture as PNG."""
-    import cv2
+    """A uint8 RGB [H, W, 3] (or grey [H, W]) picture as PNG, encoded by Pillow (a base dependency,
+    present in the torch-free runtime install too)."""
     import numpy as np
+    from PIL import Image
 
     rgb = np.ascontiguousarray(rgb)
-    pixels = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR) if rgb.ndim == 3 else rgb
-    ok, encoded = cv2.imencode(".png", pixels)
-    if not ok:
-        raise OutputError(f"cannot write {path}: OpenCV could not encode a {rgb.dtype} {rgb.shape} picture as PNG",
-                          None, path)
-    return write_bytes(path, encoded.tobytes())
+    buf = io.BytesIO()
+    try:
+        Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)  # fast, as OpenCV's default
+    except (TypeError, ValueError, OSError) as e:
+        raise OutputError(f"cannot write {path}: Pillow could not encode a {rgb.dtype} {rgb.shape} picture as PNG "
+                          f"({e})", None, path) from e
+    return write_bytes(path, buf.getbuffer())
 
 
 def write_figure(path: str | os.PathLike, figure: Any) -> Path:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from glocalclip.apps.cli import COMMANDS, main, test_parser as make_test_parser, train_parser
-from glocalclip.apps.convert import convert_parser
+from glocalclip.apps.cli import COMMANDS, main
+from glocalclip.apps.parsers import convert_parser, test_parser as make_test_parser, train_parser
 from glocalclip.apps.demo import demo_parser
 from glocalclip.apps.flags import help_with_default, model_overrides, settings_from_args
 from glocalclip.apps.predict_cli import PredictConfig, predict_parser

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_config
 from glocalclip import GlocalCLIP
-from glocalclip.model.few_shot import (FewShotSettings, ReferenceBank, bank_from_features, few_shot_map,
-                                       join_scores, nearest_distances)
+from glocalclip.model.config import FewShotSettings
+from glocalclip.model.few_shot import ReferenceBank, bank_from_features, few_shot_map, join_scores, nearest_distances
 from glocalclip.model.layers import LayerFeatures
 
 

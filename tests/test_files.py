@@ -165,3 +165,21 @@ def test_leftovers_of_a_sigkilled_run_are_removed_and_nothing_else(tmp_path):
     removed = files.remove_leftovers(tmp_path)
     assert sorted(p.name for p in removed) == left
     assert sorted(os.listdir(tmp_path)) == sorted(keep + [live.name])
+
+
+def test_removed_if_left_empty_removes_only_what_it_created_and_only_when_empty(tmp_path):
+    (tmp_path / "old").mkdir()
+    with pytest.raises(KeyError):
+        with files.removed_if_left_empty(tmp_path / "old" / "a" / "b") as folder:
+            folder.mkdir(parents=True)
+            raise KeyError("the command failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["old"] and not any((tmp_path / "old").iterdir())
+    with pytest.raises(KeyError):  # something written: kept, with its parents
+        with files.removed_if_left_empty(tmp_path / "old" / "c" / "d") as folder:
+            folder.mkdir(parents=True)
+            (folder / "result.json").write_text("{}")
+            raise KeyError("failed after writing")
+    assert (tmp_path / "old" / "c" / "d" / "result.json").is_file()
+    with files.removed_if_left_empty(tmp_path / "ok") as folder:  # success: kept even when empty
+        folder.mkdir()
+    assert (tmp_path / "ok").is_dir()

@@ -278,7 +278,7 @@ def test_trainer_starts_from_the_originals_prompts_for_glocal_only(data14, tiny_
     from glocalclip.engine.training import TrainConfig, Trainer
 
     cfg = tiny_config(image_size=56, prompt_style=style)
-    trainer = Trainer(cfg, TrainConfig(train_data_path=str(data14), save_path=str(tmp_path), seed=SEED,
+    trainer = Trainer.prepare(cfg, TrainConfig(train_data_path=str(data14), save_path=str(tmp_path), seed=SEED,
                                        device="cpu", num_workers=0, progress=False), DistContext(), clip=tiny_clip)
     got = trainer.model.prompt_learner.state_dict()
     if style == "glocal":

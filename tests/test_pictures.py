@@ -54,15 +54,15 @@ def test_a_test_grid_labels_the_ground_truth_as_ground_truth(data, monkeypatch):
 
 def test_a_predict_caption_says_prediction_and_where_the_threshold_comes_from():
     source = threshold_source({"dataset": "mvtec", "data_path": "/data/mvtec", "sigma": 8.0})
-    assert source == "F1-max on mvtec test, σ 8"
-    assert visualize.threshold_caption(0.4213, source) == "threshold 0.4213 (F1-max on mvtec test, σ 8)"
+    assert source == "best F1 on the test set of mvtec, σ 8"
+    assert visualize.threshold_caption(0.4213, source) == "threshold 0.4213 (best F1 on the test set of mvtec, σ 8)"
     assert visualize.prediction_caption(0.61, 1, 0.4213, source) == [
-        "predicted: anomalous", "score 0.610 >= threshold 0.4213", "(F1-max on mvtec test, sigma 8)"]
+        "predicted: anomalous", "score 0.610 >= threshold 0.4213", "threshold: best F1 on the test set of mvtec, sigma 8"]
     assert visualize.prediction_caption(0.2, 0, 0.4213, "given") == [
-        "predicted: normal", "score 0.200 < threshold 0.4213", "(given)"]
+        "predicted: normal", "score 0.200 < threshold 0.4213", "threshold: given"]
     assert visualize.prediction_caption(0.2, None, None, None) == ["score 0.200", "no prediction: no threshold"]
     folder = threshold_source({"dataset": None, "data_path": "/photos/my_parts/", "sigma": 4})
-    assert folder == "F1-max on my_parts test, σ 4"
+    assert folder == "best F1 on the test set of my_parts, σ 4"
 
 
 @pytest.mark.slow  # train.py and test.py
@@ -78,7 +78,7 @@ def test_test_py_prints_the_threshold_with_its_origin(data, tmp_path, capsys):
                       "--num_workers", "0", "--no_progress", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("threshold "))
-    assert line.endswith(f"(F1-max on mvtec test, σ 4) for predict: {tmp_path / 'ck' / 'epoch_1.pth.threshold.json'}")
+    assert line.endswith(f"(best F1 on the test set of mvtec, σ 4) for predict: {tmp_path / 'ck' / 'epoch_1.pth.threshold.json'}")
 
 
 def test_the_grid_png_is_written_with_the_legend(data, tmp_path):
@@ -101,3 +101,31 @@ def test_grid_pictures_show_a_16_bit_image_with_the_grey_levels_the_model_saw(tm
     assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
     np.testing.assert_array_equal(rgb[..., 0], np.rint(grey / 65535 * 255).astype(np.uint8))
     assert (rgb == 255).mean() < 0.01
+
+
+def test_the_colour_bar_runs_blue_to_red_and_says_its_ends():
+    from glocalclip.apps import heatmap
+
+    assert heatmap.jet(np.array([0.0, 1.0])).tolist() == [[0, 0, 128], [128, 0, 0]]  # dark blue .. dark red
+    assert heatmap.jet(np.array(0.5)).tolist() == [128, 255, 128]  # the middle: green
+    bar = heatmap.colour_bar(300, (0.0, 4.0))
+    ramp = bar[3]  # a row through the colours
+    blue, red = ramp[10].astype(int), ramp[-10].astype(int)
+    assert blue[2] > 120 and blue[0] < 40 and red[0] > 120 and red[2] < 40
+    assert (bar[bar.shape[0] // 2 + 4:] < 100).any()  # the ends written under the colours
+    picture = np.full((90, 130, 3), 200, np.uint8)
+    inset = heatmap.inset_colour_bar(picture, (0.0, 4.0))
+    assert inset.shape == picture.shape  # an overlay keeps its image's size
+    assert (inset[:45] == 200).all() and not (inset[-5:] == 200).all()  # the bar along the bottom edge only
+    grid = heatmap.with_colour_bar(picture, (0.0, 1.0))
+    assert grid.shape[0] > picture.shape[0] and (grid[:90] == picture).all()  # under a grid: appended
+
+
+def test_a_class_grid_has_its_colour_bar_underneath(data):
+    from glocalclip.apps.heatmap import colour_bar
+
+    cs = _class_scores(data)
+    grid = visualize.class_grid(cs, k=2)
+    vr = (float(cs.maps.min()), float(cs.maps.max()))
+    bar = colour_bar(grid.shape[1], vr, "anomaly map, one scale for the class")
+    assert (grid[-bar.shape[0]:] == bar).all()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from glocalclip.engine import loaders as R
-from glocalclip.apps.cli import test_parser as make_test_parser, train_parser as make_train_parser
+from glocalclip.apps.parsers import test_parser as make_test_parser, train_parser as make_train_parser
 
 
 @pytest.mark.parametrize("cpus, processes, expected", [

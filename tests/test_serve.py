@@ -47,7 +47,7 @@ def files_field(*items: tuple[str, bytes]) -> list:
 
 
 def la_tiff() -> bytes:
-    """A grey TIFF with *associated* alpha: PIL opens it as mode "La", which cannot become RGB."""
+    """A grey TIFF with alpha: what Pillow makes of it depends on its version (see its use)."""
     buf = io.BytesIO()
     Image.new("LA", (16, 16), (100, 200)).save(buf, "TIFF")
     unassociated = bytes.fromhex("5201 0300 01000000 0200")  # tag 338 ExtraSamples = 2
@@ -98,7 +98,6 @@ def test_bad_uploads_get_4xx_with_a_message_and_the_server_goes_on(predictor, de
         "notes.txt": (b"this is not an image \x00\x01", 415, "not an image"),
         "cut.png": (good[: len(good) // 2], 400, "truncated"),
         "empty.png": (b"", 400, "empty"),
-        "grey.tif": (la_tiff(), 415, "mode 'La'"),
         "big.png": (good + b"\0" * 3000, 413, "larger than this server's limit"),
     }
     settings = ServeSettings(max_upload_mb=(len(good) + 1000) / 1e6)
@@ -107,6 +106,13 @@ def test_bad_uploads_get_4xx_with_a_message_and_the_server_goes_on(predictor, de
             resp = client.post("/predict", files=files_field((name, data)))
             assert resp.status_code == status, (name, resp.text)
             assert name in resp.json()["detail"] and message in resp.json()["detail"]
+        # grey with associated alpha: some Pillow versions read it, others refuse it (and a few opened it as
+        # mode "La", which cannot become RGB); whichever, an answer naming the file, never a server error
+        resp = client.post("/predict", files=files_field(("grey.tif", la_tiff())))
+        if resp.status_code == 200:
+            assert [r["filename"] for r in resp.json()["results"]] == ["grey.tif"]
+        else:
+            assert resp.status_code in (400, 415) and "grey.tif" in resp.json()["detail"], resp.text
         # one bad file among good ones: the good one is scored, the bad one answered beside it
         resp = client.post("/predict", files=files_field(("ok.png", good), ("empty.png", b"")))
         assert resp.status_code == 200 and [r["ok"] for r in resp.json()["results"]] == [True, False]

@@ -2,6 +2,8 @@
 loss and α/margin plumbing against docs/design.md §5."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import pytest
 import torch
@@ -9,12 +11,27 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from glocalclip import GlocalCLIP
-from glocalclip.datasets.synthetic import make_batch
+from glocalclip.datasets.synthetic import SYNTHETIC_CLASSES, make_sample
 
 from conftest import TINY_SIZE, tiny_config
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+
+def make_batch(n: int, size: int, seed: int, classes: Sequence[str] = SYNTHETIC_CLASSES,
+               anomaly_ratio: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """In-memory samples: images uint8 [n,S,S,3], masks bool [n,S,S], labels int [n]."""
+    rng = np.random.default_rng(seed)
+    imgs, masks, labels = [], [], []
+    for i in range(n):
+        anomalous = rng.random() < anomaly_ratio
+        img, m = make_sample(classes[i % len(classes)], size, anomalous, rng)
+        imgs.append(img)
+        masks.append(m)
+        labels.append(int(anomalous))
+    return np.stack(imgs), np.stack(masks), np.array(labels)
+
 
 
 def _prep(images: np.ndarray) -> torch.Tensor:
@@ -116,7 +133,7 @@ def _trainer(tiny_clip, root, save, **changes):
     base = dict(train_data_path=str(root), save_path=str(save), batch_size=8, epoch=1, device="cpu",
                 num_workers=0, progress=False, feature_cache="host")
     base.update(changes)
-    return Trainer(tiny_config(image_size=TRAIN_SIZE), TrainConfig(**base), DistContext(), clip=tiny_clip)
+    return Trainer.prepare(tiny_config(image_size=TRAIN_SIZE), TrainConfig(**base), DistContext(), clip=tiny_clip)
 
 
 def _hand_total(model, images, masks, labels, alpha, margin):

@@ -15,25 +15,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-from .flags import (add_load_flags, add_model_flags, add_settings, given_settings, model_overrides, new_parser,
-                    parse_given, settings_from_args, trusted)
+from ..engine.settings import TestConfig, TrainConfig
+from ..files import OutputError, prepare_output_dir
+from ..model.config import GlocalCLIPConfig
+from .flags import given_settings, model_overrides, parse_given, settings_from_args, trusted
+from .parsers import test_parser, train_parser
 
 
 # ---------------------------------------------------------------------------- train
-def train_parser():
-    from ..engine.settings import TrainConfig
-
-    p = new_parser("train.py", "Train GlocalCLIP prompts on an auxiliary dataset's labelled test split "
-                               "(the paper's protocol).")
-    add_settings(p, TrainConfig)
-    add_load_flags(p)
-    add_model_flags(p, for_training=True)
-    return p
-
-
 def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..engine.settings import TrainConfig
-
     args = parse_given(train_parser(), TrainConfig, sys.argv[1:] if argv is None else argv)  # --help: no torch yet
     from ..engine.training import train
 
@@ -54,8 +44,6 @@ def train_configs(given: dict[str, Any], model_given: dict[str, Any], trust: boo
     ``--trust_checkpoint``) and handed to the trainer; else the defaults, and the backbone's."""
     from ..engine.resume_settings import resumed_configs
     from ..engine.runs import ResumePoint
-    from ..engine.settings import TrainConfig
-    from ..model.config import GlocalCLIPConfig
 
     if not given.get("resume"):
         return TrainConfig(**given), GlocalCLIPConfig.for_backbone(**model_given), None
@@ -64,31 +52,16 @@ def train_configs(given: dict[str, Any], model_given: dict[str, Any], trust: boo
 
 
 # ---------------------------------------------------------------------------- test
-def test_parser():
-    from ..engine.settings import TestConfig
-
-    from ..model.few_shot import FewShotSettings
-
-    p = new_parser("test.py", "Zero-shot (or, with --shots, few-shot) test of trained GlocalCLIP prompts.")
-    add_settings(p, TestConfig)
-    add_settings(p.add_argument_group("few-shot (with --shots K)"), FewShotSettings)
-    add_load_flags(p)
-    add_model_flags(p, for_training=False)
-    return p
-
-
 def test_main(argv: Optional[Sequence[str]] = None) -> int:
     args = test_parser().parse_args(list(sys.argv[1:] if argv is None else argv))  # --help: no torch yet
     from ..datasets import load_meta
     from ..engine.checkpoint import load_model_and_checkpoint
     from ..engine.distributed import init_distributed
     from ..engine.evaluation import evaluate
-    from ..engine.settings import TestConfig
     from .visualize import VisualWriter
-    from ..files import prepare_output_dir
 
     from ..engine.few_shot import class_banks, draw_shots
-    from ..model.few_shot import FewShotSettings
+    from ..model.config import FewShotSettings
 
     cfg = settings_from_args(TestConfig, args)
     few_shot = settings_from_args(FewShotSettings, args)
@@ -126,7 +99,6 @@ def _finish_test(results: dict[str, Any], cfg: Any, ckpt: dict, t0: float) -> No
     """Print and write the results; store the F1-max threshold beside the checkpoint for predict
     (the checkpoint itself is never rewritten)."""
     from ..engine.checkpoint import threshold_source, write_threshold
-    from ..files import OutputError
     from ..model.checkpoint_format import is_ours
     from .results import results_table, software_versions, write_results
     from .visualize import threshold_caption
@@ -157,22 +129,35 @@ def _finish_test(results: dict[str, Any], cfg: Any, ckpt: dict, t0: float) -> No
 
 # ---------------------------------------------------------------------------- entry
 class Command(NamedTuple):
-    """A ``glocalclip`` command: where its function lives (imported when it runs) and what it does."""
+    """A ``glocalclip`` command: where its function lives (imported when it runs), what it does, and
+    where a torch-free parser of its flags lives ("module:function"), so that ``--help`` and a
+    mistyped flag answer before the command's module, and torch with it, loads."""
 
     module: str
     function: str
     summary: str
+    parser: Optional[str] = None
 
     def load(self) -> Callable[[list[str]], Optional[int]]:
-        name = self.module if self.module.startswith("glocalclip.") else f"glocalclip.apps.{self.module}"
-        return getattr(importlib.import_module(name), self.function)
+        return getattr(importlib.import_module(_qualified(self.module)), self.function)
+
+    def check_flags(self, argv: list[str]) -> None:
+        """Parse ``argv`` with the torch-free parser: prints help or a flag error and exits there."""
+        if self.parser is not None:
+            module, function = self.parser.split(":")
+            getattr(importlib.import_module(_qualified(module)), function)().parse_args(argv)
+
+
+def _qualified(module: str) -> str:
+    return module if module.startswith("glocalclip.") else f"glocalclip.apps.{module}"
 
 
 COMMANDS = {
     "train": Command("cli", "train_main", "train the prompts on a dataset's labelled test split (= train.py)"),
     "test": Command("cli", "test_main", "zero-shot metrics of a checkpoint on a dataset (= test.py)"),
     "predict": Command("predict_cli", "predict_main", "score your own images (a checkpoint or an ONNX file): score, label, heat map"),
-    "convert": Command("convert", "convert_main", "an original GlocalCLIP/AnomalyCLIP checkpoint to ours"),
+    "convert": Command("convert", "convert_main", "an original GlocalCLIP/AnomalyCLIP checkpoint to ours",
+                       parser="parsers:convert_parser"),
     "report": Command("report", "report_main", "merge test runs into one table per dataset (mean ± std)"),
     "export": Command("glocalclip.deploy.export", "export_main", "one ONNX graph from image to score and map (extra [deploy])"),
     "serve": Command("glocalclip.deploy.serve", "serve_main", "a web service and page for a checkpoint or an ONNX file (extra [serve])"),
@@ -189,29 +174,45 @@ def overview() -> str:
 
 
 def _input_errors() -> tuple[type, ...]:
-    from ..files import OutputError
-    from ..model.backbone import PretrainedWeightsUnavailable
+    """The exception types that are a user's input error (DatasetError and CheckpointError are
+    ValueErrors). Taken from the modules only where they are loaded already: an exception of a class
+    never imported cannot have been raised, and looking here must not import torch."""
+    errors: list[type] = [ValueError, FileNotFoundError, OutputError]
+    backbone = sys.modules.get("glocalclip.model.backbone")
+    if backbone is not None:
+        errors.append(backbone.PretrainedWeightsUnavailable)
+    return tuple(errors)
 
-    # DatasetError and CheckpointError are ValueErrors
-    return (ValueError, FileNotFoundError, PretrainedWeightsUnavailable, OutputError)
+
+def _missing_package(e: ImportError) -> str:
+    """One line for a package that is absent or broken (torch, open_clip, onnxruntime, ...)."""
+    name = getattr(e, "name", None) or "a package"
+    return (f"this command needs {name}, which cannot be imported here ({e}); install the package "
+            f"(README.md, Install: the CPU-only line, or the extra the command names) and run it again")
 
 
 def run_command(prog: str, command: Callable[[list[str]], Optional[int]],
                 argv: Optional[Sequence[str]] = None) -> int:
     """Run a command line as a script does. An input error (a missing path, a bad flag value, data or a
-    checkpoint that does not fit) prints its message, which names the fix, without a traceback and
-    exits 2 (``GLOCALCLIP_TRACEBACK=1`` shows the traceback); Ctrl-C exits 130. Called as functions,
-    the commands raise instead."""
+    checkpoint that does not fit) or a package that cannot be imported prints one message, which names
+    the fix, without a traceback and exits 2 (``GLOCALCLIP_TRACEBACK=1`` shows the traceback); Ctrl-C
+    exits 130. Called as functions, the commands raise instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return command(argv) or 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - re-raised unless it is an input error
-        if os.environ.get("GLOCALCLIP_TRACEBACK") or not isinstance(e, _input_errors()):
+    except Exception as e:  # noqa: BLE001 - re-raised unless it is an input error or a missing package
+        if os.environ.get("GLOCALCLIP_TRACEBACK"):
             raise
-        print(f"{prog}: error: {e}\n(GLOCALCLIP_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        if isinstance(e, ImportError) and not (e.name or "").startswith("glocalclip"):  # ours: a bug
+            message = _missing_package(e)
+        elif isinstance(e, _input_errors()):
+            message = str(e)
+        else:
+            raise
+        print(f"{prog}: error: {message} (GLOCALCLIP_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return 2
 
 
@@ -225,7 +226,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"glocalclip: unknown command {argv[0]!r}; the commands are {', '.join(COMMANDS)} "
               f"(glocalclip --help says what each does)", file=sys.stderr)
         return 2
-    return run_command(f"glocalclip {argv[0]}", command.load(), argv[1:])
+    prog = f"glocalclip {argv[0]}"
+    command.check_flags(argv[1:])
+    return run_command(prog, lambda args: command.load()(args), argv[1:])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ converted file scores exactly as loading the original with the same flags.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from typing import Any, Optional, Sequence
@@ -18,18 +17,8 @@ from typing import Any, Optional, Sequence
 from ..engine.checkpoint import atomic_save
 from ..model.backbone_record import BackboneRecord, checkpoint_entry
 from ..model.checkpoint_format import adapt_checkpoint, is_ours, make_checkpoint, read_checkpoint, tensor_settings
-from .flags import add_load_flags, add_model_flags, model_overrides, new_parser, trusted
-
-
-def convert_parser() -> argparse.ArgumentParser:
-    p = new_parser("glocalclip convert", __doc__.split("\n\n")[0],
-                   epilog="AnomalyCLIP's released weights: --prompt_style anomalyclip --n_ctx 12 --depth 9 "
-                          "--t_n_ctx 4 (the defaults give features 6 12 18 24, dpam 20, image 518)")
-    p.add_argument("source", metavar="OLD.pth", help="original-format checkpoint (or one of ours)")
-    p.add_argument("target", metavar="NEW.pt", help="where to write our format")
-    add_load_flags(p)
-    add_model_flags(p, for_training=False)
-    return p
+from .flags import model_overrides, trusted
+from .parsers import convert_parser
 
 
 def convert_checkpoint(source: Any, overrides: dict[str, Any],

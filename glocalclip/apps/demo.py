@@ -10,6 +10,12 @@ from .cli import test_main, train_main
 from .flags import new_parser
 
 
+#: what the demo's model is, said before and after its numbers
+MODEL_NOTE = ("demo model: the tiny backbone with random weights (no CLIP weights), prompts trained for a few "
+              "epochs on synthetic textures. It shows that the pipeline runs; its scores on real photos mean "
+              "nothing (expect every photo to come out anomalous). Real use: train.py/test.py with ViT-L-14-336.")
+
+
 def demo_parser() -> argparse.ArgumentParser:
     p = new_parser("glocalclip demo", "Synthetic data in the MVTec layout -> train the tiny backbone -> test "
                                       "-> table + overlays.")
@@ -27,6 +33,7 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
     from ..datasets.synthetic import make_synthetic_dataset
 
     t0 = time.time()
+    print(MODEL_NOTE)
     out = Path(args.out)
     data = out / "data"
     if not (data / "meta.json").is_file():
@@ -42,4 +49,5 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
     test_main(["--data_path", str(data), "--checkpoint_path", str(ckpt), "--save_path", str(out / "results"),
                "--sigma", "4", "--num_workers", "0", "--save_vis"] + dev)
     print(f"demo finished in {time.time() - t0:.0f}s; results in {out / 'results'}")
+    print(MODEL_NOTE)
     return 0

@@ -21,6 +21,7 @@ from ..datasets.errors import DatasetError
 from ..engine.settings import PAPER_SIGMA as DEFAULT_SIGMA, progress_setting
 from ..settings import check_settings, setting
 from .flags import add_load_flags, add_model_flags, add_settings, model_overrides, new_parser, settings_from_args, trusted
+from ..files import removed_if_left_empty
 from ..locks import FolderLock
 from .predict_io import check_model_source, FIELDS, LoadedImage, expand_inputs, output_names, read_image, save_outputs
 from .predict_runs import PredictionsFile, image_key
@@ -111,8 +112,6 @@ def score_files(predictor, files: Sequence[Path], out: Path, names: dict[str, st
     """Score ``files`` in batches. Each batch's maps and overlays are written, then its rows appended
     to ``sink`` (flushed): whatever stops the run, every row there has its map. Unreadable files are
     reported and skipped."""
-    from tqdm import tqdm
-
     from .visualize import prediction_caption
 
     source = predictor.threshold_source
@@ -128,7 +127,7 @@ def score_files(predictor, files: Sequence[Path], out: Path, names: dict[str, st
         so_far.records += rows
         batch.clear()
 
-    bar = tqdm(files, desc="predict", unit="img", disable=not cfg.progress)
+    bar = progress_bar(files, cfg.progress)
     for f in bar:
         try:
             batch.append(read_image(f, predictor.image_size, want_rgb=cfg.overlays))
@@ -141,6 +140,32 @@ def score_files(predictor, files: Sequence[Path], out: Path, names: dict[str, st
     if batch:
         flush()
     bar.close()
+
+
+class _NoBar:
+    """What ``predict`` uses of a tqdm bar, where tqdm is not installed (the torch-free runtime install):
+    the items, messages to stderr, and a count at the end."""
+
+    def __init__(self, items: Sequence[Path]):
+        self.items = items
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def write(self, message: str, file=None) -> None:
+        print(message, file=file or sys.stderr)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(files: Sequence[Path], show: bool):
+    """tqdm's bar over ``files``; without tqdm installed, none (the messages still print)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar(files)
+    return tqdm(files, desc="predict", unit="img", disable=not show)
 
 
 def _value_range(cfg: PredictConfig, predictor) -> Optional[tuple[float, float]]:
@@ -170,7 +195,8 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     out = Path(cfg.out)
     so_far = ScoredSoFar()
-    with FolderLock(out, "predict") as lock:  # a second predict into this --out refuses, naming this one
+    # a second predict into this --out refuses, naming this one; a failed start leaves no empty --out
+    with removed_if_left_empty(out), FolderLock(out, "predict") as lock:
         if lock.taken_over:
             print(f"note: took over the lock of {out} left by pid {lock.taken_over.get('pid')}, which is gone",
                   file=sys.stderr)

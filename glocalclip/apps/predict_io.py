@@ -196,27 +196,35 @@ def output_names(files: Sequence[Path]) -> list[str]:
 
 # ---------------------------------------------------------------------------- outputs
 def overlay_rgb(rgb: np.ndarray, pred: Prediction, value_range: Optional[tuple[float, float]],
-                caption: Sequence[str] = ()) -> np.ndarray:
+                caption: Sequence[str] = (), colour_bar: bool = False) -> np.ndarray:
     """The heat map over the image (uint8 RGB [h, w, 3]), with the ``caption`` lines written on it
     (``visualize.prediction_caption``: the predicted label and the threshold it came from; the web
-    page shows them beside the picture instead)."""
-    from .visualize import annotate, overlay
+    page shows them beside the picture instead) and, with ``colour_bar``, the colours' key along its
+    bottom edge (``value_range``, else the map's own min..max); the picture keeps the image's size. Numpy and Pillow only: the torch-free install
+    has no OpenCV."""
+    from .heatmap import captioned, heat_overlay, inset_colour_bar
 
-    vis = overlay(rgb, pred.anomaly_map, value_range=value_range)
-    return annotate(vis, list(caption)) if caption else vis
+    vis = heat_overlay(rgb, pred.anomaly_map, value_range)
+    if caption:
+        vis = captioned(vis, list(caption))
+    if colour_bar:
+        amap = pred.anomaly_map
+        key = value_range if value_range is not None else (float(amap.min()), float(amap.max()))
+        vis = inset_colour_bar(vis, key, "anomaly map" if value_range is not None else "this image's map")
+    return vis
 
 
 def save_outputs(pred: Prediction, name: str, out: Path, rgb: Optional[np.ndarray],
                  value_range: Optional[tuple[float, float]], caption: Sequence[str] = ()) -> dict[str, Any]:
     """``maps/<name>.npy`` (the raw map) and, given the image's pixels, ``overlays/<name>.png`` with
-    ``caption`` on it, each written atomically (a full disk leaves no half file); returns the
-    prediction's record with both paths."""
+    ``caption`` on it and a colour bar along its bottom edge, each written atomically (a full disk leaves no half
+    file); returns the prediction's record with both paths."""
     from ..files import write_npy, write_png
 
     npy = write_npy(out / "maps" / f"{name}.npy", pred.anomaly_map.astype(np.float32))
     png = None
     if rgb is not None:
-        png = write_png(out / "overlays" / f"{name}.png", overlay_rgb(rgb, pred, value_range, caption))
+        png = write_png(out / "overlays" / f"{name}.png", overlay_rgb(rgb, pred, value_range, caption, colour_bar=True))
     return pred.record(anomaly_map=str(npy), overlay=str(png) if png else None)
 
 

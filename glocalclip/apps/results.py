@@ -92,7 +92,7 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
 
 RUN_FACTS = (("checkpoint", "checkpoint"), ("dataset", "dataset"), ("data_path", "data"),
              ("metrics_mode", "metrics"), ("sigma", "sigma"), ("n_images", "images"),
-             ("image_threshold", "image-score threshold (pooled F1-max)"), ("batch_size", "batch size"),
+             ("image_threshold", "image-score threshold (best F1 over all classes' images)"), ("batch_size", "batch size"),
              ("num_workers", "loader workers per process"), ("world_size", "processes"),
              ("shots", "few-shot: normal shots per class (0: zero-shot)"), ("shot_seed", "shot seed"))
 RUN_DURATIONS = (("wall_time_s", "wall time, scoring and metrics"), ("total_wall_time_s", "wall time, total"))

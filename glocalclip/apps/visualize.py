@@ -1,7 +1,9 @@
 """Pictures of anomaly maps and curves.
 
-Overlays and the per-class grids need only OpenCV. ROC / PRO curve plots need matplotlib, an
-optional extra (``pip install glocalclip[plot]``), imported only inside :func:`plot_curves`.
+The per-class grids need OpenCV (imported where used: predict's captions come from here in the
+torch-free install too, which has none); their colours are ``heatmap.py``'s, as predict's overlays.
+ROC / PRO curve plots need matplotlib, an optional extra (``pip install glocalclip[plot]``), imported
+only inside :func:`plot_curves`.
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import cv2
 import numpy as np
 
 from ..engine.hooks import EvaluationHooks
@@ -20,26 +21,17 @@ PLOT_EXTRA_HINT = "ROC / PRO plots need matplotlib: pip install 'glocalclip[plot
 CURVES_FILE = "curves.json"
 
 
-def _normalise(amap: np.ndarray) -> np.ndarray:
-    lo, hi = float(amap.min()), float(amap.max())
-    return (amap - lo) / (hi - lo) if hi > lo else np.zeros_like(amap)
-
-
 def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: Optional[np.ndarray] = None,
             alpha: float = 0.5, value_range: Optional[tuple[float, float]] = None) -> np.ndarray:
     """A JET colour map of ``amap`` blended over ``image_rgb`` (uint8 [H,W,3]); the ground-truth
     ``mask`` (optional) drawn as a green contour. The map is resized to the image. The colours
     span ``value_range`` (lo, hi) if given, else the map's own min..max."""
+    import cv2
+
+    from .heatmap import heat_overlay
+
     h, w = image_rgb.shape[:2]
-    amap = cv2.resize(amap.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    if value_range is not None:
-        lo, hi = value_range
-        norm = np.clip((amap - lo) / max(hi - lo, 1e-12), 0, 1)
-    else:
-        norm = _normalise(amap)
-    heat = cv2.applyColorMap((norm * 255).astype(np.uint8), cv2.COLORMAP_JET)
-    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
-    out = (alpha * heat + (1 - alpha) * image_rgb.astype(np.float32)).astype(np.uint8)
+    out = heat_overlay(image_rgb, amap, value_range, alpha)
     if mask is not None and mask.any():
         m = cv2.resize(mask.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
         contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -51,6 +43,8 @@ def annotate(image_rgb: np.ndarray, text: str | Sequence[str], color: tuple[int,
              ) -> np.ndarray:
     """``text`` (a line, or several, each wrapped to the picture's width) written in the top-left
     corner, outlined so it reads on any background. OpenCV's fonts are ASCII only."""
+    import cv2
+
     out = np.ascontiguousarray(image_rgb).copy()
     scale = max(0.35, min(out.shape[:2]) / 560)
     thick = max(1, round(scale * 1.5))
@@ -84,7 +78,7 @@ def grid_legend(value_range: Optional[tuple[float, float]], has_masks: bool) -> 
 
 
 def threshold_caption(threshold: float, source: Optional[str], ascii_only: bool = False) -> str:
-    """``threshold 0.42 (F1-max on mvtec test, σ 8)``: a threshold with the scores it was derived
+    """``threshold 0.42 (best F1 on the test set of mvtec, σ 8)``: a threshold with the scores it was derived
     from (``source``, see ``engine.checkpoint.threshold_source``). ``ascii_only`` for pictures."""
     text = f"threshold {threshold:.4g}" + (f" ({source})" if source else "")
     return text.replace("σ", "sigma") if ascii_only else text
@@ -98,7 +92,7 @@ def prediction_caption(score: float, predicted: Optional[int], threshold: Option
         return [f"score {score:.3f}", "no prediction: no threshold"]
     relation = ">=" if predicted else "<"
     lines = [f"predicted: {'anomalous' if predicted else 'normal'}", f"score {score:.3f} {relation} threshold {threshold:.4g}"]
-    return lines + ([f"({source})".replace("σ", "sigma")] if source else [])
+    return lines + ([f"threshold: {source}".replace("σ", "sigma")] if source else [])
 
 
 def read_rgb(path: str, upright: bool = False) -> np.ndarray:
@@ -113,11 +107,15 @@ def read_rgb(path: str, upright: bool = False) -> np.ndarray:
 
 
 def _tile(img: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
 
 def _wrapped(text: str, width: int, scale: float, thickness: int = 1) -> list[str]:
     """``text`` cut at spaces into lines that fit ``width`` pixels in OpenCV's font."""
+    import cv2
+
     lines: list[str] = []
     for word in text.split(" "):
         candidate = f"{lines[-1]} {word}" if lines else word
@@ -133,6 +131,8 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], tile: int = 160, pad: int =
                row_titles: Optional[Sequence[str]] = None, legend: str = "") -> np.ndarray:
     """Tiles [H,W,3] uint8 laid out in rows (each resized to ``tile``²) on a white background,
     with ``legend`` (wrapped to the grid's width) underneath."""
+    import cv2
+
     n_cols = max((len(r) for r in rows), default=0)
     title_h = 22 if row_titles else 0
     w = max(1, n_cols) * (tile + pad) + pad
@@ -157,7 +157,7 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], tile: int = 160, pad: int =
 def class_grid(cs, k: int = 6, tile: int = 160, upright: bool = False) -> np.ndarray:
     """The ``k`` highest- and ``k`` lowest-scoring images of a class (``ClassScores``), overlays on one
     colour scale (the class's map range), ground truth as a green contour; each tile says its score
-    and its ground-truth label, and a legend underneath says what is what."""
+    and its ground-truth label, a legend underneath says what is what, and a colour bar the scale."""
     scores = np.asarray(cs.scores, dtype=np.float64)
     order = np.argsort(-scores, kind="stable")
     k = max(1, min(k, len(order)))
@@ -181,7 +181,12 @@ def class_grid(cs, k: int = 6, tile: int = 160, upright: bool = False) -> np.nda
         rows.append([tile_of(i) for i in bottom])
         titles.append(f"{cs.cls_name}: lowest scores")
     legend = grid_legend(vr if maps is not None else None, has_masks=cs.masks is not None and maps is not None)
-    return image_grid(rows, tile=tile, row_titles=titles, legend=legend)
+    grid = image_grid(rows, tile=tile, row_titles=titles, legend=legend)
+    if vr is None:
+        return grid
+    from .heatmap import with_colour_bar
+
+    return with_colour_bar(grid, vr, "anomaly map, one scale for the class")
 
 
 def save_class_visuals(out_dir: Path, cs, k: int = 6, upright: bool = False) -> list[Path]:

@@ -21,7 +21,6 @@ from .errors import DatasetError
 from .scan import SPLITS
 
 META_NAME = "meta.json"
-ENTRY_KEYS = ("img_path", "mask_path", "cls_name", "specie_name", "anomaly")
 
 
 def meta_path(root: str) -> str:

@@ -82,20 +82,6 @@ def make_sample(cls_name: str, size: int, anomalous: bool, rng: np.random.Genera
     return paste_defect(img, mask, rng), mask
 
 
-def make_batch(n: int, size: int, seed: int, classes: Sequence[str] = SYNTHETIC_CLASSES,
-               anomaly_ratio: float = 0.5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """In-memory samples: images uint8 [n,S,S,3], masks bool [n,S,S], labels int [n]."""
-    rng = np.random.default_rng(seed)
-    imgs, masks, labels = [], [], []
-    for i in range(n):
-        anomalous = rng.random() < anomaly_ratio
-        img, m = make_sample(classes[i % len(classes)], size, anomalous, rng)
-        imgs.append(img)
-        masks.append(m)
-        labels.append(int(anomalous))
-    return np.stack(imgs), np.stack(masks), np.array(labels)
-
-
 def write_mvtec_layout(root: str | Path, classes: Sequence[str] = SYNTHETIC_CLASSES, n_train: int = 4,
                        n_test_good: int = 6, n_test_defect: int = 6, size: int = 128, seed: int = 0) -> Path:
     """Write a synthetic dataset in MVTec AD's layout:

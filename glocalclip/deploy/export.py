@@ -84,7 +84,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Op
     checkpoint was tested with, ``image_size`` to its config's, ``threshold`` to its stored one.
     ``half`` stores the weight matrices as float16 (computed in float32). ``trust``: load a checkpoint
     that could run code (``--trust_checkpoint``). Returns the metadata."""
-    from ..engine.checkpoint import file_sha256, tested_sigma
+    from ..engine.checkpoint import file_sha256, tested_sigma, threshold_source
 
     _require_exporter()
     if image_size is not None:
@@ -94,7 +94,9 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Op
     meta = DeployMetadata(image_size=int(model.cfg.image_size), sigma=sigma,
                           threshold=(record or {}).get("image_score") if threshold is None else float(threshold),
                           config=model.cfg.to_dict(), version=__version__,
-                          checkpoint_sha256=file_sha256(checkpoint), half=half)
+                          checkpoint_sha256=file_sha256(checkpoint), half=half,
+                          threshold_source=("given at export" if threshold is not None else
+                                            threshold_source(record) if record else None))
     program = _export_program(DeployedDetector(model, sigma).eval(), meta.image_size)
     if half:
         from .half import store_weights_half

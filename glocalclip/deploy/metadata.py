@@ -25,6 +25,7 @@ class DeployMetadata:
     version: str
     checkpoint_sha256: str
     half: bool = False
+    threshold_source: Optional[str] = None  # in words: "best F1 on the test set of mvtec, σ 8"
 
     def to_props(self) -> dict[str, str]:
         """As ONNX ``metadata_props`` (strings only); no threshold -> no ``threshold`` key."""
@@ -33,6 +34,8 @@ class DeployMetadata:
                  "checkpoint_sha256": self.checkpoint_sha256, "weights": "float16" if self.half else "float32"}
         if self.threshold is not None:
             props["threshold"] = repr(float(self.threshold))
+        if self.threshold_source:
+            props["threshold_source"] = self.threshold_source
         return props
 
     @classmethod
@@ -44,7 +47,7 @@ class DeployMetadata:
         return cls(image_size=int(props["image_size"]), sigma=float(props["sigma"]),
                    threshold=None if thr is None else float(thr), config=json.loads(props["config"]),
                    version=props["glocalclip_version"], checkpoint_sha256=props["checkpoint_sha256"],
-                   half=props.get("weights") == "float16")
+                   half=props.get("weights") == "float16", threshold_source=props.get("threshold_source"))
 
     @property
     def map_value_range(self) -> tuple[float, float]:

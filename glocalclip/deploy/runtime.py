@@ -92,7 +92,8 @@ class OnnxPredictor:
         self.threshold = self.metadata.threshold if threshold is None else float(threshold)
         #: where the threshold comes from, in words (predict's overlays say it)
         self.threshold_source = None if self.threshold is None else \
-            ("given" if threshold is not None else f"stored in {os.path.basename(path)}")
+            ("given" if threshold is not None else
+             ", ".join(filter(None, (self.metadata.threshold_source, f"stored in {os.path.basename(path)}"))))
         self.batch_size = int(batch_size)
 
     @property

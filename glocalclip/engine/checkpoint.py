@@ -68,11 +68,11 @@ def write_threshold(checkpoint: str | os.PathLike, image_score: float, **provena
 
 
 def threshold_source(record: dict[str, Any]) -> str:
-    """Where a stored threshold comes from, in words: ``F1-max on mvtec test, σ 8`` (the dataset,
-    or for folder-mode data its folder's name, and the smoothing of the maps it was measured on)."""
+    """Where a stored threshold comes from, in words: ``best F1 on the test set of mvtec, σ 8`` (the
+    dataset, or for folder-mode data its folder's name, and the smoothing of the maps it was measured on)."""
     data = record.get("dataset") or Path(str(record.get("data_path") or "")).name
     sigma = record.get("sigma")
-    return (f"F1-max on {data} test" if data else "F1-max, stored by test.py") + \
+    return (f"best F1 on the test set of {data}" if data else "best F1 on a test set, stored by test.py") + \
         ("" if sigma is None else f", σ {float(sigma):g}")
 
 

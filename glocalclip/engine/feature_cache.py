@@ -19,10 +19,11 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from ..model.layers import LayerFeatures
 from ..files import make_temp_dir, translated
-
+from ..model.layers import LayerFeatures
+from .distributed import DistContext
 from .settings import FEATURE_CACHE_PLACES as LOCATIONS  # declared once, with the setting
 
 
@@ -100,6 +101,19 @@ class FeatureCache:
         self.labels = torch.empty(n, dtype=torch.long, device=store)
         self.mask_valid = torch.empty(n, dtype=torch.bool, device=store)
 
+    @classmethod
+    def sized_for(cls, n: int, global_features: torch.Tensor, layers: LayerFeatures, mask_size: int,
+                  requested: str, device: torch.device, disk_dir: Optional[str] = None,
+                  log=lambda msg: None) -> "FeatureCache":
+        """A store for ``n`` images shaped like a first encoded batch (``global_features`` [B, E], the
+        layers' patch tokens [B, N, W]), placed where ``requested`` (``--feature_cache``) resolves to."""
+        tokens, width = layers.tensors[0].shape[1:]
+        dim = global_features.shape[1]
+        nbytes = cls.nbytes(n, dim, tokens, width, len(layers.tensors), mask_size)
+        where = choose_location(requested, nbytes, device)
+        log(f"feature cache: {nbytes / 2**30:.2f} GiB in {where} memory")
+        return cls(n, dim, tokens, width, layers.counts, mask_size, where, device, disk_dir=disk_dir)
+
     @staticmethod
     def nbytes(n: int, global_dim: int, tokens: int, width: int, n_slots: int, mask_size: int) -> int:
         return n * (4 * (global_dim + n_slots * tokens * width) + mask_size * mask_size + 9)
@@ -155,3 +169,24 @@ class FeatureCache:
             self.patches = []
             self._remove_dir()
             self._remove_dir = None
+
+
+def share_chunks(cache: Optional[FeatureCache], chunks: list[list[int]], ctx: DistContext) -> FeatureCache:
+    """Under torchrun each process encoded every K-th chunk of the images (chunk j by rank j % K):
+    broadcast each chunk from the process that encoded it to every other, so every process ends
+    with the whole cache."""
+    if cache is None:  # a process with no chunk of its own (more processes than chunks)
+        raise RuntimeError("more torchrun processes than training batches; use fewer processes")
+    comm = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    for j, chunk in enumerate(chunks):
+        owner = j % ctx.world_size
+        idx = torch.tensor(chunk)
+        if ctx.rank == owner:
+            rows = cache.read_rows(idx, comm)
+        else:
+            rows = [torch.empty(shape, dtype=dt, device=comm) for shape, dt in cache.row_shapes(len(chunk))]
+        for r in rows:
+            dist.broadcast(r, src=owner)
+        if ctx.rank != owner:
+            cache.write_rows(idx, rows)
+    return cache

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..datasets import AnomalyDataset, DatasetError, normalize_image
-from ..model.few_shot import FewShotSettings, ReferenceBank
+from ..model.config import FewShotSettings
+from ..model.few_shot import ReferenceBank
 from ..model.glocalclip import GlocalCLIP
 
 

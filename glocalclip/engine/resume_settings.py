@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from .settings import unmasked_mode
+from ..model.checkpoint_format import is_ours
+from ..model.config import GlocalCLIPConfig
+from .settings import TrainConfig, unmasked_mode
 
 #: settings that shape the optimisation: a resumed run keeps the checkpoint's
 SHARED = ("seed", "batch_size", "alpha", "margin", "dataset", "unmasked_anomalies")
@@ -62,10 +64,6 @@ def resumed_configs(ckpt: Mapping[str, Any], given: Mapping[str, Any], model_giv
     """(TrainConfig, GlocalCLIPConfig) of ``train.py --resume``: the flags given, the rest from the
     checkpoint (its training settings as :func:`inherit` says, its model settings all). A checkpoint
     that is not ours gives nothing; the trainer then refuses it."""
-    from ..model.checkpoint_format import is_ours
-    from ..model.config import GlocalCLIPConfig
-    from .settings import TrainConfig
-
     if not is_ours(dict(ckpt)):
         return TrainConfig(**given), GlocalCLIPConfig.for_backbone(**model_given)
     train = TrainConfig(**inherit(ckpt.get("train_config"), given))

@@ -7,14 +7,21 @@ unless the run continues them (``--resume`` that folder) or ``--overwrite`` clea
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from ..files import translated
-from ..model.checkpoint_format import CheckpointError, read_checkpoint
+from tqdm import tqdm
+
+from ..files import append_text, prepare_output_dir, translated, write_json, write_torch
+from ..model.checkpoint_format import CheckpointError, is_ours, read_checkpoint
+from ..model.config import GlocalCLIPConfig
 from .checkpoint import threshold_path
+from .distributed import DistContext
+from .resume_settings import resume_changes, resume_entry
+from .settings import TrainConfig
 
 #: the files of a run besides its checkpoints (``--overwrite`` removes them with the checkpoints)
 RUN_FILES = ("train_history.json", "log.txt")
@@ -33,17 +40,6 @@ def epoch_number(path: Path) -> int:
 def epoch_files(folder: str | os.PathLike) -> list[Path]:
     """The folder's ``epoch_N.pth`` files, lowest N first."""
     return sorted(Path(folder).glob("epoch_*.pth"), key=epoch_number)
-
-
-def latest_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` itself if a file, else the highest ``epoch_N.pth`` inside the folder."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    found = epoch_files(p)
-    if not found:
-        raise FileNotFoundError(f"--resume {path}: no epoch_N.pth checkpoint there")
-    return found[-1]
 
 
 def resume_checkpoint(path: str | os.PathLike, warn: Callable[[str], None],
@@ -144,3 +140,104 @@ def clear_run(save_dir: Path) -> list[Path]:
                 path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+# ---------------------------------------------------------------------------- one folder, one run
+class RunFolder:
+    """The folder of one training run, claimed for it (:func:`open_run`): where the run starts (epoch,
+    the checkpoint it continues, every resume with what it changed), its log, its checkpoints and
+    their history. Only the main process writes."""
+
+    def __init__(self, path: str | os.PathLike, is_main: bool = True, start_epoch: int = 0,
+                 resume_path: Optional[Path] = None, resumes: Optional[list[dict]] = None):
+        self.path = Path(path)
+        self.is_main = is_main
+        self.start_epoch = start_epoch
+        self.resume_path = resume_path
+        self.resumes = list(resumes or [])
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            tqdm.write(msg)
+            append_text(self.path / "log.txt", msg + "\n")
+
+    def save(self, epoch: int, checkpoint: Callable[[], dict], model_config: dict, train_config: dict,
+             epochs: list[dict[str, float]]) -> Path:
+        """``epoch_N.pth`` (``checkpoint()``: built only by the process that writes) and
+        ``train_history.json``: the losses of every epoch so far (a resumed run's earlier ones too)."""
+        path = self.path / f"epoch_{epoch}.pth"
+        if self.is_main:
+            write_torch(path, checkpoint())
+            write_json(self.path / "train_history.json", {"model_config": model_config, "train_config": train_config,
+                                                          "resumes": self.resumes, "epochs": epochs})
+        return path
+
+    def last_checkpoint(self) -> Optional[Path]:
+        return (epoch_files(self.path) or [None])[-1]
+
+
+def open_run(cfg: TrainConfig, model_cfg: GlocalCLIPConfig, ctx: DistContext,
+             point: Optional[ResumePoint] = None, trust: bool = False) -> tuple[RunFolder, Optional[dict]]:
+    """Claim ``--save_path`` for this run: a folder that cannot take a file stops the run (every process
+    alike) before any long work; the checkpoint ``--resume`` names (``point`` if the caller read it
+    already) must fit this model; a folder holding another run's checkpoints is refused, or cleared with
+    ``--overwrite`` (by rank 0, the others waiting for it). Returns the folder and the checkpoint
+    resumed from (None: a fresh run). ``trust``: ``--trust_checkpoint``."""
+    save_dir = Path(cfg.save_path)
+    prepare_output_dir(save_dir)
+    run = RunFolder(save_dir, ctx.is_main)
+    notes: list[str] = []  # logged once the folder is this run's
+    ckpt = None
+    if cfg.resume:
+        point = point or ResumePoint.read(cfg.resume, trust)
+        notes += point.notes
+        ckpt = _check_resume(run, cfg, model_cfg, point, notes.append)
+    named_file = cfg.resume is not None and not Path(cfg.resume).is_dir()
+    removed = claim_save_folder(save_dir, run.resume_path, cfg.overwrite, resume_named_file=named_file,
+                                clear=ctx.is_main)
+    ctx.barrier()
+    if removed:
+        notes.insert(0, f"--overwrite: removed the earlier run's files from {save_dir}: "
+                        f"{', '.join(p.name for p in removed)}")
+    for note in notes:
+        run.log(note)
+    return run, ckpt
+
+
+def _check_resume(run: RunFolder, cfg: TrainConfig, model_cfg: GlocalCLIPConfig, point: ResumePoint,
+                  note: Callable[[str], None]) -> dict:
+    """Check the checkpoint ``--resume`` continues from was trained with this model and these settings
+    (docs/design.md §5), and record on ``run`` what this run changes from its next epoch on."""
+    ckpt = point.checkpoint
+    if not is_ours(ckpt):
+        raise ValueError(f"--resume {cfg.resume}: not a glocalclip training checkpoint")
+    saved = GlocalCLIPConfig.from_dict(ckpt["config"])
+    if saved != model_cfg:
+        diff = {k: (v, getattr(model_cfg, k)) for k, v in dataclasses.asdict(saved).items()
+                if v != getattr(model_cfg, k) and k not in ("pretrained", "precision")}
+        if diff:
+            raise ValueError(f"--resume: the checkpoint was trained with other model settings "
+                             f"(checkpoint vs now): {diff}")
+    run.resume_path, run.start_epoch = point.path, int(ckpt["epoch"])
+    changes = resume_changes(ckpt.get("train_config"), cfg.to_dict())
+    for name, (old, new) in changes.items():
+        note(f"--resume: {name} {old} -> {new} from epoch {run.start_epoch + 1} on")
+    run.resumes = [*ckpt.get("resumes", []), resume_entry(run.start_epoch, str(run.resume_path), changes)]
+    return ckpt
+
+
+def data_identity(dataset: Any) -> dict:
+    """What a checkpoint records of its training data: the image count and the classes in order."""
+    return {"images": len(dataset), "classes": list(dataset.classes)}
+
+
+def check_same_data(ckpt: Optional[dict], dataset: Any, data_path: str) -> None:
+    """A resumed run trains on the images of its checkpoint: each epoch's batch order names images by
+    their position in the data (docs/design.md §5.1)."""
+    recorded = ckpt.get("data") if ckpt is not None else None
+    now = data_identity(dataset)
+    if recorded and recorded != now:
+        raise ValueError(f"--resume: {data_path} holds other training data than the checkpoint's "
+                         f"({now['images']} images of classes {now['classes']}, the checkpoint "
+                         f"{recorded['images']} of {recorded['classes']}); the run can only continue on the same "
+                         f"images: give the checkpoint's --train_data_path, or start a new run")

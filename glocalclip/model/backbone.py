@@ -28,7 +28,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-import open_clip
+from .clip_import import import_open_clip
+
+open_clip = import_open_clip()  # one message when torchvision does not fit torch
 
 from .checkpoint_format import TRUST_HINT, CheckpointError, file_sha256, safe_load
 

@@ -19,11 +19,9 @@ from typing import Any, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..settings import check_settings, setting
+from .config import FEW_SHOT_IMAGE_TERMS, FewShotSettings
 from .layers import LayerFeatures
 
-FEW_SHOT_LAYERS = ("selected", "blocks")
-FEW_SHOT_IMAGE_TERMS = ("max", "mean")
 
 #: the largest block of test-patch × bank similarities held at once (float32: 256 MiB). At 518 px on
 #: ViT-L-14 (37×37 = 1369 patches, E = 768) K = 16 shots make a bank of 21 904 rows per layer (67 MB);
@@ -33,36 +31,6 @@ FEW_SHOT_IMAGE_TERMS = ("max", "mean")
 MAX_BLOCK_ELEMENTS = 2 ** 26
 
 PathLike = Union[str, os.PathLike]
-
-
-@dataclass(frozen=True)
-class FewShotSettings:
-    """How the reference bank's distances join the zero-shot scores; defaults measured on held-out
-    synthetic data (docs/design.md §11)."""
-
-    weight: float = setting(16.0, flag="shot_weight", minimum=0.0,
-                            help="weight of the few-shot map (distances (1-cos)/2 averaged over layers) added to "
-                                 "the zero-shot map (a sum of 4 layers' probabilities); APRIL-GAN's sum of (1-cos) "
-                                 "over 4 layers is 8")
-    layers: str = setting("blocks", flag="shot_layers", choices=FEW_SHOT_LAYERS,
-                          help="selected: the layers the zero-shot map reads (under multilayer=reference the "
-                               "original's shared V-V tensor); blocks: each selected block's own features")
-    image_term: str = setting("max", flag="shot_image_term", choices=FEW_SHOT_IMAGE_TERMS,
-                              help="what the image score gains from the few-shot map: its max or its mean")
-
-    def __post_init__(self) -> None:
-        check_settings(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FewShotSettings":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown few-shot settings {unknown}; known: {sorted(names)}")
-        return cls(**d)
 
 
 # ---------------------------------------------------------------------------- the pure functions

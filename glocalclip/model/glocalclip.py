@@ -9,15 +9,15 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence, Union
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint_format as ckpt_io
+from .backbone import open_clip  # imported there, with one message for a broken torch/torchvision pair
 from .backbone_record import BackboneRecord, checkpoint_entry, warn_if_other_weights
-from .config import GlocalCLIPConfig
-from .few_shot import FewShotSettings, ReferenceBank, bank_from_features, features_key, few_shot_map, join_scores
+from .config import FewShotSettings, GlocalCLIPConfig
+from .few_shot import ReferenceBank, bank_from_features, features_key, few_shot_map, join_scores
 from .layers import LayerFeatures
 from .losses import glocal_contrastive_loss, local_loss
 from .precision import cast_frozen_towers, compute_dtype
