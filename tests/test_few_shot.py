@@ -179,3 +179,21 @@ def test_reference_without_images_or_with_a_broken_one_is_refused_by_name(tiny_c
     (tmp_path / "mixed" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DatasetError, match="broken.png.*remove it from --reference"):
         load_reference(model, str(tmp_path / "mixed"))
+
+
+def test_bank_buffers_move_with_the_module_and_give_the_bank_back(tiny_clip):
+    from glocalclip.model.few_shot import BankBuffers
+
+    torch.manual_seed(0)
+    model = GlocalCLIP(tiny_config(), clip=tiny_clip)
+    bank = model.reference_bank(torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(6)),
+                                sources=["/x/a.png", "/x/b.png"])
+    held = BankBuffers(bank)
+    assert sorted(held.state_dict()) == [f"layer{i}" for i in range(len(bank.layers.tensors))]
+    held = held.to(torch.float64)
+    back = held.bank()
+    assert back.layers.counts == bank.layers.counts and back.settings == bank.settings
+    assert all(t.dtype == torch.float64 for t in back.layers.tensors)
+    torch.testing.assert_close(back.layers.tensors[0].float(), bank.layers.tensors[0], atol=0, rtol=0)
+    assert held.describe() == {"settings": bank.settings.to_dict(), "images": 2, "sources": ["a.png", "b.png"],
+                               "rows": 2 * 64}

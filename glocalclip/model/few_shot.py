@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .config import FEW_SHOT_IMAGE_TERMS, FewShotSettings
 from .layers import LayerFeatures
@@ -177,6 +178,31 @@ class ReferenceBank:
                              f"{d.get('format') if isinstance(d, dict) else type(d).__name__!r}, expected {BANK_FORMAT})")
         return cls(LayerFeatures(tuple(d["tensors"]), tuple(d["counts"])), FewShotSettings.from_dict(d["settings"]),
                    int(d["image_size"]), dict(d["model_key"]), tuple(d["sources"]))
+
+
+class BankBuffers(nn.Module):
+    """A bank held as module buffers: it moves with the detector's ``.to()``, and an exported graph
+    takes it in as constants (docs/design.md §10, §11). :meth:`bank` is the bank to score with."""
+
+    def __init__(self, bank: ReferenceBank):
+        super().__init__()
+        for i, t in enumerate(bank.layers.tensors):
+            self.register_buffer(f"layer{i}", t.detach().clone())  # [M, E]
+        self.counts = bank.layers.counts
+        self.about = dataclasses.replace(bank, layers=LayerFeatures((), ()))  # settings, sources, model key
+
+    @property
+    def settings(self) -> FewShotSettings:
+        return self.about.settings
+
+    def bank(self) -> ReferenceBank:
+        tensors = tuple(getattr(self, f"layer{i}") for i in range(len(self.counts)))
+        return dataclasses.replace(self.about, layers=LayerFeatures(tensors, self.counts))
+
+    def describe(self) -> dict[str, Any]:
+        """What a deployed file records about its bank: the settings and the reference images' names."""
+        return {"settings": self.settings.to_dict(), "images": len(self.about.sources),
+                "sources": [os.path.basename(s) for s in self.about.sources], "rows": int(self.layer0.shape[0])}
 
 
 def features_key(model_cfg: Any, settings: FewShotSettings) -> dict[str, Any]:
