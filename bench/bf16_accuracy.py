@@ -24,7 +24,7 @@ from tabulate import tabulate
 
 from glocalclip import GlocalCLIP, load_model
 from glocalclip.engine.distributed import DistContext
-from glocalclip.engine.evaluation import evaluate
+from glocalclip.inference.evaluation import evaluate
 
 from .common import RESULTS_DIR, make_dataset, model_config, write_report
 

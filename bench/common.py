@@ -15,7 +15,7 @@ import torch
 from glocalclip import GlocalCLIPConfig
 from glocalclip.datasets import write_meta
 from glocalclip.datasets.synthetic import SYNTHETIC_CLASSES, make_sample, synthetic_meta
-from glocalclip.engine.hooks import WAITS, EvaluationHooks
+from glocalclip.inference.hooks import WAITS, EvaluationHooks
 
 HERE = Path(__file__).resolve().parent
 RESULTS_DIR = HERE / "results"

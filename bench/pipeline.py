@@ -28,7 +28,7 @@ from glocalclip import GlocalCLIP
 from glocalclip.model.config import PRECISIONS
 from glocalclip.datasets import AnomalyDataset, normalize_image
 from glocalclip.engine.distributed import DistContext
-from glocalclip.engine.evaluation import evaluate, evaluation_loader
+from glocalclip.inference.evaluation import evaluate, evaluation_loader
 from glocalclip.engine.loaders import default_num_workers
 from glocalclip.engine.smoothing import GaussianSmoothing
 from glocalclip.engine.training import TrainConfig, Trainer

@@ -1,7 +1,8 @@
 """glocalclip: GlocalCLIP zero-shot anomaly detection on open_clip (see README.md, docs/design.md).
 
-Layers, imports running one way: ``model`` (torch modules only) <- ``engine`` (training, testing,
-metrics) <- ``apps`` (command lines, predict, reports); ``datasets`` is the data layer beside them.
+Layers, imports running one way: ``model`` (torch modules only) <- ``engine`` (training, metrics,
+checkpoints) <- ``inference`` (the Detector, predict, evaluate) <- ``deploy`` (ONNX, serve) <- ``apps``
+(command lines); ``datasets``, ``files``, ``settings``, ``locks`` are the base layer beneath them.
 Names are imported on first use, so ``import glocalclip`` (and ``glocalclip --help``) load no torch.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ _PUBLIC = {
     "GlocalCLIPConfig": "glocalclip.model.config",
     "GlocalCLIP": "glocalclip.model.glocalclip",
     "load_model": "glocalclip.engine.checkpoint",
-    "Predictor": "glocalclip.apps.predict",
+    "Predictor": "glocalclip.inference.predictor",
     "metrics": "glocalclip.engine",
     "OnnxPredictor": "glocalclip.deploy.runtime",
     "export_onnx": "glocalclip.deploy.export",

@@ -85,3 +85,18 @@ def field_default(field: dataclasses.Field) -> Any:
     if field.default_factory is not dataclasses.MISSING:
         return field.default_factory()
     return dataclasses.MISSING
+
+
+class SettingError(ValueError):
+    """A value a setting cannot take, naming the setting by its field: ``message`` writes
+    ``{field}`` (and each of ``also``) where a setting is named. In Python the field's name is
+    shown; a command line shows its flag instead (``apps/flags.py: for_command_line``)."""
+
+    def __init__(self, field: str, message: str, also: Sequence[str] = ()):
+        self.field = field
+        self.fields = (field, *also)
+        self.template = message
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name_of: Callable[[str], str]) -> str:
+        return self.template.format(**{f: name_of(f) for f in self.fields})

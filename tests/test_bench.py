@@ -13,7 +13,7 @@ from conftest import tiny_config
 from glocalclip import GlocalCLIP
 from glocalclip.datasets import AnomalyDataset
 from glocalclip.datasets.synthetic import make_synthetic_dataset
-from glocalclip.engine import evaluation
+from glocalclip.inference import evaluation
 from glocalclip.engine.distributed import DistContext
 
 pytestmark = pytest.mark.slow  # end to end: timed evaluate() runs with injected delays

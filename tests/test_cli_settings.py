@@ -14,14 +14,15 @@ import pytest
 from glocalclip.apps.cli import COMMANDS, main
 from glocalclip.apps.parsers import convert_parser, test_parser as make_test_parser, train_parser
 from glocalclip.apps.demo import demo_parser
-from glocalclip.apps.flags import help_with_default, model_overrides, settings_from_args
+from glocalclip.apps.flags import for_command_line, help_with_default, model_overrides, settings_from_args
+from glocalclip.inference.settings import ModelSettings
 from glocalclip.apps.predict_cli import PredictConfig, predict_parser
 from glocalclip.apps.report import report_parser
-from glocalclip.deploy.export import export_parser
-from glocalclip.deploy.serve import serve_parser
+from glocalclip.apps.export_cli import export_parser
+from glocalclip.apps.serve_cli import serve_parser
 from glocalclip.engine.settings import TestConfig, TrainConfig
 from glocalclip.model.config import BACKBONE_DEFAULTS, GlocalCLIPConfig
-from glocalclip.settings import settings_fields
+from glocalclip.settings import SettingError, settings_fields
 
 REPO = Path(__file__).resolve().parents[1]
 PARSERS = {"train": train_parser, "test": make_test_parser, "predict": predict_parser, "convert": convert_parser,
@@ -85,10 +86,35 @@ def test_flags_fill_the_dataclass_defaults_exactly():
     assert settings_from_args(TrainConfig, args) == TrainConfig(train_data_path="d")
     assert TrainConfig().save_path == args.save_path == "./checkpoints/run"
     args = make_test_parser().parse_args(["--data_path", "d", "--checkpoint_path", "c"])
-    assert settings_from_args(TestConfig, args) == TestConfig(data_path="d", checkpoint_path="c")
+    assert settings_from_args(TestConfig, args) == TestConfig(data_path="d")
+    assert settings_from_args(ModelSettings, args) == ModelSettings(checkpoint="c")
     args = predict_parser().parse_args(["--checkpoint_path", "c", "a.png"])
-    assert settings_from_args(PredictConfig, args) == PredictConfig(inputs=["a.png"], checkpoint="c")
+    assert settings_from_args(PredictConfig, args) == PredictConfig(inputs=["a.png"])
+    assert settings_from_args(ModelSettings, args) == ModelSettings(checkpoint="c")
     assert model_overrides(args) == {}
+
+
+@pytest.mark.parametrize("parser, fields", [
+    (make_test_parser, {"checkpoint", "sigma", "device", "batch_size"}),
+    (predict_parser, {"checkpoint", "model", "sigma", "device", "batch_size"}),
+    (serve_parser, {"checkpoint", "model", "sigma", "device", "precision"}),
+    (export_parser, {"checkpoint", "sigma"}),
+])
+def test_which_model_and_how_to_run_it_is_one_dataclass_for_four_commands(parser, fields):
+    """predict, serve, test and export take their model flags from ModelSettings: the same help text
+    (test and predict set --precision with the other model flags, GlocalCLIPConfig's)."""
+    declared = {f.name: info for f, info in settings_fields(ModelSettings)}
+    actions = {a.dest: a for a in parser()._actions if a.dest in declared}
+    assert set(actions) - {"precision"} == fields - {"precision"}
+    for name in fields:
+        assert actions[name].help.startswith(declared[name].help.replace("%", "%%")), (name, actions[name].help)
+
+
+def test_a_model_error_names_the_field_in_python_and_the_flag_on_the_command_line():
+    with pytest.raises(SettingError) as e:
+        ModelSettings(checkpoint="a.pth", model="b.onnx").one_source("score with")
+    assert str(e.value).startswith("give the model to score with: checkpoint CKPT (PyTorch) or model FILE.onnx")
+    assert for_command_line(e.value, ModelSettings).startswith("give the model to score with: --checkpoint CKPT")
 
 
 def test_model_flags_given_only_and_renamed_in_one_place():
@@ -121,8 +147,8 @@ def test_flags_refuse_what_the_field_refuses(parser, argv, flag, capsys):
     (lambda: TrainConfig(unmasked_anomalies="drop"), "unmasked_anomalies must be one of"),
     (lambda: TrainConfig(num_workers=-1), "num_workers must be >= 0"),
     (lambda: TestConfig(metrics="all"), "metrics must be one of image-level"),
-    (lambda: TestConfig(batch_size=0), "batch_size must be >= 1"),
-    (lambda: PredictConfig(batch_size=0), "batch_size must be >= 1"),
+    (lambda: ModelSettings(batch_size=0), "batch_size must be >= 1"),
+    (lambda: ModelSettings(sigma=-1.0), "sigma must be >= 0"),
     (lambda: GlocalCLIPConfig(dpam_layer=0), r"dpam_layer \(--dpam\) must be >= 1"),
     (lambda: GlocalCLIPConfig(precision="fp8"), "precision must be one of fp32, bf16, fp16"),
     (lambda: GlocalCLIPConfig(features_list=()), "at least one vision block"),
@@ -192,6 +218,6 @@ def test_library_modules_never_import_the_cli():
 
 
 def test_every_setting_field_is_a_documented_dataclass_field():
-    for cls in (GlocalCLIPConfig, TrainConfig, TestConfig, PredictConfig):
+    for cls in (GlocalCLIPConfig, TrainConfig, TestConfig, PredictConfig, ModelSettings):
         declared = {f.name for f, _ in settings_fields(cls)}
         assert declared == {f.name for f in dataclasses.fields(cls)}, cls.__name__

@@ -22,7 +22,7 @@ from PIL import Image
 
 import glocalclip
 from glocalclip import GlocalCLIP, GlocalCLIPConfig, Predictor
-from glocalclip.apps.predict_io import read_image
+from glocalclip.inference.images import read_image
 from glocalclip.deploy.runtime import resize_bilinear
 
 from conftest import DEPLOY_SIGMA, DEPLOY_THRESHOLD, save_deploy_checkpoint, tiny_config
@@ -57,13 +57,13 @@ def assert_same_predictions(ort_preds, torch_preds) -> None:
 def test_deployed_detector_computes_what_predict_computes(image_score, sigma):
     """The module that gets exported (uint8 in, normalised, smoothed by convolution) against the
     Predictor (normalise_image, then scipy's gaussian_filter): no ONNX needed to check the maths."""
-    from glocalclip.deploy.export import DeployedDetector
+    from glocalclip.inference.detector import Detector
 
     torch.manual_seed(0)
     model = GlocalCLIP(tiny_config(image_score=image_score)).eval()
     pixels = np.random.default_rng(0).integers(0, 256, (3, 112, 112, 3), dtype=np.uint8)
     with torch.no_grad():
-        score, amap = DeployedDetector(model, sigma)(torch.from_numpy(pixels))
+        score, amap = Detector(model, sigma, traceable=True)(torch.from_numpy(pixels))
     want = Predictor(model, sigma=sigma, device="cpu").predict_uint8(pixels, [(112, 112)] * 3)
     assert score.shape == (3,) and amap.shape == (3, 112, 112)
     np.testing.assert_allclose(score.numpy(), [p.pred_score for p in want], rtol=0, atol=1e-6)
@@ -161,11 +161,12 @@ def test_export_cli_half_weights_and_external_data(tiny_checkpoint, tiny_onnx, d
     """--half halves the file and still scores like the float32 file; weights past the protobuf limit
     (lowered here) go to OUT.data, which loads. --sigma overrides the checkpoint's σ."""
     from glocalclip.deploy import OnnxPredictor
+    from glocalclip.apps.export_cli import export_main
     from glocalclip.deploy import export as export_module
 
     monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", export_module.GRAPH_HEADROOM + 1)
     out = tmp_path / "half.onnx"
-    assert export_module.export_main([str(tiny_checkpoint), "--out", str(out), "--half", "--sigma", "2"]) == 0
+    assert export_main([str(tiny_checkpoint), "--out", str(out), "--half", "--sigma", "2"]) == 0
     assert "export: " in capsys.readouterr().out
     data = tmp_path / "half.onnx.data"
     assert data.is_file() and out.stat().st_size < 200_000  # the graph alone; the weights are beside it

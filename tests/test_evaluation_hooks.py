@@ -13,8 +13,8 @@ from conftest import tiny_config
 from glocalclip import GlocalCLIP
 from glocalclip.datasets.synthetic import make_synthetic_dataset
 from glocalclip.engine.distributed import DistContext
-from glocalclip.engine.evaluation import evaluate
-from glocalclip.engine.hooks import EvaluationHooks
+from glocalclip.inference.evaluation import evaluate
+from glocalclip.inference.hooks import EvaluationHooks
 
 CLASSES = ["checker", "grain", "stripes"]  # 7 test images each: 3 batches of at most 3
 

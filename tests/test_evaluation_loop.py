@@ -15,7 +15,7 @@ from glocalclip import GlocalCLIP
 from glocalclip.model.backbone import create_backbone
 from glocalclip.datasets import IMAGE_MEAN, IMAGE_STD, AnomalyDataset, normalize_image
 from glocalclip.engine.distributed import DistContext
-from glocalclip.engine.evaluation import Evaluator, evaluation_loader
+from glocalclip.inference.evaluation import Evaluator, evaluation_loader
 from glocalclip.engine.smoothing import GaussianSmoothing, gaussian_smooth, smoothed_scores
 from glocalclip.datasets.synthetic import make_synthetic_dataset
 
@@ -154,7 +154,7 @@ def test_evaluate_measures_the_models_smoothed_maps_and_global_scores(data, tiny
     from scipy.ndimage import gaussian_filter
 
     from glocalclip import metrics
-    from glocalclip.engine.evaluation import evaluate
+    from glocalclip.inference.evaluation import evaluate
 
     torch.manual_seed(3)
     model = GlocalCLIP(tiny_config(image_size=56), clip=tiny_clip)
@@ -178,7 +178,7 @@ def test_evaluate_measures_the_models_smoothed_maps_and_global_scores(data, tiny
 
 def test_f1_threshold_is_the_score_of_the_best_f1():
     """The pooled threshold test.py stores: the lowest score t among those maximising F1 of score >= t."""
-    from glocalclip.engine.evaluation import f1_threshold
+    from glocalclip.inference.evaluation import f1_threshold
 
     rng = np.random.default_rng(8)
     for _ in range(20):
@@ -196,7 +196,7 @@ def test_f1_threshold_is_the_score_of_the_best_f1():
 
 
 def test_class_means_skip_undefined_metrics():
-    from glocalclip.engine.evaluation import mean_metrics
+    from glocalclip.inference.evaluation import mean_metrics
 
     nan = float("nan")
     per_class = {"a": {"k": 0.5, "j": nan}, "b": {"k": nan, "j": nan}, "c": {"k": 0.8, "j": nan}}

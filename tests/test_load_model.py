@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from glocalclip import GlocalCLIP, load_model
-from glocalclip.apps.predict import Predictor, checkpoint_threshold
-from glocalclip.engine.checkpoint import (atomic_save, file_sha256, read_threshold, threshold_path,
+from glocalclip.inference.predictor import Predictor
+from glocalclip.engine.checkpoint import (atomic_save, stored_test_record, file_sha256, read_threshold, threshold_path,
                                           write_threshold)
 from glocalclip.model.checkpoint_format import GLOCAL_KEYS, adapt_checkpoint
 
@@ -87,11 +87,12 @@ def checkpoint(source, tmp_path) -> Path:
 
 def test_the_sidecar_holds_the_threshold_and_where_it_came_from(checkpoint):
     before = checkpoint.read_bytes()
-    side = write_threshold(checkpoint, 0.625, dataset="mvtec", data_path="/d", sigma=8.0)
+    side = write_threshold(checkpoint, 0.625, dataset="mvtec", data_path="/d", sigma=8.0, image_size=518)
     assert side == threshold_path(checkpoint) == checkpoint.parent / "epoch_1.pth.threshold.json"
     assert checkpoint.read_bytes() == before
     record = json.loads(side.read_text())
-    assert record == {"image_score": 0.625, "dataset": "mvtec", "data_path": "/d", "sigma": 8.0,
+    assert record == {"image_score": 0.625, "dataset": "mvtec", "data_path": "/d", "sigma": 8.0, "image_size": 518,
+                      "derived": "F1-max",
                       "checkpoint": "epoch_1.pth", "checkpoint_sha256": file_sha256(checkpoint)}
     assert read_threshold(checkpoint) == record
     assert not list(checkpoint.parent.glob("*.tmp"))
@@ -117,6 +118,11 @@ def test_a_failed_sidecar_write_leaves_nothing(checkpoint, monkeypatch):
     with pytest.raises(OSError, match="(?i)no space left"):
         write_threshold(checkpoint, 0.5, sigma=8.0)
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["epoch_1.pth"]
+
+
+def checkpoint_threshold(path, ckpt):
+    record = stored_test_record(path, ckpt)
+    return None if record is None else record.threshold
 
 
 def test_predict_takes_the_explicit_then_the_sidecar_then_the_embedded_threshold(source, tmp_path):

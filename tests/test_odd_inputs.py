@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+
+from glocalclip.settings import SettingError
 import torch
 from PIL import Image, ImageOps
 
@@ -88,8 +90,13 @@ def test_an_image_size_that_is_not_whole_patches_is_refused_with_the_nearest(tin
         raise AssertionError("the backbone was built before the size was checked")
 
     monkeypatch.setattr("glocalclip.model.backbone_record.BackboneRecord.build", no_weights)
-    with pytest.raises(ValueError, match=r"--image_size 100 is not a multiple of the patch size 14 .*use 98 or 112"):
-        GlocalCLIP(tiny_config(image_size=100))
+    with pytest.raises(SettingError, match=r"^image_size 100 is not a multiple of the patch size 14 .*use 98 or 112") as e:
+        GlocalCLIP(tiny_config(image_size=100))  # Python callers read the field's name
+    assert e.value.field == "image_size"
+    from glocalclip.apps.flags import for_command_line
+
+    cli = for_command_line(e.value, type(tiny_config()))  # the command line shows the flag
+    assert cli.startswith("--image_size 100 is not a multiple")
     with pytest.raises(ValueError, match="use 98 or 112"):  # a backbone passed in is checked too
         GlocalCLIP(tiny_config(image_size=100), clip=tiny_clip)
     with pytest.raises(ValueError, match="smaller than one patch"):
@@ -130,7 +137,7 @@ def test_missing_masks_skip_keeps_those_images_for_the_image_loss_only(tmp_path,
 
 
 def test_a_predict_input_that_cannot_be_decoded_says_so_without_meta_json(tmp_path):
-    from glocalclip.apps.predict_io import read_image as _read
+    from glocalclip.inference.images import read_image as _read
 
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not an image at all")

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from glocalclip.apps import visualize
+from glocalclip.inference import visualize
 from glocalclip.datasets.synthetic import make_synthetic_dataset
 from glocalclip.engine.checkpoint import threshold_source
-from glocalclip.engine.evaluation import ClassScores
+from glocalclip.inference.evaluation import ClassScores
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def test_grid_pictures_show_a_16_bit_image_with_the_grey_levels_the_model_saw(tm
     not clipped to white by PIL's RGB conversion."""
     from PIL import Image
 
-    from glocalclip.apps.visualize import read_rgb
+    from glocalclip.inference.visualize import read_rgb
 
     grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
     path = tmp_path / "ct.png"
@@ -104,7 +104,7 @@ def test_grid_pictures_show_a_16_bit_image_with_the_grey_levels_the_model_saw(tm
 
 
 def test_the_colour_bar_runs_blue_to_red_and_says_its_ends():
-    from glocalclip.apps import heatmap
+    from glocalclip.inference import heatmap
 
     assert heatmap.jet(np.array([0.0, 1.0])).tolist() == [[0, 0, 128], [128, 0, 0]]  # dark blue .. dark red
     assert heatmap.jet(np.array(0.5)).tolist() == [128, 255, 128]  # the middle: green
@@ -122,7 +122,7 @@ def test_the_colour_bar_runs_blue_to_red_and_says_its_ends():
 
 
 def test_a_class_grid_has_its_colour_bar_underneath(data):
-    from glocalclip.apps.heatmap import colour_bar
+    from glocalclip.inference.heatmap import colour_bar
 
     cs = _class_scores(data)
     grid = visualize.class_grid(cs, k=2)

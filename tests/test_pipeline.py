@@ -222,7 +222,7 @@ def test_unmasked_anomalies_are_skipped_for_folder_data_and_zeroed_on_request(tm
 def test_evaluation_keeps_finished_classes_in_a_partial_file(data, tmp_path):
     from glocalclip import load_model
     from glocalclip.engine.distributed import DistContext
-    from glocalclip.engine.evaluation import evaluate
+    from glocalclip.inference.evaluation import evaluate
 
     save = _train(data, tmp_path / "ck", "--epoch", "1")
     model = load_model(save / "epoch_1.pth")

@@ -48,11 +48,12 @@ def test_loaded_model_runs_in_the_precision_asked_for(checkpoint):
 
 
 def test_serve_passes_precision_to_the_predictor(checkpoint):
-    from glocalclip.deploy.serve import ServedModel, build_predictor
+    from glocalclip.apps.backends import open_predictor
+    from glocalclip.inference.settings import ModelSettings
 
-    pred = build_predictor(ServedModel(checkpoint=str(checkpoint), precision="bf16", device="cpu"), max_batch=2)
+    pred = open_predictor(ModelSettings(checkpoint=str(checkpoint), precision="bf16", device="cpu", batch_size=2), "serve")
     assert pred.model.compute_dtype == torch.bfloat16
-    pred = build_predictor(ServedModel(checkpoint=str(checkpoint), device="cpu"), max_batch=2)
+    pred = open_predictor(ModelSettings(checkpoint=str(checkpoint), device="cpu", batch_size=2), "serve")
     assert pred.model.compute_dtype == torch.float32
-    with pytest.raises(ValueError, match="--precision applies to --checkpoint"):
-        ServedModel(model="m.onnx", precision="bf16")
+    with pytest.raises(ValueError, match=r"model settings \(precision\) set up a checkpoint's model"):
+        open_predictor(ModelSettings(model="m.onnx", precision="bf16"), "serve")

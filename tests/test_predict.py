@@ -198,7 +198,7 @@ def test_anomalyclip_checkpoint_loads_with_its_prompt_layout_and_scores(trained,
 
 
 def _class_scores(trained):
-    from glocalclip.engine.evaluation import ClassScores
+    from glocalclip.inference.evaluation import ClassScores
 
     entries = json.loads((trained["data"] / "meta.json").read_text())["test"]["grain"]
     n = len(entries)
@@ -211,7 +211,7 @@ def _class_scores(trained):
 
 
 def test_save_vis_writes_a_grid_and_curves_without_matplotlib(trained, tmp_path):
-    from glocalclip.apps.visualize import save_class_visuals
+    from glocalclip.inference.visualize import save_class_visuals
 
     cs = _class_scores(trained)
     written = save_class_visuals(tmp_path / "vis", cs, k=2)
@@ -222,13 +222,13 @@ def test_save_vis_writes_a_grid_and_curves_without_matplotlib(trained, tmp_path)
     assert 0 <= curves["pro"]["aupro"] <= 1 and len(curves["pro"]["fpr"]) == len(curves["pro"]["pro"])
     assert len([p for p in written if p.suffix == ".png"]) <= 3  # a grid (and plots), not one file per image
     # importing the module must not need matplotlib
-    code = "import sys, glocalclip.visualize, glocalclip.predict; assert 'matplotlib' not in sys.modules"
+    code = "import sys, glocalclip.inference.visualize, glocalclip.inference.predictor; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_plot_curves_writes_roc_and_pro(trained, tmp_path):
     pytest.importorskip("matplotlib")
-    from glocalclip.apps.visualize import class_curves, plot_curves
+    from glocalclip.inference.visualize import class_curves, plot_curves
 
     paths = plot_curves({"grain": class_curves(_class_scores(trained))}, tmp_path)
     assert [p.name for p in paths] == ["roc.png", "pro.png"]
@@ -240,17 +240,18 @@ def test_predictions_are_the_protocols_smoothed_map_and_global_score(trained):
     its map smoothed by scipy's gaussian_filter(σ), at the model's resolution when asked for it."""
     from scipy.ndimage import gaussian_filter
 
-    pred = Predictor.from_checkpoint(trained["ckpt"], device="cpu", sigma=4)
+    preds = {v: Predictor.from_checkpoint(trained["ckpt"], device="cpu", sigma=v) for v in (4.0, 8.0)}
+    pred = preds[4.0]
     s = pred.image_size
     x = torch.randn(2, 3, s, s, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = pred.model(x)
     for sigma in (4.0, 8.0):
-        got = pred.predict_tensors(x, [(s, s)] * 2, sigma=sigma)
+        got = preds[sigma].predict_tensors(x, [(s, s)] * 2)
         for i, p in enumerate(got):
             expected = gaussian_filter(out["anomaly_map"][i].numpy(), sigma=sigma)
             np.testing.assert_allclose(p.anomaly_map, expected, rtol=0, atol=1e-6)
             assert p.pred_score == pytest.approx(float(out["image_score"][i]), abs=1e-6)
             assert p.map_max == pytest.approx(float(expected.max()), abs=1e-6)
-    four, eight = (pred.predict_tensors(x, [(s, s)] * 2, sigma=v)[0].anomaly_map for v in (4.0, 8.0))
+    four, eight = (preds[v].predict_tensors(x, [(s, s)] * 2)[0].anomaly_map for v in (4.0, 8.0))
     assert np.abs(four - eight).max() > 1e-4  # the two σ give different maps: the check above can tell

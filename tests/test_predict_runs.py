@@ -156,7 +156,7 @@ def _wait_for(condition, seconds: float = 120) -> None:
 @pytest.mark.slow
 def test_ctrl_c_after_two_batches_keeps_their_rows_and_resume_finishes(trained, tmp_path, monkeypatch, capsys):
     from glocalclip.apps.cli import run_command
-    from glocalclip.apps.predict import Predictor
+    from glocalclip.inference.predictor import Predictor
     from glocalclip.apps.predict_cli import predict_main
 
     out, goods = tmp_path / "out", good_inputs(trained)
@@ -287,13 +287,13 @@ def test_a_full_disk_while_saving_a_map_is_one_message_and_keeps_the_rows(traine
 
 @pytest.mark.slow
 def test_predict_overlays_say_prediction_and_the_thresholds_origin(trained, tmp_path, monkeypatch, capsys):
-    from glocalclip.apps import heatmap
+    from glocalclip.inference import images
     from glocalclip.apps.predict_cli import predict_main
     from glocalclip.engine.checkpoint import read_threshold
 
     written: list[list[str]] = []
-    real = heatmap.captioned
-    monkeypatch.setattr(heatmap, "captioned", lambda img, text, *a: written.append(list(text)) or real(img, text, *a))
+    real = images.captioned
+    monkeypatch.setattr(images, "captioned", lambda img, text, *a: written.append(list(text)) or real(img, text, *a))
     out = tmp_path / "out"
     assert predict_main(_predict(trained, out, good_inputs(trained))) == 0
     thr = read_threshold(trained["ckpt"])["image_score"]
@@ -303,5 +303,5 @@ def test_predict_overlays_say_prediction_and_the_thresholds_origin(trained, tmp_
         predicted = "anomalous" if int(r["pred_label"]) else "normal"
         relation = ">=" if int(r["pred_label"]) else "<"
         assert lines == [f"predicted: {predicted}", f"score {float(r['pred_score']):.3f} {relation} threshold {thr:.4g}",
-                         "threshold: best F1 on the test set of data, sigma 4"]
+                         "threshold: best F1 on the test set of data, sigma 4", "map smoothed with sigma 4"]
     assert f"labels: threshold {thr:.4g} (best F1 on the test set of data, σ 4)" in capsys.readouterr().out

@@ -108,7 +108,7 @@ class _Items:
 
 
 def test_test_and_train_loaders_scale_down_on_docker_shared_memory(monkeypatch, capsys):
-    from glocalclip.engine.evaluation import evaluation_loader
+    from glocalclip.inference.evaluation import evaluation_loader
 
     batches = [list(range(i, i + 16)) for i in range(0, 64, 16)]
     monkeypatch.setattr(R, "shared_memory_bytes", lambda path="/dev/shm": 64 * MIB)

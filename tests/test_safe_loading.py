@@ -26,7 +26,7 @@ from glocalclip import GlocalCLIP, load_model
 from glocalclip.apps import cli  # its test_main / test_parser would be collected as tests if imported
 from glocalclip.apps.cli import run_command, train_main, train_parser
 from glocalclip.apps.convert import convert_checkpoint, convert_main, convert_parser
-from glocalclip.apps.predict import Predictor
+from glocalclip.inference.predictor import Predictor
 from glocalclip.apps.predict_cli import predict_main, predict_parser
 from glocalclip.apps.report import report_main, report_parser
 from glocalclip.model.backbone import create_backbone
@@ -86,7 +86,7 @@ def _serve_main(argv):
     instead of serving forever): the predictor is built, or refused, as on a real start."""
     pytest.importorskip("fastapi")
     uvicorn = pytest.importorskip("uvicorn")
-    from glocalclip.deploy.serve import serve_main
+    from glocalclip.apps.serve_cli import serve_main
 
     started = []
     with pytest.MonkeyPatch.context() as mp:
@@ -98,7 +98,7 @@ def _serve_main(argv):
 
 def _export_main(argv):
     pytest.importorskip("onnxscript")
-    from glocalclip.deploy.export import export_main
+    from glocalclip.apps.export_cli import export_main
 
     return export_main(argv)
 
@@ -202,9 +202,12 @@ def test_the_opt_in_loads_it_and_runs_its_code(evil, tmp_path, image):
 
 
 def test_every_command_that_loads_a_checkpoint_has_the_opt_in():
-    from glocalclip.deploy.export import export_parser
+    from glocalclip.apps.export_cli import export_parser
 
-    for parser in (train_parser(), cli.test_parser(), predict_parser(), convert_parser(), export_parser(), report_parser()):
+    from glocalclip.apps.serve_cli import serve_parser
+
+    for parser in (train_parser(), cli.test_parser(), predict_parser(), convert_parser(), export_parser(), report_parser(),
+                   serve_parser()):
         action = parser._option_string_actions.get(TRUST_FLAG)  # argparse's table of flags
         assert action is not None and action.default is False and action.nargs == 0, parser.prog  # never the default
         assert "run any code" in action.help and TRUST_FLAG in parser.format_help()

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from glocalclip import GlocalCLIP, Predictor
-from glocalclip.apps.predict_io import Prediction
+from glocalclip.inference.images import Prediction
 
 from conftest import DEPLOY_SIGMA, DEPLOY_THRESHOLD, tiny_config
 
@@ -24,7 +24,8 @@ pytest.importorskip("httpx", reason="FastAPI's test client needs httpx: pip inst
 from fastapi.testclient import TestClient  # noqa: E402
 
 from glocalclip.deploy.batching import BatchScorer  # noqa: E402
-from glocalclip.deploy.serve import ServeSettings, create_app, serve_main  # noqa: E402
+from glocalclip.apps.serve_cli import serve_main  # noqa: E402
+from glocalclip.deploy.serve import ServeSettings, create_app  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
@@ -138,7 +139,7 @@ def test_onnx_backend_serves_the_file(tiny_onnx, deploy_images):
 
 
 def test_serve_refuses_sigma_with_an_onnx_file(tiny_onnx):
-    with pytest.raises(ValueError, match="σ built in"):
+    with pytest.raises(ValueError, match="σ=4, built into the file"):
         serve_main(["--model", str(tiny_onnx), "--sigma", "2"])
 
 

@@ -367,7 +367,7 @@ def test_the_pixel_budget_is_checked_from_the_header_before_decoding(monkeypatch
 
 
 def test_large_images_get_predicts_pixels_or_are_reduced_while_decoding():
-    from glocalclip.apps.predict_io import read_image
+    from glocalclip.inference.images import read_image
 
     rng = np.random.default_rng(1)
     photo = Image.fromarray(rng.integers(0, 256, (30, 20, 3), np.uint8)).resize((2000, 3000))  # w 2000, h 3000

@@ -17,9 +17,14 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from ..engine.settings import TestConfig, TrainConfig
 from ..files import OutputError, prepare_output_dir
+from ..inference.settings import ModelSettings
 from ..model.config import GlocalCLIPConfig
-from .flags import given_settings, model_overrides, parse_given, settings_from_args, trusted
+from ..settings import SettingError
+from .flags import for_command_line, given_settings, model_overrides, parse_given, settings_from_args, trusted
 from .parsers import test_parser, train_parser
+
+#: the dataclasses whose fields a command-line error message shows as flags
+SETTINGS_WITH_FLAGS = (GlocalCLIPConfig, ModelSettings, TrainConfig, TestConfig)
 
 
 # ---------------------------------------------------------------------------- train
@@ -55,17 +60,19 @@ def train_configs(given: dict[str, Any], model_given: dict[str, Any], trust: boo
 def test_main(argv: Optional[Sequence[str]] = None) -> int:
     args = test_parser().parse_args(list(sys.argv[1:] if argv is None else argv))  # --help: no torch yet
     from ..datasets import load_meta
-    from ..engine.checkpoint import load_model_and_checkpoint
+    from ..engine.checkpoint import load_model_and_checkpoint, sigma_for
     from ..engine.distributed import init_distributed
-    from ..engine.evaluation import evaluate
-    from .visualize import VisualWriter
+    from ..inference.evaluation import evaluate
+    from ..inference.visualize import VisualWriter
 
     from ..engine.few_shot import class_banks, draw_shots
     from ..model.config import FewShotSettings
 
     cfg = settings_from_args(TestConfig, args)
     few_shot = settings_from_args(FewShotSettings, args)
-    ctx = init_distributed(cfg.device)
+    run = settings_from_args(ModelSettings, args).checkpoint_only("test")
+    sigma = sigma_for(None, run.sigma)  # test measures the threshold: no earlier one decides σ
+    ctx = init_distributed(run.device)
     t0 = time.time()
     try:
         meta = load_meta(cfg.data_path, cfg.dataset)  # a wrong data path fails before the weights load
@@ -73,35 +80,35 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
         shots = draw_shots(meta["train"], cfg.classes or [c for c, e in meta["test"].items() if e], cfg.shots,
                            cfg.shot_seed, cfg.data_path) if cfg.shots else None
         prepare_output_dir(cfg.save_path)  # and so does a save folder that cannot take a file
-        model, ckpt = load_model_and_checkpoint(cfg.checkpoint_path, trust=trusted(args), **model_overrides(args))
+        model, ckpt = load_model_and_checkpoint(run.checkpoint, trust=trusted(args), **model_overrides(args))
         model = model.to(ctx.device)
         banks = class_banks(model, cfg.data_path, cfg.dataset, shots, few_shot) if shots else None
         out_dir = Path(cfg.save_path)
         # folder-mode images were read turned by their EXIF orientation: draw them as the model saw them
         vis = VisualWriter(out_dir / "vis", upright=cfg.dataset is None) if cfg.save_vis else None
         t_eval = time.time()
-        results = evaluate(model, cfg.data_path, cfg.dataset, ctx, mode=cfg.metrics, sigma=cfg.sigma,
-                           batch_size=cfg.batch_size, num_workers=cfg.num_workers, classes=cfg.classes,
+        results = evaluate(model, cfg.data_path, cfg.dataset, ctx, mode=cfg.metrics, sigma=sigma,
+                           batch_size=run.batch_size, num_workers=cfg.num_workers, classes=cfg.classes,
                            hooks=vis, progress=cfg.progress, partial_path=out_dir / "results.partial.json",
                            banks=banks)
         if ctx.is_main:
-            results.update({"wall_time_s": time.time() - t_eval, "checkpoint": str(cfg.checkpoint_path),
+            results.update({"wall_time_s": time.time() - t_eval, "checkpoint": str(run.checkpoint),
                             "config": model.cfg.to_dict(), "train_config": ckpt.get("train_config"),
                             "shots": cfg.shots, "shot_seed": cfg.shot_seed if cfg.shots else None,
                             "few_shot": few_shot.to_dict() if cfg.shots else None, "shot_paths": shots})
-            _finish_test(results, cfg, ckpt, t0)
+            _finish_test(results, cfg, run.checkpoint, ckpt, t0)
     finally:
         ctx.shutdown()
     return 0
 
 
-def _finish_test(results: dict[str, Any], cfg: Any, ckpt: dict, t0: float) -> None:
+def _finish_test(results: dict[str, Any], cfg: Any, checkpoint: str, ckpt: dict, t0: float) -> None:
     """Print and write the results; store the F1-max threshold beside the checkpoint for predict
     (the checkpoint itself is never rewritten)."""
     from ..engine.checkpoint import threshold_source, write_threshold
     from ..model.checkpoint_format import is_ours
     from .results import results_table, software_versions, write_results
-    from .visualize import threshold_caption
+    from ..inference.visualize import threshold_caption
 
     out_dir = Path(cfg.save_path)
     results.update({"versions": software_versions(), "total_wall_time_s": time.time() - t0})
@@ -110,16 +117,17 @@ def _finish_test(results: dict[str, Any], cfg: Any, ckpt: dict, t0: float) -> No
     (out_dir / "results.partial.json").unlink(missing_ok=True)
     print(f"results: {paths['json']} {paths['csv']} {paths['md']}")
     thr = results.get("image_threshold")
-    if thr is None or not is_ours(ckpt) or not Path(cfg.checkpoint_path).is_file():
+    if thr is None or not is_ours(ckpt) or not Path(checkpoint).is_file():
         return
     if results.get("shots"):
         # few-shot scores live on another scale: the zero-shot threshold beside the checkpoint stays
         print(f"few-shot image threshold {thr:.4g} (F1-max) in {paths['json']}; the zero-shot threshold beside "
               f"the checkpoint is left as it is (give predict --reference --threshold {thr:.6g} to use it)")
         return
-    provenance = {"dataset": results["dataset"], "data_path": str(cfg.data_path), "sigma": cfg.sigma}
+    provenance = {"dataset": results["dataset"], "data_path": str(cfg.data_path), "sigma": results["sigma"],
+                  "image_size": results["config"]["image_size"]}
     try:
-        side = write_threshold(cfg.checkpoint_path, thr, **provenance)
+        side = write_threshold(checkpoint, thr, **provenance)
     except OutputError as e:  # a read-only checkpoint folder: the results are written all the same
         print(f"note: the image threshold was not stored beside the checkpoint ({e}); give it to predict "
               f"as --threshold {thr!r}", file=sys.stderr)
@@ -159,8 +167,8 @@ COMMANDS = {
     "convert": Command("convert", "convert_main", "an original GlocalCLIP/AnomalyCLIP checkpoint to ours",
                        parser="parsers:convert_parser"),
     "report": Command("report", "report_main", "merge test runs into one table per dataset (mean ± std)"),
-    "export": Command("glocalclip.deploy.export", "export_main", "one ONNX graph from image to score and map (extra [deploy])"),
-    "serve": Command("glocalclip.deploy.serve", "serve_main", "a web service and page for a checkpoint or an ONNX file (extra [serve])"),
+    "export": Command("export_cli", "export_main", "one ONNX graph from image to score and map (extra [deploy])"),
+    "serve": Command("serve_cli", "serve_main", "a web service and page for a checkpoint or an ONNX file (extra [serve])"),
     "demo": Command("demo", "demo_main", "the whole pipeline in seconds on synthetic data, tiny backbone"),
 }
 
@@ -209,7 +217,7 @@ def run_command(prog: str, command: Callable[[list[str]], Optional[int]],
         if isinstance(e, ImportError) and not (e.name or "").startswith("glocalclip"):  # ours: a bug
             message = _missing_package(e)
         elif isinstance(e, _input_errors()):
-            message = str(e)
+            message = for_command_line(e, *SETTINGS_WITH_FLAGS) if isinstance(e, SettingError) else str(e)
         else:
             raise
         print(f"{prog}: error: {message} (GLOCALCLIP_TRACEBACK=1 shows where it was raised)", file=sys.stderr)

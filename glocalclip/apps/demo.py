@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..datasets.synthetic import make_synthetic_dataset
 from .cli import test_main, train_main
 from .flags import new_parser
 
@@ -30,8 +31,6 @@ def demo_parser() -> argparse.ArgumentParser:
 def demo_main(argv: Optional[Sequence[str]] = None) -> int:
     """Synthetic data in the MVTec layout -> train the tiny backbone -> test -> table + overlays."""
     args = demo_parser().parse_args(argv)
-    from ..datasets.synthetic import make_synthetic_dataset
-
     t0 = time.time()
     print(MODEL_NOTE)
     out = Path(args.out)

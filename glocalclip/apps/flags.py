@@ -13,7 +13,8 @@ import argparse
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
-from ..settings import Setting, field_default, settings_fields
+from ..model.config import BACKBONE_DEFAULTS, GlocalCLIPConfig, LoadSettings
+from ..settings import Setting, SettingError, field_default, settings_fields
 
 #: (field name, the default's text) -> the text shown as the default of a ``given_only`` flag
 DefaultNote = Callable[[str, str], str]
@@ -97,12 +98,17 @@ def _flag_kwargs(field: dataclasses.Field, info: Setting, given_only: bool, note
     return kwargs
 
 
-def add_settings(parser: Any, cls: type, *, given_only: bool = False, note: Optional[DefaultNote] = None) -> None:
+def add_settings(parser: Any, cls: type, *, given_only: bool = False, note: Optional[DefaultNote] = None,
+                 fields: Optional[Sequence[str]] = None, positional: Sequence[str] = (),
+                 required: Sequence[str] = ()) -> None:
     """One flag per field of ``cls`` declared with ``setting`` (and not ``cli=False``) on ``parser``
-    (a parser or an argument group). ``note`` rewrites the shown default of ``given_only`` flags."""
+    (a parser or an argument group). ``note`` rewrites the shown default of ``given_only`` flags.
+    A command sharing a dataclass takes the ``fields`` it uses, some ``positional`` or ``required``."""
     for field, info in settings_fields(cls):
-        if not info.cli:
+        if not info.cli or (fields is not None and field.name not in fields):
             continue
+        if field.name in positional or field.name in required:
+            info = dataclasses.replace(info, positional=field.name in positional, required=field.name in required)
         kwargs = _flag_kwargs(field, info, given_only, note)
         if info.positional:
             parser.add_argument(field.name, **kwargs)
@@ -128,6 +134,12 @@ def parse_given(parser: argparse.ArgumentParser, cls: type, argv: Sequence[str])
     return argparse.Namespace(**{k: v for k, v in vars(args).items() if v is not unset})
 
 
+def for_command_line(error: SettingError, *classes: type) -> str:
+    """A :class:`SettingError`'s message with each field shown as the flag that sets it."""
+    flags = {f.name: f"--{info.flag_name(f.name)}" for cls in classes for f, info in settings_fields(cls)}
+    return error.render(lambda name: flags.get(name, name))
+
+
 def settings_from_args(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
     """An instance of ``cls`` from the parsed flags (``fixed`` fields win); it validates itself."""
     return cls(**{**given_settings(cls, args), **fixed})
@@ -139,8 +151,6 @@ MODEL_GROUP = "model (saved in every checkpoint)"
 
 def _train_default(name: str, default: str) -> str:
     """A model flag's default in train: the class default, and a backbone's own where it has one."""
-    from ..model.config import BACKBONE_DEFAULTS
-
     presets = [f"{shown(v[name])} with --backbone {b}" for b, v in BACKBONE_DEFAULTS.items() if name in v]
     return "; ".join([default] + presets)
 
@@ -152,28 +162,45 @@ def _checkpoint_default(name: str, default: str) -> str:
 def add_model_flags(parser: Any, for_training: bool) -> None:
     """The model flags (``GlocalCLIPConfig``). Only the flags given reach the namespace: the rest
     come from the backbone's defaults (train) or from the checkpoint (test, predict, convert)."""
-    from ..model.config import GlocalCLIPConfig
-
     group = parser.add_argument_group(MODEL_GROUP)
     add_settings(group, GlocalCLIPConfig, given_only=True, note=_train_default if for_training else _checkpoint_default)
 
 
 def add_load_flags(parser: Any) -> None:
     """``--trust_checkpoint`` (``LoadSettings``), on every command that loads a checkpoint or weights file."""
-    from ..model.config import LoadSettings
-
     add_settings(parser, LoadSettings)
 
 
 def trusted(args: argparse.Namespace) -> bool:
     """Whether the command line opted in to loading files that could run code (``--trust_checkpoint``)."""
-    from ..model.config import LoadSettings
-
     return settings_from_args(LoadSettings, args).trust_checkpoint
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The model settings given on a command line (``--pretrained none`` counts)."""
-    from ..model.config import GlocalCLIPConfig
-
     return given_settings(GlocalCLIPConfig, args)
+
+
+# ---------------------------------------------------------------------------- few-shot --reference
+REFERENCE_GROUP = "few-shot (with --reference)"
+
+
+def add_reference_flags(parser: Any, save: bool = True) -> None:
+    """``--reference`` (and ``--save_reference``) with the few-shot settings, given-only: a saved bank
+    keeps its own settings unless one is given (then they must agree)."""
+    from ..inference.settings import ReferenceSettings
+    from ..model.config import FewShotSettings
+
+    group = parser.add_argument_group(REFERENCE_GROUP)
+    add_settings(group, ReferenceSettings, fields=("reference", "save_reference") if save else ("reference",))
+    add_settings(group, FewShotSettings, given_only=True,
+                 note=lambda name, default: f"{default}; a saved bank's own")
+
+
+def reference_of(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(ReferenceSettings, the FewShotSettings given or None) of a command line."""
+    from ..inference.settings import ReferenceSettings
+    from ..model.config import FewShotSettings
+
+    given = given_settings(FewShotSettings, args)
+    return settings_from_args(ReferenceSettings, args), (FewShotSettings(**given) if given else None)

@@ -7,6 +7,7 @@ import argparse
 
 from ..engine.settings import TestConfig, TrainConfig
 from ..model.config import FewShotSettings
+from ..inference.settings import ModelSettings
 from .flags import add_load_flags, add_model_flags, add_settings, new_parser
 
 CONVERT_SUMMARY = ("an original GlocalCLIP / AnomalyCLIP checkpoint (``{\"prompt_learner\": ...}``, no config) "
@@ -26,6 +27,7 @@ def test_parser() -> argparse.ArgumentParser:
     p = new_parser("test.py", "Zero-shot (or, with --shots, few-shot) test of trained GlocalCLIP prompts.")
     add_settings(p, TestConfig)
     add_settings(p.add_argument_group("few-shot (with --shots K)"), FewShotSettings)
+    add_settings(p, ModelSettings, fields=("checkpoint", "sigma", "device", "batch_size"), required=("checkpoint",))
     add_load_flags(p)
     add_model_flags(p, for_training=False)
     return p

@@ -10,6 +10,8 @@ time per ``--out``; a rerun continues (``--resume``) or replaces (``--overwrite`
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 from dataclasses import dataclass
@@ -18,38 +20,32 @@ from typing import Any, Optional, Sequence, Tuple
 import numpy as np
 
 from ..datasets.errors import DatasetError
-from ..engine.settings import PAPER_SIGMA as DEFAULT_SIGMA, progress_setting
-from ..settings import check_settings, setting
-from .flags import add_load_flags, add_model_flags, add_settings, model_overrides, new_parser, settings_from_args, trusted
+from ..engine.settings import progress_setting
+from ..inference.images import FIELDS, LoadedImage, expand_inputs, output_names, read_image, save_outputs
+from ..inference.interface import ImagePredictor
+from ..inference.settings import ModelSettings
+from ..inference.visualize import prediction_caption, threshold_caption
 from ..files import removed_if_left_empty
 from ..locks import FolderLock
-from .predict_io import check_model_source, FIELDS, LoadedImage, expand_inputs, output_names, read_image, save_outputs
+from ..settings import check_settings, setting
+from .backends import open_predictor
+from .flags import (add_load_flags, add_model_flags, add_reference_flags, add_settings, model_overrides, new_parser,
+                    reference_of, settings_from_args, trusted)
 from .predict_runs import PredictionsFile, image_key
-
+from .processes import Processes, processes_of_this_run
 
 
 @dataclass
 class PredictConfig:
-    """The settings of ``glocalclip predict`` other than the model's (those come from the checkpoint,
-    or are built into an ONNX file)."""
+    """The settings of ``glocalclip predict`` other than which model and how to run it
+    (:class:`ModelSettings`)."""
 
     inputs: list[str] = setting(default_factory=list, positional=True, nargs="+", metavar="INPUT",
                                 help="image files, folders (searched recursively) or glob patterns "
                                      "(quote them: 'data/**/*.png')")
-    checkpoint: Optional[str] = setting(None, aliases=("checkpoint_path",),
-                                        help="our checkpoint, or an original GlocalCLIP/AnomalyCLIP one (then give "
-                                             "its model flags); or give --model")
-    model: Optional[str] = setting(None, help="an ONNX file from `glocalclip export`, run with ONNX Runtime (torch "
-                                              "is not loaded); its σ and threshold are stored in the file")
     out: str = setting("./predictions", help="output folder")
     threshold: Optional[float] = setting(None, parse=float, metavar="T", help="label = score >= T",
                                          default_text="the threshold test.py stored beside the checkpoint")
-    batch_size: int = setting(8, minimum=1, help="images per forward pass")
-    sigma: Optional[float] = setting(None, parse=float, help="Gaussian smoothing of the maps",
-                                     default_text=f"{DEFAULT_SIGMA:g}, the paper's; an ONNX file has its σ built "
-                                                  f"in and refuses another")
-    device: Optional[str] = setting(None, help="cuda, cuda:1, cpu",
-                                    default_text="the GPU if present; --model: ONNX Runtime's CPU unless cuda is asked for")
     map_range: Optional[Tuple[float, float]] = setting(
         None, parse=float, nargs=2, metavar=("LO", "HI"), help="colour scale of the overlays",
         default_text="0 .. number of feature layers, the map's full range, so that images compare")
@@ -66,37 +62,17 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
-        check_model_source(self.checkpoint, self.model, "score with")
 
 
 def predict_parser() -> argparse.ArgumentParser:
     p = new_parser("glocalclip predict", "Score images with a trained checkpoint or an exported ONNX file: "
                                          "anomaly score, label, heat map.")
     add_settings(p, PredictConfig)
+    add_settings(p, ModelSettings, fields=("checkpoint", "model", "sigma", "device", "batch_size"))
+    add_reference_flags(p)
     add_load_flags(p)
     add_model_flags(p, for_training=False)
     return p
-
-
-def build_predictor(cfg: PredictConfig, overrides: dict[str, Any], trust: bool = False):
-    """The PyTorch Predictor for ``--checkpoint`` (``trust``: ``--trust_checkpoint``), the ONNX Runtime
-    one for ``--model``."""
-    if cfg.model is None:
-        from .predict import Predictor
-
-        sigma = DEFAULT_SIGMA if cfg.sigma is None else cfg.sigma
-        return Predictor.from_checkpoint(cfg.checkpoint, device=cfg.device, threshold=cfg.threshold,
-                                         sigma=sigma, batch_size=cfg.batch_size, trust=trust, **overrides)
-    if overrides:
-        raise ValueError(f"model settings ({', '.join(sorted(overrides))}) set up a checkpoint's model; an ONNX "
-                         f"file fixes its model: export it again with the settings you want")
-    from ..deploy.runtime import OnnxPredictor
-
-    predictor = OnnxPredictor(cfg.model, threshold=cfg.threshold, batch_size=cfg.batch_size, device=cfg.device)
-    if cfg.sigma is not None and cfg.sigma != predictor.sigma:
-        raise ValueError(f"{cfg.model} smooths its maps with σ={predictor.sigma:g}, built into the file; "
-                         f"export it again with `glocalclip export ... --sigma {cfg.sigma:g}` for another σ")
-    return predictor
 
 
 class ScoredSoFar:
@@ -107,39 +83,67 @@ class ScoredSoFar:
         self.skipped = 0
 
 
-def score_files(predictor, files: Sequence[Path], out: Path, names: dict[str, str], sink: PredictionsFile,
-                value_range: Optional[tuple[float, float]], cfg: PredictConfig, so_far: ScoredSoFar) -> None:
-    """Score ``files`` in batches. Each batch's maps and overlays are written, then its rows appended
-    to ``sink`` (flushed): whatever stops the run, every row there has its map. Unreadable files are
-    reported and skipped."""
-    from .visualize import prediction_caption
+def score_batches(predictor: ImagePredictor, batches: list[list[Path]], out: Path, names: dict[str, str],
+                  sink: Optional[PredictionsFile], value_range: Optional[tuple[float, float]], cfg: PredictConfig,
+                  so_far: ScoredSoFar, processes: Processes) -> None:
+    """Score ``batches`` of files, each process its share, round by round. Each batch's maps and
+    overlays are written by the process that scored it, then the round's rows are appended to
+    ``sink`` by the main process, in batch order (flushed): whatever stops the run, every row
+    there has its map. Unreadable files are reported and skipped."""
+    bar = progress_bar(sum(map(len, batches)), cfg.progress and processes.is_main)
+    for step in range(processes.steps(len(batches))):
+        rows = _score_batch(predictor, processes.batch_of(batches, step) or [], out, names, value_range, cfg,
+                            so_far, bar)
+        every = processes.gather(rows)
+        if sink is not None:
+            sink.append([r for part in every for r in part])
+        so_far.records += [r for part in every for r in part] if processes.is_main else rows
+        bar.update(sum(map(len, every)) if processes.is_main else 0)
+    bar.close()
 
-    source = predictor.threshold_source
+
+class _NoBar:
+    """What ``predict`` uses of a tqdm bar, where tqdm is not installed (the torch-free runtime install):
+    messages to stderr, and nothing else."""
+
+    def write(self, message: str, file=None) -> None:
+        print(message, file=file or sys.stderr)
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, show: bool):
+    """tqdm's bar counting ``total`` images; without tqdm installed, none (the messages still print)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="predict", unit="img", disable=not show)
+
+
+def _score_batch(predictor: ImagePredictor, files: list[Path], out: Path, names: dict[str, str],
+                 value_range: Optional[tuple[float, float]], cfg: PredictConfig, so_far: ScoredSoFar, bar
+                 ) -> list[dict[str, Any]]:
+    """One batch: read (skipping what cannot be read), score, write maps and overlays; its rows."""
     batch: list[LoadedImage] = []
-
-    def flush() -> None:
-        preds = predictor.predict_uint8(np.stack([b.pixels for b in batch]), [b.size for b in batch],
-                                        [b.path for b in batch])
-        rows = [save_outputs(p, names[b.path], out, b.rgb, value_range,
-                             prediction_caption(p.pred_score, p.pred_label, predictor.threshold, source))
-                for b, p in zip(batch, preds)]
-        sink.append(rows)
-        so_far.records += rows
-        batch.clear()
-
-    bar = progress_bar(files, cfg.progress)
-    for f in bar:
+    for f in files:
         try:
             batch.append(read_image(f, predictor.image_size, want_rgb=cfg.overlays))
         except (DatasetError, OSError, ValueError) as e:  # unreadable: report, skip, go on
             so_far.skipped += 1
             bar.write(f"skipped {f}: {e}", file=sys.stderr)
-            continue
-        if len(batch) == predictor.batch_size:
-            flush()
-    if batch:
-        flush()
-    bar.close()
+    if not batch:
+        return []
+    preds = predictor.predict_uint8(np.stack([b.pixels for b in batch]), [b.size for b in batch],
+                                    [b.path for b in batch])
+    return [save_outputs(p, names[b.path], out, b.rgb, value_range,
+                         prediction_caption(p.pred_score, p.pred_label, predictor.threshold,
+                                            predictor.threshold_source, predictor.sigma))
+            for b, p in zip(batch, preds)]
 
 
 class _NoBar:
@@ -187,35 +191,69 @@ def _still_to_score(files: list[Path], sink: PredictionsFile) -> list[Path]:
 def predict_main(argv: Optional[Sequence[str]] = None) -> int:
     args = predict_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     cfg = settings_from_args(PredictConfig, args)
+    model = settings_from_args(ModelSettings, args).one_source("score with")
     files, missing = expand_inputs(cfg.inputs)
     for inp, why in missing:
         print(f"skipped {inp}: {why}", file=sys.stderr)
     if not files:
         print("predict: no images to score", file=sys.stderr)
         return 2
+    processes = processes_of_this_run()
+    try:
+        return _predict(cfg, model, model_overrides(args), trusted(args), files, len(missing), processes,
+                        *reference_of(args))
+    finally:
+        processes.close()
+
+
+def _predict(cfg: PredictConfig, model: ModelSettings, overrides: dict[str, Any], trust: bool, files: list[Path],
+             n_missing: int, processes: Processes, reference: Any = None, few_shot: Any = None) -> int:
+    """The run: the main process holds the lock and the CSV; every process scores its batches (each
+    builds the same few-shot bank; the main process alone saves it)."""
     out = Path(cfg.out)
     so_far = ScoredSoFar()
     # a second predict into this --out refuses, naming this one; a failed start leaves no empty --out
-    with removed_if_left_empty(out), FolderLock(out, "predict") as lock:
-        if lock.taken_over:
-            print(f"note: took over the lock of {out} left by pid {lock.taken_over.get('pid')}, which is gone",
-                  file=sys.stderr)
-        sink = PredictionsFile(out, FIELDS).check(cfg.resume, cfg.overwrite)  # before the model is built
-        todo = _still_to_score(files, sink)
-        predictor = build_predictor(cfg, model_overrides(args), trusted(args))
-        sink.start()
+    folder = removed_if_left_empty(out) if processes.is_main else contextlib.nullcontext()
+    with folder, FolderLock(out, "predict") if processes.is_main else contextlib.nullcontext() as lock:
+        sink, todo, refusal = None, None, None
+        if processes.is_main:  # a second predict into this --out refuses, naming this one
+            if lock.taken_over:
+                print(f"note: took over the lock of {out} left by pid {lock.taken_over.get('pid')}, which is gone",
+                      file=sys.stderr)
+            try:
+                sink = PredictionsFile(out, FIELDS).check(cfg.resume, cfg.overwrite)  # before the model is built
+                todo = [str(f) for f in _still_to_score(files, sink)]
+            except ValueError as e:
+                refusal = str(e)
+        refusal, todo = processes.broadcast((refusal, todo))
+        if refusal is not None:
+            raise ValueError(refusal)
+        batch_size = model.batch_size or 8
+        model = dataclasses.replace(model, device=processes.device(model.device), batch_size=batch_size)
+        if reference is not None and not processes.is_main:
+            reference = dataclasses.replace(reference, save_reference=None)
+        predictor = open_predictor(model, "score with", threshold=cfg.threshold, overrides=overrides, trust=trust,
+                                   reference=reference, few_shot=few_shot)
+        if sink is not None:
+            sink.start()
+        processes.broadcast(None)  # no process writes a map before the main one has cleared the folder
         names = dict(zip(map(str, files), output_names(files)))  # all inputs: a resumed run keeps the names
+        todo_files = [Path(f) for f in todo]
+        batches = [todo_files[i:i + batch_size] for i in range(0, len(todo_files), batch_size)]
         try:
-            score_files(predictor, todo, out, names, sink, _value_range(cfg, predictor), cfg, so_far)
+            score_batches(predictor, batches, out, names, sink, _value_range(cfg, predictor), cfg, so_far, processes)
         except KeyboardInterrupt:
-            print(f"predict: interrupted; the {len(sink.kept) + len(so_far.records)} rows scored so far are in "
-                  f"{sink.paths()['csv']}; continue with --resume", file=sys.stderr)
+            if sink is not None:
+                print(f"predict: interrupted; the {len(sink.kept) + len(so_far.records)} rows scored so far are in "
+                      f"{sink.paths()['csv']}; continue with --resume", file=sys.stderr)
             raise
-    print(_summary(so_far.records, predictor.threshold, so_far.skipped + len(missing), out / "predictions.csv"))
+    skipped = sum(processes.gather(so_far.skipped))
+    if not processes.is_main:
+        return 0
+    print(_summary(so_far.records, predictor.threshold, skipped + n_missing, out / "predictions.csv"))
     if predictor.threshold is not None:
-        from .visualize import threshold_caption
-
-        print(f"labels: {threshold_caption(predictor.threshold, predictor.threshold_source)}")
+        print(f"labels: {threshold_caption(predictor.threshold, predictor.threshold_source)}; maps smoothed with "
+              f"σ {predictor.sigma:g}")
     return 0 if so_far.records or sink.kept else 1
 
 

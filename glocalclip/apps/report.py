@@ -23,6 +23,7 @@ from tabulate import tabulate
 
 from ..files import write_text
 from .results import HEADERS, PAPER_TABLE1, TABLE_KEYS
+from .flags import add_load_flags, new_parser, trusted
 
 #: training settings that change the numbers (the rest — paths, device, logging — do not)
 TRAIN_SETTING_KEYS = ("dataset", "alpha", "margin", "epoch", "batch_size", "learning_rate")
@@ -226,8 +227,6 @@ def build_report(runs: list[dict[str, Any]], per_class: bool = False, all_metric
 
 
 def report_parser() -> argparse.ArgumentParser:
-    from .flags import add_load_flags, new_parser
-
     p = new_parser("glocalclip report", "Merge test runs (results.json, searched recursively) into one table "
                                         "per dataset: mean ± std over seeds.")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="folders holding results.json (nested is fine)")
@@ -246,7 +245,6 @@ def report_main(argv: Optional[Sequence[str]] = None) -> int:
         files = find_results(args.runs)
         if not files:
             raise FileNotFoundError(f"no results.json below {' '.join(args.runs)}")
-        from .flags import trusted
 
         trust = trusted(args)
         runs = [load_run(f, trust) for f in files]

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from tabulate import tabulate
 
+from .. import __version__
 from ..files import write_csv, write_json, write_text
 from .flags import shown
 
@@ -66,8 +67,6 @@ def software_versions() -> dict[str, str]:
     import open_clip
     import sklearn
     import torch
-
-    from .. import __version__
 
     return {"glocalclip": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
             "numpy": numpy.__version__, "scikit-learn": sklearn.__version__,

@@ -9,7 +9,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..apps.predict_io import Prediction
+from ..inference.images import Prediction
 
 #: (pixels uint8 [B, S, S, 3], sizes [(h, w)] * B, names) -> B predictions; a predictor's predict_uint8
 ScoreFn = Callable[[np.ndarray, Sequence[tuple[int, int]], Sequence[Optional[str]]], list[Prediction]]

@@ -1,12 +1,13 @@
 """The torch-free runtime: :class:`OnnxPredictor` scores images with an exported file on ONNX
-Runtime, with numpy and Pillow only, and answers as the PyTorch ``Predictor`` does.
+Runtime, with numpy and Pillow only, and answers as the PyTorch ``Predictor`` does: both are an
+``inference.interface.ImagePredictor``.
 
     from glocalclip.deploy import OnnxPredictor
     pred = OnnxPredictor("model.onnx")
     for p in pred.predict(["a.png", "b.jpg"]):
         print(p.image_path, p.pred_score, p.pred_label, p.anomaly_map.shape)
 
-Images are read and resized by ``apps/predict_io.py`` (PIL bicubic, as training and testing do), so
+Images are read and resized by ``inference/images.py`` (PIL bicubic, as training and testing do), so
 the file sees the PyTorch path's pixels; the graph normalises, scores and smooths; here the maps are
 resized to each image's own resolution with the PyTorch path's bilinear rule.
 """
@@ -17,7 +18,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
-from ..apps.predict_io import ImageInput, Prediction, batch_invariant_scores, label_of, predict_images
+from ..inference.images import ImageInput, Prediction, batch_invariant_scores, label_of, predict_images
 from .metadata import INPUT_NAME, DeployMetadata
 
 RUNTIME_EXTRA_HINT = "the ONNX runtime needs onnxruntime: pip install 'glocalclip[deploy]' (or pip install onnxruntime)"
@@ -66,6 +67,8 @@ class OnnxFileError(ValueError):
 class OnnxPredictor:
     """An exported file on ONNX Runtime. ``threshold`` None: the threshold stored in the file (from
     the checkpoint), else no labels. σ and the image size are fixed in the file (``self.metadata``)."""
+
+    backend = "onnxruntime"
 
     def __init__(self, path: Union[str, os.PathLike], threshold: Optional[float] = None, batch_size: int = 8,
                  device: Optional[str] = None, threads: Optional[int] = None):

@@ -10,54 +10,26 @@ checkpoint (PyTorch) or an exported ONNX file (ONNX Runtime, no torch loaded).
 Requests arriving together are scored as one batch (``batching.py``). Binds to 127.0.0.1 by default.
 Every upload is bounded while it is read and decoded (``uploads.py``; the limits, timeouts and the
 memory they give: docs/usage.md, "Security: the server").
+The command line is ``apps/serve_cli.py``.
 """
 
-import argparse
 import asyncio
 import base64
 import functools
 import io
-import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
-from ..apps.predict_io import Prediction, check_model_source, overlay_rgb
-from .batching import BatchScorer
-from ..apps.flags import add_settings, new_parser, settings_from_args
-from ..model.config import PRECISIONS
+from ..inference.images import Prediction, overlay_rgb
+from ..inference.interface import ImagePredictor
 from ..settings import check_settings, setting
+from .batching import BatchScorer
 from .uploads import BodyLimits, ClientGone, ServedImage, UploadError, decode_upload, receive_files
 
 SERVE_EXTRA_HINT = "serving needs the serve extra: pip install 'glocalclip[serve]' (fastapi, uvicorn, python-multipart)"
 OVERLAY_SIDE = 1024  # the page shows overlays small; full-size PNGs of large photos would be megabytes
-
-
-@dataclass
-class ServedModel:
-    """Which model ``glocalclip serve`` scores with (flags; exactly one of checkpoint and model)."""
-
-    checkpoint: Optional[str] = setting(None, help="our checkpoint, scored with PyTorch; or give --model")
-    model: Optional[str] = setting(None, help="an ONNX file from `glocalclip export`, scored with ONNX Runtime "
-                                              "(no torch)")
-    sigma: Optional[float] = setting(None, parse=float, help="--checkpoint only: Gaussian smoothing of the maps",
-                                     default_text="the σ test.py scored the checkpoint with, else 8")
-    device: Optional[str] = setting(None, help="cpu or cuda", default_text="--checkpoint: the GPU if present; "
-                                                                           "--model: the CPU")
-    precision: Optional[str] = setting(None, choices=PRECISIONS,
-                                       help="--checkpoint only: the model's precision (docs/speed.md: bf16 is "
-                                            "faster on CPUs with bf16 units and moves scores by about 1e-2)",
-                                       default_text="the checkpoint's, fp32 unless set when training")
-
-    def __post_init__(self) -> None:
-        check_settings(self)
-        check_model_source(self.checkpoint, self.model, "serve")
-        if self.model is not None and self.sigma is not None:
-            raise ValueError("--sigma applies to --checkpoint; an ONNX file has its σ built in "
-                             "(glocalclip export --sigma)")
-        if self.model is not None and self.precision is not None:
-            raise ValueError("--precision applies to --checkpoint; an ONNX file is computed in float32")
 
 
 @dataclass
@@ -132,9 +104,8 @@ def error_json(filename: str, error: UploadError) -> dict[str, Any]:
     return {"filename": filename, "ok": False, "status": error.status, "error": error.message}
 
 
-def model_info(predictor, threshold: Optional[float]) -> dict[str, Any]:
-    backend = "onnxruntime" if hasattr(predictor, "metadata") else "pytorch"
-    return {"status": "ok", "backend": backend, "image_size": predictor.image_size,
+def model_info(predictor: ImagePredictor, threshold: Optional[float]) -> dict[str, Any]:
+    return {"status": "ok", "backend": predictor.backend, "image_size": predictor.image_size,
             "sigma": float(predictor.sigma), "threshold": threshold,
             "map_range": list(predictor.map_value_range)}
 
@@ -154,14 +125,15 @@ PREDICT_OPENAPI = {"requestBody": {"required": True, "content": {"multipart/form
     "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
 
 
-def create_app(predictor, settings: Optional[ServeSettings] = None):
-    """The FastAPI application around ``predictor`` (a ``Predictor`` or an ``OnnxPredictor``)."""
+def create_app(predictor: ImagePredictor, settings: Optional[ServeSettings] = None):
+    """The FastAPI application around ``predictor`` (a ``Predictor`` or an ``OnnxPredictor``: either
+    is an :class:`ImagePredictor`)."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse
 
     settings = settings or ServeSettings()
     threshold = settings.threshold if settings.threshold is not None else predictor.threshold
-    # labels decided by the predictor's rule (batch-invariant, predict_io.batch_invariant_scores)
+    # labels decided by the predictor's rule (batch-invariant, inference.images.batch_invariant_scores)
     scorer = BatchScorer(functools.partial(predictor.predict_uint8, threshold=threshold), settings.max_batch,
                          settings.batch_wait_ms)
     image_work = asyncio.Semaphore(settings.max_decodes)  # decodes and overlays: the memory of each is large
@@ -237,42 +209,3 @@ def create_app(predictor, settings: Optional[ServeSettings] = None):
         return {"threshold": threshold, "results": results}
 
     return app
-
-
-# ---------------------------------------------------------------------------- CLI
-def serve_parser() -> argparse.ArgumentParser:
-    p = new_parser("glocalclip serve", "Serve a model over HTTP: POST /predict, GET /healthz, and a web page "
-                                       "at /. Needs pip install 'glocalclip[serve]'.")
-    add_settings(p, ServedModel)
-    add_settings(p, ServeSettings)
-    return p
-
-
-def build_predictor(source: ServedModel, max_batch: int):
-    """The model to serve, with the threshold stored beside it."""
-    if source.model is not None:
-        from .runtime import OnnxPredictor
-
-        return OnnxPredictor(source.model, batch_size=max_batch, device=source.device)
-    from ..apps.predict import Predictor
-
-    # σ not given: the one test.py scored the checkpoint with, which its stored threshold belongs to
-    precision = {} if source.precision is None else {"precision": source.precision}
-    return Predictor.from_checkpoint(source.checkpoint, device=source.device, sigma=source.sigma,
-                                     batch_size=max_batch, **precision)
-
-
-def serve_main(argv: Optional[Sequence[str]] = None) -> int:
-    args = serve_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        import fastapi  # noqa: F401
-        import multipart  # noqa: F401
-        import uvicorn
-    except ImportError as e:
-        raise ImportError(f"{SERVE_EXTRA_HINT} ({e})") from e
-    settings = settings_from_args(ServeSettings, args)
-    app = create_app(build_predictor(settings_from_args(ServedModel, args), settings.max_batch), settings)
-    print(f"glocalclip serve: http://{settings.host}:{settings.port}/ (POST /predict, GET /healthz)")
-    # timeout_keep_alive: an idle kept-alive connection is closed after 5 s (the body timeout is ours)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_keep_alive=5)
-    return 0

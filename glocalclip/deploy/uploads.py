@@ -16,7 +16,7 @@ from typing import Any, Awaitable, BinaryIO, Callable, Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..apps.predict_io import INPUT_FIX
+from ..inference.images import INPUT_FIX
 from ..datasets.errors import DatasetError
 from ..datasets.pixels import decode_for_serving, eight_bit, exif_orientation
 

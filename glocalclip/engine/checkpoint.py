@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,6 +18,7 @@ from ..files import write_json, write_torch
 
 from ..model.checkpoint_format import file_sha256, read_checkpoint
 from ..model.glocalclip import GlocalCLIP, model_from_checkpoint
+from .settings import PAPER_SIGMA
 
 THRESHOLD_SUFFIX = ".threshold.json"
 
@@ -56,12 +58,16 @@ def threshold_path(checkpoint: str | os.PathLike) -> Path:
     return Path(os.fspath(checkpoint) + THRESHOLD_SUFFIX)
 
 
-def write_threshold(checkpoint: str | os.PathLike, image_score: float, **provenance: Any) -> Path:
-    """Store the F1-max image-score threshold beside ``checkpoint`` (which is left untouched), with
-    where it was measured (``provenance``: dataset, data_path, sigma) and the checkpoint's SHA-256,
-    so that a sidecar outliving its checkpoint is recognised as stale."""
-    record = {"image_score": float(image_score), **provenance, "checkpoint": Path(checkpoint).name,
-              "checkpoint_sha256": file_sha256(checkpoint)}
+def write_threshold(checkpoint: str | os.PathLike, image_score: float, *, sigma: float,
+                    image_size: Optional[int] = None, dataset: Optional[str] = None,
+                    data_path: Optional[str] = None) -> Path:
+    """Store how ``checkpoint`` was tested beside it (the checkpoint is left untouched): the F1-max
+    image-score threshold, the σ of the maps it was measured on, the image size, where it was
+    measured and how it was derived, plus the checkpoint's SHA-256, so that a sidecar outliving its
+    checkpoint is recognised as stale. :class:`TestRecord` reads it back."""
+    record = {"image_score": float(image_score), "sigma": float(sigma), "image_size": image_size,
+              "dataset": dataset, "data_path": data_path, "derived": "F1-max",
+              "checkpoint": Path(checkpoint).name, "checkpoint_sha256": file_sha256(checkpoint)}
     path = threshold_path(checkpoint)
     write_json(path, record)
     return path
@@ -95,23 +101,44 @@ def read_threshold(checkpoint: str | os.PathLike) -> Optional[dict[str, Any]]:
     return {**record, "image_score": image_score}
 
 
-def tested_sigma(record: Optional[dict[str, Any]]) -> float:
-    """The σ ``test.py`` scored a checkpoint with (its stored threshold belongs to it), else the paper's."""
-    from .settings import PAPER_SIGMA
+@dataclass(frozen=True)
+class TestRecord:
+    """How a checkpoint was tested, as every route reads it (predict, export, serve, the API): the
+    threshold, the σ of the maps it was measured on (None: a record too old to say), the image
+    size, and how it was derived (``source``, in words)."""
 
-    if record is not None and record.get("sigma") is not None:
-        return float(record["sigma"])
-    return PAPER_SIGMA
+    __test__ = False  # not a pytest test class
+
+    threshold: float
+    sigma: Optional[float]
+    image_size: Optional[int]
+    source: str
+
+    @classmethod
+    def of(cls, record: dict[str, Any]) -> "TestRecord":
+        size = record.get("image_size")
+        return cls(threshold=float(record["image_score"]),
+                   sigma=None if record.get("sigma") is None else float(record["sigma"]),
+                   image_size=None if size is None else int(size), source=threshold_source(record))
 
 
-def stored_test_record(checkpoint: str | os.PathLike | dict, ckpt: dict) -> Optional[dict[str, Any]]:
-    """What ``test.py`` stored for a checkpoint (``image_score`` threshold, ``sigma``, dataset): the
-    sidecar beside it if it belongs to these contents, else the record older versions embedded in the
-    checkpoint, else None."""
+def stored_test_record(checkpoint: str | os.PathLike | dict, ckpt: dict) -> Optional[TestRecord]:
+    """What ``test.py`` stored for a checkpoint: the sidecar beside it if it belongs to these
+    contents, else the record older versions embedded in the checkpoint, else None."""
     record = None if isinstance(checkpoint, dict) else read_threshold(checkpoint)
     if record is not None:
-        return record
+        return TestRecord.of(record)
     embedded = ckpt.get("threshold") if isinstance(ckpt, dict) else None
     if isinstance(embedded, dict) and embedded.get("image_score") is not None:
-        return {**embedded, "image_score": float(embedded["image_score"])}
+        return TestRecord.of(embedded)
     return None
+
+
+def sigma_for(record: Optional[TestRecord], given: Optional[float] = None) -> float:
+    """The one rule for σ, on every route: the σ asked for; else the σ the stored threshold was
+    measured with, so that labels and maps belong to each other; else the paper's (docs/design.md §4)."""
+    if given is not None:
+        return float(given)
+    if record is not None and record.sigma is not None:
+        return record.sigma
+    return PAPER_SIGMA

@@ -103,23 +103,17 @@ class TrainConfig:
 # ---------------------------------------------------------------- testing
 @dataclass
 class TestConfig:
-    """Everything about a test run that is not the model (the model comes from the checkpoint)."""
+    """Everything about a test run other than which model and how to run it (checkpoint, σ, device,
+    batch size: ``inference.settings.ModelSettings``, shared with predict, serve and export)."""
 
     __test__ = False  # not a pytest test class
 
     data_path: str = setting("", required=True, help="dataset root holding meta.json")
     dataset: Optional[str] = dataset_setting()
-    checkpoint_path: str = setting("", required=True,
-                                   help="our checkpoint (config inside) or an original GlocalCLIP/AnomalyCLIP one")
     save_path: str = setting("./results/run", help="folder for results.json/.csv/.md and vis/")
-    sigma: float = setting(PAPER_SIGMA, help="Gaussian smoothing of the maps (paper: 8)")
     metrics: Optional[str] = setting(None, choices=METRIC_MODES, help="which metrics",
                                      default_text="per dataset as in the paper")
-    batch_size: Optional[int] = setting(None, parse=int, minimum=1,
-                                        help="images per batch; metrics do not depend on it",
-                                        default_text="16 on a GPU, 8 on a CPU")
     num_workers: Optional[int] = workers_setting()
-    device: Optional[str] = device_setting()
     classes: Optional[list[str]] = setting(None, nargs="+", help="test only these classes",
                                            default_text="every class")
     save_vis: bool = setting(False, switch=True, help="write heat-map grids and curves to SAVE_PATH/vis")

@@ -1,7 +1,7 @@
 """The test protocol's Gaussian smoothing of anomaly maps, with scipy's exact semantics (docs/design.md §4)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -11,12 +11,13 @@ from scipy.ndimage import gaussian_filter
 from ..model.scoring import final_image_score
 
 
-def smoothed_scores(out: dict[str, torch.Tensor], sigma: "float | GaussianSmoothing", image_score: str = "global"
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def smoothed_scores(out: dict[str, torch.Tensor], sigma: "float | Callable[[torch.Tensor], torch.Tensor]",
+                    image_score: str = "global") -> tuple[torch.Tensor, torch.Tensor]:
     """The test protocol on a forward's output: the map smoothed with σ, and the image score of
     :func:`final_image_score` on the *smoothed* map. Returns (score [B], map [B,H,W]).
-    Loops over batches pass a :class:`GaussianSmoothing` made once instead of σ."""
-    smooth = sigma if isinstance(sigma, GaussianSmoothing) else GaussianSmoothing(sigma, out["anomaly_map"].device)
+    Loops over batches pass a smoothing made once instead of σ (a :class:`GaussianSmoothing`, or
+    :class:`TraceableSmoothing` for an exported graph)."""
+    smooth = sigma if callable(sigma) else GaussianSmoothing(sigma, out["anomaly_map"].device)
     amap = smooth(out["anomaly_map"])
     if image_score != "global+max":
         return out["image_score"], amap  # nothing to fuse: forward's score as it is
@@ -104,3 +105,15 @@ class GaussianSmoothing:
 
     def __call__(self, maps: torch.Tensor) -> torch.Tensor:
         return gaussian_smooth(maps, self.sigma, self.truncate, kernel=self.kernel)
+
+
+class TraceableSmoothing:
+    """:func:`separable_smooth` with scipy's weights in float32, in torch operations alone, so that it
+    can be traced into an ONNX graph (scipy cannot); within ~1e-6 of :class:`GaussianSmoothing`.
+    σ <= 0: no smoothing."""
+
+    def __init__(self, kernel: Optional[torch.Tensor]):
+        self.kernel = kernel  # [2r+1] float32, or None for no smoothing
+
+    def __call__(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps if self.kernel is None else separable_smooth(maps, self.kernel)

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import checkpoint_format as ckpt_io
 from .backbone import open_clip  # imported there, with one message for a broken torch/torchvision pair
+from ..settings import SettingError
 from .backbone_record import BackboneRecord, checkpoint_entry, warn_if_other_weights
 from .config import FewShotSettings, GlocalCLIPConfig
 from .few_shot import ReferenceBank, bank_from_features, features_key, few_shot_map, join_scores
@@ -227,8 +228,9 @@ class GlocalCLIP(nn.Module):
         diff = {k: (found[k], want[k]) for k in found if found[k] != want[k]}
         if diff:
             detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diff.items())
-            raise ValueError(f"the checkpoint's prompts do not fit this model ({detail}); build the "
-                             f"model with the checkpoint's settings (e.g. --n_ctx/--ab_ctx/--depth/--t_n_ctx)")
+            raise SettingError("n_ctx", f"the checkpoint's prompts do not fit this model ({detail}); build the model "
+                                        f"with the checkpoint's settings (e.g. {{n_ctx}}/{{ab_ctx}}/{{depth}}/{{t_n_ctx}})",
+                               also=("ab_ctx", "depth", "t_n_ctx"))
         own = self.prompt_learner.state_dict()
         width = next(iter(own.values())).shape[-1]
         bad = [k for k, v in state.items() if v.shape[-1] != width]
@@ -289,9 +291,9 @@ def check_image_size(image_size: int, patch: Optional[int], backbone: str) -> No
         return
     lower = image_size // patch * patch
     if lower < patch:
-        raise ValueError(f"--image_size {image_size} is smaller than one patch ({patch} pixels) of backbone "
-                         f"{backbone}; use a multiple of {patch}, e.g. {patch}")
-    raise ValueError(f"--image_size {image_size} is not a multiple of the patch size {patch} of backbone "
+        raise SettingError("image_size", f"{{image_size}} {image_size} is smaller than one patch ({patch} pixels) of "
+                                         f"backbone {backbone}; use a multiple of {patch}, e.g. {patch}")
+    raise SettingError("image_size", f"{{image_size}} {image_size} is not a multiple of the patch size {patch} of backbone "
                      f"{backbone}: the patch convolution would drop the last {image_size % patch} pixel rows and "
                      f"columns; use {lower} or {lower + patch}")
 

@@ -1,6 +1,7 @@
 """Zero-shot testing (docs/design.md §4, §6): score a dataset class by class and compute the metrics.
 
-Text features are computed once per checkpoint. Images are batched, loaded by worker processes,
+Every batch goes through the :class:`~.detector.Detector`, as ``predict`` and ``serve`` do, so the
+maps and scores measured here are the ones they give. Text features are computed once per checkpoint. Images are batched, loaded by worker processes,
 smoothed on the device, and one class's maps are kept (float32, exact) only until its metrics
 are computed. Under torchrun each process scores a shard of every class and rank 0 gathers the
 scores and maps for the metrics.
@@ -18,16 +19,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import metrics as M
+from ..engine import metrics as M
 from ..datasets import AnomalyDataset, collate, default_metrics, load_meta, normalize_image
-from .distributed import DistContext
+from ..engine.distributed import DistContext
 from .hooks import EvaluationHooks
 from ..files import write_json
 from ..model.few_shot import ReferenceBank
 from ..model.glocalclip import GlocalCLIP
-from .loaders import plan_loader, resolve_batch_size, resolve_num_workers
-from .settings import METRIC_MODES
-from .smoothing import GaussianSmoothing, smoothed_scores
+from ..engine.loaders import plan_loader, resolve_batch_size, resolve_num_workers
+from ..engine.settings import METRIC_MODES
+from .detector import Detector
 
 IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1max")
 PIXEL_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_aupro_exact", "pixel_f1max")
@@ -75,11 +76,9 @@ class Evaluator:
         self.ctx = ctx
         self.batch_size = resolve_batch_size(batch_size, model.device)
         self.num_workers = resolve_num_workers(num_workers, model.device)
-        self.smoothing = GaussianSmoothing(sigma, model.device)
+        self.detector = Detector(model, sigma).eval()  # text features once per checkpoint
         self.hooks = hooks or EvaluationHooks()
         self.progress = progress
-        with torch.no_grad():
-            self.text = model.encode_text()  # once per checkpoint
 
     def _batches(self, dataset: AnomalyDataset, classes: list[str]) -> list[list[int]]:
         """This rank's batches, class by class (a batch never mixes classes)."""
@@ -120,8 +119,7 @@ class Evaluator:
                 if x.dtype == torch.uint8:  # datasets read with as_uint8: normalise on the device
                     x = normalize_image(x)
                 bank = self.banks[batch["cls_name"][0]] if self.banks else None  # a batch is one class
-                score, amap = smoothed_scores(self.model(x, text=self.text, reference=bank), self.smoothing,
-                                              self.model.cfg.image_score)
+                score, amap = self.detector.score_normalized(x, reference=bank)
                 order.append(batch["index"])
                 paths += batch["img_path"]
                 labels.append(batch["label"])

@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .evaluation import ClassScores
+    from .evaluation import ClassScores  # noqa: F401 - annotations only
 
 #: what the host can wait for in a test run: the loader's next batch, the device finishing a
 #: class's queued batches (its scores copied to the host), the previous class's metrics

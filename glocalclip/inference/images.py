@@ -1,10 +1,10 @@
-"""What both predictors share, with no torch: reading inputs, the :class:`Prediction` record, output
-names, the map and overlay files, and ``predictions.csv`` / ``predictions.jsonl``.
+"""What both predictors share, with no torch: reading inputs, the :class:`Prediction` record, the
+label rule, output names, and the map and overlay files.
 
-The PyTorch :class:`~glocalclip.apps.predict.Predictor` and the ONNX Runtime
-:class:`~glocalclip.deploy.OnnxPredictor` read images here, so both models see the same pixels
-(PIL bicubic resize, ``datasets/pixels.py``), and ``glocalclip predict`` writes one set of files
-whichever model scores them.
+The PyTorch :class:`~glocalclip.inference.predictor.Predictor` and the ONNX Runtime
+:class:`~glocalclip.deploy.runtime.OnnxPredictor` read images here, so both models see the same pixels
+(PIL bicubic resize, ``datasets/pixels.py``), and ``glocalclip predict`` and ``serve`` write one set
+of files whichever model scores them.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from PIL import Image
 from ..datasets.errors import DatasetError
 from ..datasets.pixels import _from_array, decoded, exif_upright, open_image, resized_rgb, rgb_pixels
 from ..datasets.scan import IMAGE_EXTENSIONS  # one list of image extensions, for datasets and predict
+from ..files import write_npy, write_png
+from .heatmap import captioned, heat_overlay, inset_colour_bar
 
 INPUT_FIX = "or leave it out of the inputs"  # ends the message about an input that cannot be read
 FIELDS = ("image_path", "pred_score", "pred_label", "anomaly_map", "map_max", "overlay")
@@ -96,13 +98,6 @@ def predict_images(predictor, images: Union[ImageInput, Iterable[ImageInput]], *
         out += predictor.predict_uint8(np.stack([b.pixels for b in loaded]), [b.size for b in loaded],
                                        [b.path for b in loaded], **options)
     return out[0] if single else out
-
-
-def check_model_source(checkpoint: Optional[str], model: Optional[str], use: str) -> None:
-    """``predict`` and ``serve`` take a checkpoint (PyTorch) or an ONNX file (ONNX Runtime), one of the two."""
-    if (checkpoint is None) == (model is None):
-        raise ValueError(f"give the model to {use}: --checkpoint CKPT (PyTorch) or --model FILE.onnx "
-                         f"(ONNX Runtime), one of the two")
 
 
 def label_of(score: float, threshold: Optional[float]) -> Optional[int]:
@@ -200,10 +195,8 @@ def overlay_rgb(rgb: np.ndarray, pred: Prediction, value_range: Optional[tuple[f
     """The heat map over the image (uint8 RGB [h, w, 3]), with the ``caption`` lines written on it
     (``visualize.prediction_caption``: the predicted label and the threshold it came from; the web
     page shows them beside the picture instead) and, with ``colour_bar``, the colours' key along its
-    bottom edge (``value_range``, else the map's own min..max); the picture keeps the image's size. Numpy and Pillow only: the torch-free install
-    has no OpenCV."""
-    from .heatmap import captioned, heat_overlay, inset_colour_bar
-
+    bottom edge (``value_range``, else the map's own min..max); the picture keeps the image's size.
+    Numpy and Pillow only: the torch-free install has no OpenCV."""
     vis = heat_overlay(rgb, pred.anomaly_map, value_range)
     if caption:
         vis = captioned(vis, list(caption))
@@ -219,18 +212,9 @@ def save_outputs(pred: Prediction, name: str, out: Path, rgb: Optional[np.ndarra
     """``maps/<name>.npy`` (the raw map) and, given the image's pixels, ``overlays/<name>.png`` with
     ``caption`` on it and a colour bar along its bottom edge, each written atomically (a full disk leaves no half
     file); returns the prediction's record with both paths."""
-    from ..files import write_npy, write_png
-
     npy = write_npy(out / "maps" / f"{name}.npy", pred.anomaly_map.astype(np.float32))
     png = None
     if rgb is not None:
         png = write_png(out / "overlays" / f"{name}.png", overlay_rgb(rgb, pred, value_range, caption, colour_bar=True))
     return pred.record(anomaly_map=str(npy), overlay=str(png) if png else None)
 
-
-def write_predictions(records: list[dict[str, Any]], out_dir: Union[str, Path]) -> dict[str, Path]:
-    """``predictions.csv`` and ``predictions.jsonl`` (anomalib's field names first) of ``records``,
-    each written atomically. ``glocalclip predict`` appends its rows batch by batch instead."""
-    from .predict_runs import PredictionsFile
-
-    return PredictionsFile(out_dir, FIELDS).rewrite(records)

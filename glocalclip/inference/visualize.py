@@ -14,7 +14,11 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..engine.hooks import EvaluationHooks
+from PIL import Image
+
+from ..datasets.pixels import exif_upright, rgb_pixels
+from .heatmap import heat_overlay, with_colour_bar
+from .hooks import EvaluationHooks
 from ..files import make_dirs, write_figure, write_json, write_png
 
 PLOT_EXTRA_HINT = "ROC / PRO plots need matplotlib: pip install 'glocalclip[plot]' (or pip install matplotlib)"
@@ -27,8 +31,6 @@ def overlay(image_rgb: np.ndarray, amap: np.ndarray, mask: Optional[np.ndarray] 
     ``mask`` (optional) drawn as a green contour. The map is resized to the image. The colours
     span ``value_range`` (lo, hi) if given, else the map's own min..max."""
     import cv2
-
-    from .heatmap import heat_overlay
 
     h, w = image_rgb.shape[:2]
     out = heat_overlay(image_rgb, amap, value_range, alpha)
@@ -85,23 +87,21 @@ def threshold_caption(threshold: float, source: Optional[str], ascii_only: bool 
 
 
 def prediction_caption(score: float, predicted: Optional[int], threshold: Optional[float],
-                       source: Optional[str]) -> list[str]:
+                       source: Optional[str], sigma: Optional[float] = None) -> list[str]:
     """A predict overlay: the predicted label said to be a prediction, with the score and the
-    threshold (and its origin) it was decided by; without a threshold, no label."""
+    threshold (and its origin) it was decided by; without a threshold, no label. ``sigma``: the
+    smoothing of the map actually drawn."""
+    smoothing = [] if sigma is None else [f"map smoothed with sigma {sigma:g}"]
     if predicted is None or threshold is None:
-        return [f"score {score:.3f}", "no prediction: no threshold"]
+        return [f"score {score:.3f}", "no prediction: no threshold"] + smoothing
     relation = ">=" if predicted else "<"
     lines = [f"predicted: {'anomalous' if predicted else 'normal'}", f"score {score:.3f} {relation} threshold {threshold:.4g}"]
-    return lines + ([f"threshold: {source}".replace("σ", "sigma")] if source else [])
+    return lines + ([f"threshold: {source}".replace("σ", "sigma")] if source else []) + smoothing
 
 
 def read_rgb(path: str, upright: bool = False) -> np.ndarray:
     """A picture file as uint8 RGB, grey levels as the model saw them; ``upright``: turned as its EXIF
     orientation says (as folder-mode datasets and predict read images), so a map drawn over it lines up."""
-    from PIL import Image
-
-    from ..datasets.pixels import exif_upright, rgb_pixels
-
     with Image.open(path) as im:
         return rgb_pixels(exif_upright(im) if upright else im)
 
@@ -184,7 +184,6 @@ def class_grid(cs, k: int = 6, tile: int = 160, upright: bool = False) -> np.nda
     grid = image_grid(rows, tile=tile, row_titles=titles, legend=legend)
     if vr is None:
         return grid
-    from .heatmap import with_colour_bar
 
     return with_colour_bar(grid, vr, "anomaly map, one scale for the class")
 
