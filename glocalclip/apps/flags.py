@@ -13,7 +13,8 @@ import argparse
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
-from ..model.config import BACKBONE_DEFAULTS, GlocalCLIPConfig, LoadSettings
+from ..inference.settings import ReferenceSettings
+from ..model.config import BACKBONE_DEFAULTS, FewShotSettings, GlocalCLIPConfig, LoadSettings
 from ..settings import Setting, SettingError, field_default, settings_fields
 
 #: (field name, the default's text) -> the text shown as the default of a ``given_only`` flag
@@ -188,9 +189,6 @@ REFERENCE_GROUP = "few-shot (with --reference)"
 def add_reference_flags(parser: Any, save: bool = True) -> None:
     """``--reference`` (and ``--save_reference``) with the few-shot settings, given-only: a saved bank
     keeps its own settings unless one is given (then they must agree)."""
-    from ..inference.settings import ReferenceSettings
-    from ..model.config import FewShotSettings
-
     group = parser.add_argument_group(REFERENCE_GROUP)
     add_settings(group, ReferenceSettings, fields=("reference", "save_reference") if save else ("reference",))
     add_settings(group, FewShotSettings, given_only=True,
@@ -199,8 +197,5 @@ def add_reference_flags(parser: Any, save: bool = True) -> None:
 
 def reference_of(args: argparse.Namespace) -> tuple[Any, Any]:
     """(ReferenceSettings, the FewShotSettings given or None) of a command line."""
-    from ..inference.settings import ReferenceSettings
-    from ..model.config import FewShotSettings
-
     given = given_settings(FewShotSettings, args)
     return settings_from_args(ReferenceSettings, args), (FewShotSettings(**given) if given else None)

@@ -20,6 +20,7 @@ import torch
 
 from .. import __version__
 from ..engine.checkpoint import file_sha256, load_model_and_checkpoint, sigma_for, stored_test_record
+from ..engine.few_shot import load_reference
 from ..inference.detector import Detector
 from .half import store_weights_half
 from .metadata import INPUT_NAME, OUTPUT_NAMES, DeployMetadata
@@ -51,8 +52,6 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Op
         threshold, source = record.threshold, record.source
     bank = None
     if reference is not None:
-        from ..engine.few_shot import load_reference
-
         bank = load_reference(model.eval(), os.fspath(reference), few_shot)
         if save_reference is not None:
             bank.save(save_reference)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from ..datasets import AnomalyDataset, DatasetError, normalize_image
+from ..datasets.pixels import decoded, exif_upright, open_image, resized_rgb
+from ..datasets.scan import IMAGE_EXTENSIONS
 from ..model.config import FewShotSettings
 from ..model.few_shot import ReferenceBank
 from ..model.glocalclip import GlocalCLIP
@@ -79,8 +81,6 @@ REFERENCE_FIX = "give --reference a folder or glob of normal images, or a bank s
 def reference_files(spec: str) -> list[Path]:
     """The images of ``--reference DIR|GLOB|FILE``: a folder searched recursively for image files, a
     glob pattern expanded (folders it matches searched too), or one image; sorted, without repeats."""
-    from ..datasets.scan import IMAGE_EXTENSIONS
-
     def images_in(folder: Path) -> list[Path]:
         return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -105,8 +105,6 @@ def reference_files(spec: str) -> list[Path]:
 def reference_pixels(files: Sequence[Path], image_size: int) -> torch.Tensor:
     """The reference images as the model sees a predicted image: EXIF-upright, PIL bicubic to S x S,
     RGB -> uint8 [K, 3, S, S]. An unreadable file is refused by name (a bank must not silently shrink)."""
-    from ..datasets.pixels import decoded, exif_upright, open_image, resized_rgb
-
     pixels = []
     for f in files:
         with open_image(os.fspath(f), "reference image", fix="or remove it from --reference") as im:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.checkpoint import load_model_and_checkpoint, sigma_for, stored_test_record
+from ..engine.few_shot import load_reference
 from ..model.config import FewShotSettings
 from ..model.few_shot import ReferenceBank
 from .detector import Detector
@@ -70,8 +71,6 @@ class Predictor:
             threshold, source = record.threshold, record.source
         bank = None
         if reference is not None:
-            from ..engine.few_shot import load_reference
-
             model = model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
             bank = reference if isinstance(reference, ReferenceBank) else \
                 load_reference(model, os.fspath(reference), few_shot, batch_size)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..files import write_torch
 from .config import FEW_SHOT_IMAGE_TERMS, FewShotSettings
 from .layers import LayerFeatures
 
@@ -157,8 +158,6 @@ class ReferenceBank:
 
     def save(self, path: PathLike) -> None:
         """A plain torch file of tensors, numbers and strings (read back with ``weights_only=True``)."""
-        from ..files import write_torch
-
         write_torch(path, {"format": BANK_FORMAT, "tensors": [t.cpu().contiguous() for t in self.layers.tensors],
                            "counts": list(self.layers.counts), "settings": self.settings.to_dict(),
                            "image_size": int(self.image_size), "model_key": dict(self.model_key),
