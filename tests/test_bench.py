@@ -95,3 +95,20 @@ def test_cpu_limit_quick_mode_prints_every_path_with_the_deviations(tmp_path, ca
     assert 0 < dev["onnx_int8_vs_fp32_map"] < 0.1 * dev["onnx_map_range"]
     out = capsys.readouterr().out
     assert "original code's encoder, fp32" in out and "% of bf16" in out
+
+
+def test_few_shot_cost_bench_times_the_term_beside_the_zero_shot_forward():
+    """bench/few_shot.py cost: a row per (K, layers) with the bank's size as the design computes it
+    (K × grid² rows per layer, float32) and both per-image costs measured."""
+    import argparse
+
+    from bench.few_shot import cost
+
+    report = cost(argparse.Namespace(kind="tiny", image_size=56, shots=[1, 3], batch=2, repeat=1, device="cpu"))
+    assert [(r["shots"], r["layers"]) for r in report["rows"]] == [
+        (1, "selected"), (1, "blocks"), (3, "selected"), (3, "blocks")]
+    for r in report["rows"]:
+        assert r["bank_rows"] == r["shots"] * 4 * 4  # 56 px / patch 14 = a 4 × 4 grid
+        layers = 2 if r["layers"] == "selected" else 4  # reference: block 2 and the shared V-V tensor
+        assert r["bank_mib"] == pytest.approx(layers * r["bank_rows"] * 32 * 4 / 2**20)
+        assert r["zero_shot_ms_per_image"] > 0 and r["few_shot_term_ms_per_image"] > 0

@@ -65,26 +65,37 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
     from ..inference.evaluation import evaluate
     from ..inference.visualize import VisualWriter
 
+    from ..engine.few_shot import class_banks, draw_shots
+    from ..model.config import FewShotSettings
+
     cfg = settings_from_args(TestConfig, args)
+    few_shot = settings_from_args(FewShotSettings, args)
     run = settings_from_args(ModelSettings, args).checkpoint_only("test")
     sigma = sigma_for(None, run.sigma)  # test measures the threshold: no earlier one decides σ
     ctx = init_distributed(run.device)
     t0 = time.time()
     try:
-        load_meta(cfg.data_path, cfg.dataset)  # a wrong data path fails before the weights load
+        meta = load_meta(cfg.data_path, cfg.dataset)  # a wrong data path fails before the weights load
+        # and so does a dataset without train normals to draw shots from (the same on every process)
+        shots = draw_shots(meta["train"], cfg.classes or [c for c, e in meta["test"].items() if e], cfg.shots,
+                           cfg.shot_seed, cfg.data_path) if cfg.shots else None
         prepare_output_dir(cfg.save_path)  # and so does a save folder that cannot take a file
         model, ckpt = load_model_and_checkpoint(run.checkpoint, trust=trusted(args), **model_overrides(args))
         model = model.to(ctx.device)
+        banks = class_banks(model, cfg.data_path, cfg.dataset, shots, few_shot) if shots else None
         out_dir = Path(cfg.save_path)
         # folder-mode images were read turned by their EXIF orientation: draw them as the model saw them
         vis = VisualWriter(out_dir / "vis", upright=cfg.dataset is None) if cfg.save_vis else None
         t_eval = time.time()
         results = evaluate(model, cfg.data_path, cfg.dataset, ctx, mode=cfg.metrics, sigma=sigma,
                            batch_size=run.batch_size, num_workers=cfg.num_workers, classes=cfg.classes,
-                           hooks=vis, progress=cfg.progress, partial_path=out_dir / "results.partial.json")
+                           hooks=vis, progress=cfg.progress, partial_path=out_dir / "results.partial.json",
+                           banks=banks)
         if ctx.is_main:
             results.update({"wall_time_s": time.time() - t_eval, "checkpoint": str(run.checkpoint),
-                            "config": model.cfg.to_dict(), "train_config": ckpt.get("train_config")})
+                            "config": model.cfg.to_dict(), "train_config": ckpt.get("train_config"),
+                            "shots": cfg.shots, "shot_seed": cfg.shot_seed if cfg.shots else None,
+                            "few_shot": few_shot.to_dict() if cfg.shots else None, "shot_paths": shots})
             _finish_test(results, cfg, run.checkpoint, ckpt, t0)
     finally:
         ctx.shutdown()
@@ -107,6 +118,11 @@ def _finish_test(results: dict[str, Any], cfg: Any, checkpoint: str, ckpt: dict,
     print(f"results: {paths['json']} {paths['csv']} {paths['md']}")
     thr = results.get("image_threshold")
     if thr is None or not is_ours(ckpt) or not Path(checkpoint).is_file():
+        return
+    if results.get("shots"):
+        # few-shot scores live on another scale: the zero-shot threshold beside the checkpoint stays
+        print(f"few-shot image threshold {thr:.4g} (F1-max) in {paths['json']}; the zero-shot threshold beside "
+              f"the checkpoint is left as it is (give predict --reference --threshold {thr:.6g} to use it)")
         return
     provenance = {"dataset": results["dataset"], "data_path": str(cfg.data_path), "sigma": results["sigma"],
                   "image_size": results["config"]["image_size"]}

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 from ..deploy.export import export_onnx, exported_files
 from ..inference.settings import ModelSettings
 from ..settings import check_settings, setting
-from .flags import add_load_flags, add_settings, new_parser, settings_from_args, trusted
+from .flags import add_load_flags, add_reference_flags, add_settings, new_parser, reference_of, settings_from_args, trusted
 
 
 @dataclass
@@ -38,6 +38,7 @@ def export_parser() -> argparse.ArgumentParser:
                    "image score [B] and smoothed anomaly map [B, S, S] out. Needs pip install 'glocalclip[deploy]'.")
     add_settings(p, ModelSettings, fields=("checkpoint", "sigma"), positional=("checkpoint",))
     add_settings(p, ExportSettings)
+    add_reference_flags(p)
     add_load_flags(p)
     return p
 
@@ -48,13 +49,16 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
     options = settings_from_args(ExportSettings, args)
     t0 = time.perf_counter()
     overrides = {} if options.pretrained is None else {"pretrained": options.pretrained}
+    reference, few_shot = reference_of(args)
     meta = export_onnx(model.checkpoint, options.out, sigma=model.sigma, half=options.half,
                        image_size=options.image_size, threshold=options.threshold,
-                       trust=trusted(args), **overrides)
+                       trust=trusted(args), reference=reference.reference, few_shot=few_shot,
+                       save_reference=reference.save_reference, **overrides)
     size = sum(p.stat().st_size for p in exported_files(options.out))
     thr = "none" if meta.threshold is None else f"{meta.threshold:.4g} ({meta.threshold_source})"
     print(f"export: {options.out} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s): images uint8 "
           f"[B, {meta.image_size}, {meta.image_size}, 3] -> pred_score [B], anomaly_map [B, {meta.image_size}, "
-          f"{meta.image_size}]; σ {meta.sigma:g}, threshold {thr}")
+          f"{meta.image_size}]; σ {meta.sigma:g}, threshold {thr}"
+          + (f"; few-shot bank of {meta.reference['images']} images inside" if meta.reference else ""))
     return 0
 

@@ -13,7 +13,8 @@ import argparse
 import dataclasses
 from typing import Any, Callable, Optional, Sequence
 
-from ..model.config import BACKBONE_DEFAULTS, GlocalCLIPConfig, LoadSettings
+from ..inference.settings import ReferenceSettings
+from ..model.config import BACKBONE_DEFAULTS, FewShotSettings, GlocalCLIPConfig, LoadSettings
 from ..settings import Setting, SettingError, field_default, settings_fields
 
 #: (field name, the default's text) -> the text shown as the default of a ``given_only`` flag
@@ -179,3 +180,22 @@ def trusted(args: argparse.Namespace) -> bool:
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The model settings given on a command line (``--pretrained none`` counts)."""
     return given_settings(GlocalCLIPConfig, args)
+
+
+# ---------------------------------------------------------------------------- few-shot --reference
+REFERENCE_GROUP = "few-shot (with --reference)"
+
+
+def add_reference_flags(parser: Any, save: bool = True) -> None:
+    """``--reference`` (and ``--save_reference``) with the few-shot settings, given-only: a saved bank
+    keeps its own settings unless one is given (then they must agree)."""
+    group = parser.add_argument_group(REFERENCE_GROUP)
+    add_settings(group, ReferenceSettings, fields=("reference", "save_reference") if save else ("reference",))
+    add_settings(group, FewShotSettings, given_only=True,
+                 note=lambda name, default: f"{default}; a saved bank's own")
+
+
+def reference_of(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(ReferenceSettings, the FewShotSettings given or None) of a command line."""
+    given = given_settings(FewShotSettings, args)
+    return settings_from_args(ReferenceSettings, args), (FewShotSettings(**given) if given else None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..engine.settings import TestConfig, TrainConfig
+from ..model.config import FewShotSettings
 from ..inference.settings import ModelSettings
 from .flags import add_load_flags, add_model_flags, add_settings, new_parser
 
@@ -23,8 +24,9 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def test_parser() -> argparse.ArgumentParser:
-    p = new_parser("test.py", "Zero-shot test of trained GlocalCLIP prompts.")
+    p = new_parser("test.py", "Zero-shot (or, with --shots, few-shot) test of trained GlocalCLIP prompts.")
     add_settings(p, TestConfig)
+    add_settings(p.add_argument_group("few-shot (with --shots K)"), FewShotSettings)
     add_settings(p, ModelSettings, fields=("checkpoint", "sigma", "device", "batch_size"), required=("checkpoint",))
     add_load_flags(p)
     add_model_flags(p, for_training=False)

@@ -29,7 +29,8 @@ from ..files import removed_if_left_empty
 from ..locks import FolderLock
 from ..settings import check_settings, setting
 from .backends import open_predictor
-from .flags import add_load_flags, add_model_flags, add_settings, model_overrides, new_parser, settings_from_args, trusted
+from .flags import (add_load_flags, add_model_flags, add_reference_flags, add_settings, model_overrides, new_parser,
+                    reference_of, settings_from_args, trusted)
 from .predict_runs import PredictionsFile, image_key
 from .processes import Processes, processes_of_this_run
 
@@ -68,6 +69,7 @@ def predict_parser() -> argparse.ArgumentParser:
                                          "anomaly score, label, heat map.")
     add_settings(p, PredictConfig)
     add_settings(p, ModelSettings, fields=("checkpoint", "model", "sigma", "device", "batch_size"))
+    add_reference_flags(p)
     add_load_flags(p)
     add_model_flags(p, for_training=False)
     return p
@@ -172,14 +174,16 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     processes = processes_of_this_run()
     try:
-        return _predict(cfg, model, model_overrides(args), trusted(args), files, len(missing), processes)
+        return _predict(cfg, model, model_overrides(args), trusted(args), files, len(missing), processes,
+                        *reference_of(args))
     finally:
         processes.close()
 
 
 def _predict(cfg: PredictConfig, model: ModelSettings, overrides: dict[str, Any], trust: bool, files: list[Path],
-             n_missing: int, processes: Processes) -> int:
-    """The run: the main process holds the lock and the CSV; every process scores its batches."""
+             n_missing: int, processes: Processes, reference: Any = None, few_shot: Any = None) -> int:
+    """The run: the main process holds the lock and the CSV; every process scores its batches (each
+    builds the same few-shot bank; the main process alone saves it)."""
     out = Path(cfg.out)
     so_far = ScoredSoFar()
     # a second predict into this --out refuses, naming this one; a failed start leaves no empty --out
@@ -200,7 +204,10 @@ def _predict(cfg: PredictConfig, model: ModelSettings, overrides: dict[str, Any]
             raise ValueError(refusal)
         batch_size = model.batch_size or 8
         model = dataclasses.replace(model, device=processes.device(model.device), batch_size=batch_size)
-        predictor = open_predictor(model, "score with", threshold=cfg.threshold, overrides=overrides, trust=trust)
+        if reference is not None and not processes.is_main:
+            reference = dataclasses.replace(reference, save_reference=None)
+        predictor = open_predictor(model, "score with", threshold=cfg.threshold, overrides=overrides, trust=trust,
+                                   reference=reference, few_shot=few_shot)
         if sink is not None:
             sink.start()
         processes.broadcast(None)  # no process writes a map before the main one has cleared the folder

@@ -2,11 +2,11 @@
 
 Every ``results.json`` below the given folders (searched recursively) is one run. Runs are
 grouped by dataset and *setting* (everything that changes the numbers except the seed: the model
-config, the test's sigma and metric mode, and the training run's data, alpha, margin, epochs,
-batch size and learning rate); each group shows mean ± sample standard deviation (n - 1) over
-its runs, in percent, with the paper's number (docs/design.md §8) beside ours. The training settings
-and seed come from ``results.json`` when it carries them, else from the checkpoint file it
-names, else the seed from a ``seed<N>`` in the paths.
+config, the test's sigma and metric mode, the few-shot K and scoring (not the shot seed), and the
+training run's data, alpha, margin, epochs, batch size and learning rate); each group shows mean ±
+sample standard deviation (n - 1) over its runs, in percent, with the paper's number (docs/design.md
+§8) beside ours. The training settings and seed come from ``results.json`` when it carries them, else
+from the checkpoint file it names, else the seed from a ``seed<N>`` in the paths.
 """
 from __future__ import annotations
 
@@ -88,6 +88,10 @@ def load_run(path: Path, trust: bool = False) -> dict[str, Any]:
     setting: dict[str, Any] = {f"model.{k}": v for k, v in (res.get("config") or {}).items()
                                if k != "pretrained"}
     setting.update({"sigma": res.get("sigma"), "metrics": res.get("metrics_mode")})
+    # few-shot runs group by K and how the shots are scored; their shot seeds are what varies within
+    setting["shots"] = int(res.get("shots") or 0)
+    for k, v in (res.get("few_shot") or {}).items() if setting["shots"] else ():
+        setting[f"shot.{k}"] = v
     for k in TRAIN_SETTING_KEYS:
         if k in train:
             setting[f"train.{k}"] = train[k]
@@ -99,7 +103,8 @@ def load_run(path: Path, trust: bool = False) -> dict[str, Any]:
         epoch = int(m.group(1))
     if epoch is not None:
         setting["tested epoch"] = epoch
-    return {"path": Path(path), "results": res, "dataset": dataset, "seed": seed, "setting": setting}
+    return {"path": Path(path), "results": res, "dataset": dataset, "seed": seed, "setting": setting,
+            "shot_seed": res.get("shot_seed") if setting["shots"] else None}
 
 
 def _key(setting: dict[str, Any]) -> str:
@@ -153,9 +158,14 @@ def _keys_of(runs: list[dict[str, Any]], all_metrics: bool) -> list[str]:
     return [k for k in TABLE_KEYS if k in present] or present
 
 
+def _seed_text(run: dict[str, Any]) -> str:
+    """The training seed, and for a few-shot run its shot seed: ``111/shot 2``."""
+    text = "?" if run["seed"] is None else str(run["seed"])
+    return text if run.get("shot_seed") is None else f"{text}/shot {run['shot_seed']}"
+
+
 def _seeds(group: list[dict[str, Any]]) -> str:
-    seeds = [r["seed"] for r in group]
-    return ", ".join("?" if s is None else str(s) for s in seeds)
+    return ", ".join(_seed_text(r) for r in group)
 
 
 def dataset_table(dataset: str, runs: list[dict[str, Any]], labels: dict[str, str],
@@ -211,7 +221,7 @@ def build_report(runs: list[dict[str, Any]], per_class: bool = False, all_metric
                 lines += [f"### {ds}, {labels[gk]}: per class", "", class_table(group, all_metrics), ""]
     lines += ["## Runs", ""]
     for r in runs:
-        lines.append(f"- `{r['path']}`: {r['dataset']}, seed {r['seed'] if r['seed'] is not None else '?'}, "
+        lines.append(f"- `{r['path']}`: {r['dataset']}, seed {_seed_text(r)}, "
                      f"{labels[_key(r['setting'])]}")
     return "\n".join(lines) + "\n"
 

@@ -92,7 +92,8 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> dict[str, Pat
 RUN_FACTS = (("checkpoint", "checkpoint"), ("dataset", "dataset"), ("data_path", "data"),
              ("metrics_mode", "metrics"), ("sigma", "sigma"), ("n_images", "images"),
              ("image_threshold", "image-score threshold (best F1 over all classes' images)"), ("batch_size", "batch size"),
-             ("num_workers", "loader workers per process"), ("world_size", "processes"))
+             ("num_workers", "loader workers per process"), ("world_size", "processes"),
+             ("shots", "few-shot: normal shots per class (0: zero-shot)"), ("shot_seed", "shot seed"))
 RUN_DURATIONS = (("wall_time_s", "wall time, scoring and metrics"), ("total_wall_time_s", "wall time, total"))
 
 
@@ -103,6 +104,12 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = [f"# Results: {name}", "", results_table(results, list(results["metric_keys"]), fmt="github")]
     lines += ["", "## Beside the paper (GlocalCLIP, Table 1)", "", paper_comparison(results, name)]
     lines += ["", "## Run", ""] + run_facts(results)
+    if results.get("shot_paths"):
+        lines += ["", "### Shots (meta.json's train split)", "",
+                  tabulate([[c, ", ".join(p)] for c, p in results["shot_paths"].items()], headers=["class", "images"],
+                           tablefmt="github", disable_numparse=True)]
+        if results.get("few_shot"):
+            lines += ["", "few-shot settings: " + ", ".join(f"{k} {v}" for k, v in results["few_shot"].items())]
     for title, key, headers, show in (("Config", "config", ["field", "value"], shown),
                                       ("Software", "versions", ["package", "version"], str)):
         if results.get(key):

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 from ..deploy.serve import SERVE_EXTRA_HINT, ServeSettings, create_app
 from ..inference.settings import ModelSettings
 from .backends import open_predictor
-from .flags import add_load_flags, add_settings, new_parser, settings_from_args, trusted
+from .flags import add_load_flags, add_reference_flags, add_settings, new_parser, reference_of, settings_from_args, trusted
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def serve_parser() -> argparse.ArgumentParser:
                                        "at /. Needs pip install 'glocalclip[serve]'.")
     add_settings(p, ModelSettings, fields=("checkpoint", "model", "sigma", "device", "precision"))
     add_settings(p, ServeSettings)
+    add_reference_flags(p)
     add_load_flags(p)
     return p
 
@@ -31,7 +32,9 @@ def serve_main(argv: Optional[Sequence[str]] = None) -> int:
         raise ImportError(f"{SERVE_EXTRA_HINT} ({e})") from e
     settings = settings_from_args(ServeSettings, args)
     model = settings_from_args(ModelSettings, args, batch_size=settings.max_batch)
-    app = create_app(open_predictor(model, "serve", trust=trusted(args)), settings)
+    reference, few_shot = reference_of(args)
+    app = create_app(open_predictor(model, "serve", trust=trusted(args), reference=reference, few_shot=few_shot),
+                     settings)
     print(f"glocalclip serve: http://{settings.host}:{settings.port}/ (POST /predict, GET /healthz)")
     # timeout_keep_alive: an idle kept-alive connection is closed after 5 s (the body timeout is ours)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_keep_alive=5)

@@ -20,6 +20,7 @@ import torch
 
 from .. import __version__
 from ..engine.checkpoint import file_sha256, load_model_and_checkpoint, sigma_for, stored_test_record
+from ..engine.few_shot import load_reference
 from ..inference.detector import Detector
 from .half import store_weights_half
 from .metadata import INPUT_NAME, OUTPUT_NAMES, DeployMetadata
@@ -31,12 +32,15 @@ EXPORT_EXTRA_HINT = "exporting needs the deploy extra: pip install 'glocalclip[d
 
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Optional[float] = None,
                 half: bool = False, image_size: Optional[int] = None, threshold: Optional[float] = None,
-                trust: bool = False, **overrides: Any) -> DeployMetadata:
+                trust: bool = False, reference: Optional[str] = None, few_shot: Optional[Any] = None,
+                save_reference: Optional[str] = None, **overrides: Any) -> DeployMetadata:
     """Write ``out`` (and ``out.data`` when the weights pass 2 GB): one ONNX graph from uint8 images
     [B, S, S, 3] to ``pred_score`` [B] and ``anomaly_map`` [B, S, S]. ``sigma`` defaults to the σ the
     checkpoint was tested with, ``image_size`` to its config's, ``threshold`` to its stored one.
     ``half`` stores the weight matrices as float16 (computed in float32). ``trust``: load a checkpoint
-    that could run code (``--trust_checkpoint``). Returns the metadata."""
+    that could run code (``--trust_checkpoint``). ``reference``: normal images (a folder or glob) or a
+    saved bank, baked into the graph as constants (few-shot, docs/design.md §11); the checkpoint's
+    zero-shot threshold does not fit its scores, so only ``threshold`` labels. Returns the metadata."""
     _require_exporter()
     if image_size is not None:
         overrides["image_size"] = int(image_size)
@@ -44,12 +48,18 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Op
     record = stored_test_record(checkpoint, ckpt)
     sigma = sigma_for(record, sigma)
     source = "given at export"
-    if threshold is None and record is not None:
+    if threshold is None and record is not None and reference is None:
         threshold, source = record.threshold, record.source
-    detector = Detector(model.eval(), sigma, threshold, source, traceable=True).eval()
+    bank = None
+    if reference is not None:
+        bank = load_reference(model.eval(), os.fspath(reference), few_shot)
+        if save_reference is not None:
+            bank.save(save_reference)
+    detector = Detector(model.eval(), sigma, threshold, source, traceable=True, reference=bank).eval()
     meta = DeployMetadata(image_size=detector.image_size, sigma=sigma, threshold=detector.threshold,
                           config=model.cfg.to_dict(), version=__version__, checkpoint_sha256=file_sha256(checkpoint),
-                          half=half, threshold_source=detector.threshold_source)
+                          half=half, threshold_source=detector.threshold_source,
+                          reference=detector.bank.describe() if detector.bank is not None else None)
     program = _export_program(detector, meta.image_size)
     if half:
         store_weights_half(program.model)

@@ -26,6 +26,8 @@ class DeployMetadata:
     checkpoint_sha256: str
     half: bool = False
     threshold_source: Optional[str] = None  # in words: "best F1 on the test set of mvtec, σ 8"
+    #: the few-shot bank baked in (docs/design.md §11): its settings, how many images, their names, rows
+    reference: Optional[dict[str, Any]] = None
 
     def to_props(self) -> dict[str, str]:
         """As ONNX ``metadata_props`` (strings only); no threshold -> no ``threshold`` key."""
@@ -36,6 +38,8 @@ class DeployMetadata:
             props["threshold"] = repr(float(self.threshold))
         if self.threshold_source:
             props["threshold_source"] = self.threshold_source
+        if self.reference is not None:
+            props["reference"] = json.dumps(self.reference, sort_keys=True)
         return props
 
     @classmethod
@@ -47,9 +51,12 @@ class DeployMetadata:
         return cls(image_size=int(props["image_size"]), sigma=float(props["sigma"]),
                    threshold=None if thr is None else float(thr), config=json.loads(props["config"]),
                    version=props["glocalclip_version"], checkpoint_sha256=props["checkpoint_sha256"],
-                   half=props.get("weights") == "float16", threshold_source=props.get("threshold_source"))
+                   half=props.get("weights") == "float16", threshold_source=props.get("threshold_source"),
+                   reference=json.loads(props["reference"]) if "reference" in props else None)
 
     @property
     def map_value_range(self) -> tuple[float, float]:
-        """The map's full range, 0 .. number of feature layers (each adds a value in [0, 1])."""
-        return 0.0, float(len(self.config["features_list"]))
+        """The map's full range, 0 .. number of feature layers (each adds a value in [0, 1]), plus a
+        baked-in bank's weight (its distances lie in [0, 1])."""
+        extra = float(self.reference["settings"]["weight"]) if self.reference is not None else 0.0
+        return 0.0, float(len(self.config["features_list"])) + extra

@@ -1,7 +1,7 @@
 """A store of encoded training images, so later epochs skip the frozen image encoder.
 
 CLIP is frozen and training has no augmentation: an image's global feature and patch tokens
-are the same every epoch, so caching them is exact (docs/design.md §9). Only the distinct patch
+are the same every epoch, so caching them is exact (docs/design.md §11). Only the distinct patch
 tensors of the encoder's layer data are kept, with their counts — with ``multilayer="reference"``
 the last three selected layers are one tensor counted three times — plus the masks (as uint8)
 and labels. The store lives on the GPU when it fits, else in host memory,

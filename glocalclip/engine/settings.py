@@ -118,6 +118,10 @@ class TestConfig:
                                            default_text="every class")
     save_vis: bool = setting(False, switch=True, help="write heat-map grids and curves to SAVE_PATH/vis")
     progress: bool = progress_setting()
+    shots: int = setting(0, minimum=0, metavar="K",
+                         help="few-shot: K normal images per class from meta.json's train split sharpen the "
+                              "zero-shot map (docs/design.md §11); 0 is zero-shot")
+    shot_seed: int = setting(0, help="which K shots are drawn (the same on every process and every run)")
 
     def __post_init__(self) -> None:
         check_settings(self)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..datasets.preprocess import normalize_image
 from ..engine.smoothing import GaussianSmoothing, TraceableSmoothing, gaussian_kernel1d, smoothed_scores
+from ..model.few_shot import BankBuffers, ReferenceBank
 from .images import label_of
 
 
@@ -32,9 +33,15 @@ class Detector(nn.Module):
     """
 
     def __init__(self, model: nn.Module, sigma: float, threshold: Optional[float] = None,
-                 threshold_source: Optional[str] = None, traceable: bool = False):
+                 threshold_source: Optional[str] = None, traceable: bool = False,
+                 reference: Optional[ReferenceBank] = None):
+        """``reference``: a few-shot bank (docs/design.md §11) every image is scored with; held as
+        buffers, so it moves with the detector and an exported graph holds it as constants."""
         super().__init__()
         self.cfg = model.cfg
+        if reference is not None:
+            reference.check_fits(model.cfg)
+        self.bank = BankBuffers(reference) if reference is not None else None
         self.visual = model.visual  # the frozen vision tower, shared, not copied
         self._score_images = model.forward
         with torch.no_grad():
@@ -60,8 +67,10 @@ class Detector(nn.Module):
 
     @property
     def map_value_range(self) -> tuple[float, float]:
-        """The map's full range, 0 .. number of feature layers: each adds (p_anomalous + 1 - p_normal) / 2."""
-        return 0.0, float(len(self.cfg.features_list))
+        """The map's full range, 0 .. number of feature layers: each adds (p_anomalous + 1 - p_normal) / 2;
+        a few-shot bank adds up to its weight (a distance in [0, 1], weighted)."""
+        extra = self.bank.settings.weight if self.bank is not None else 0.0
+        return 0.0, float(len(self.cfg.features_list)) + extra
 
     def _smoothing(self, device: torch.device):
         if self.traceable:
@@ -71,9 +80,13 @@ class Detector(nn.Module):
             smoothing = self._exact[device] = GaussianSmoothing(self.sigma, device)
         return smoothing
 
-    def score_normalized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised images [B, 3, S, S] -> (score [B], smoothed map [B, S, S])."""
-        out = self._score_images(x, text=(self.global_text, self.local_text))
+    def score_normalized(self, x: torch.Tensor, reference: Optional[ReferenceBank] = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images [B, 3, S, S] -> (score [B], smoothed map [B, S, S]); with the detector's
+        bank, or ``reference`` (testing's bank of the batch's class) in its place."""
+        if reference is None and self.bank is not None:
+            reference = self.bank.bank()
+        out = self._score_images(x, text=(self.global_text, self.local_text), reference=reference)
         return smoothed_scores(out, self._smoothing(out["anomaly_map"].device), self.cfg.image_score)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,7 @@ from ..datasets import AnomalyDataset, collate, default_metrics, load_meta, norm
 from ..engine.distributed import DistContext
 from .hooks import EvaluationHooks
 from ..files import write_json
+from ..model.few_shot import ReferenceBank
 from ..model.glocalclip import GlocalCLIP
 from ..engine.loaders import plan_loader, resolve_batch_size, resolve_num_workers
 from ..engine.settings import METRIC_MODES
@@ -65,10 +66,13 @@ class Evaluator:
     """Scores classes of one dataset with one model."""
 
     def __init__(self, model: GlocalCLIP, ctx: DistContext, sigma: float = 8.0, batch_size: Optional[int] = None,
-                 num_workers: Optional[int] = None, progress: bool = True, hooks: Optional[EvaluationHooks] = None):
+                 num_workers: Optional[int] = None, progress: bool = True, hooks: Optional[EvaluationHooks] = None,
+                 banks: Optional[dict[str, ReferenceBank]] = None):
         """``batch_size``/``num_workers`` None: chosen for the model's device (see ``resources``).
-        ``hooks`` hear where the host waits (for the loader, for the device)."""
+        ``hooks`` hear where the host waits (for the loader, for the device). ``banks``: few-shot,
+        one reference bank per class (docs/design.md §11)."""
         self.model = model.eval()
+        self.banks = {c: b.to(model.device) for c, b in banks.items()} if banks else None
         self.ctx = ctx
         self.batch_size = resolve_batch_size(batch_size, model.device)
         self.num_workers = resolve_num_workers(num_workers, model.device)
@@ -114,7 +118,8 @@ class Evaluator:
                 x = batch["image"].to(dev, non_blocking=True)
                 if x.dtype == torch.uint8:  # datasets read with as_uint8: normalise on the device
                     x = normalize_image(x)
-                score, amap = self.detector.score_normalized(x)
+                bank = self.banks[batch["cls_name"][0]] if self.banks else None  # a batch is one class
+                score, amap = self.detector.score_normalized(x, reference=bank)
                 order.append(batch["index"])
                 paths += batch["img_path"]
                 labels.append(batch["label"])
@@ -191,12 +196,13 @@ def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: Dis
              mode: Optional[str] = None, sigma: float = 8.0, batch_size: Optional[int] = None,
              num_workers: Optional[int] = None, classes: Optional[list[str]] = None,
              hooks: Optional[EvaluationHooks] = None, progress: bool = True,
-             partial_path: Optional[Path] = None) -> Optional[dict[str, Any]]:
+             partial_path: Optional[Path] = None, banks: Optional[dict[str, ReferenceBank]] = None
+             ) -> Optional[dict[str, Any]]:
     """Score and measure every class; returns the results dict on rank 0, None elsewhere.
 
     ``hooks`` observe the run (see :class:`EvaluationHooks`: waits, each finished class). With
     ``partial_path``, the classes finished so far are written there after each class, so an
-    interrupted run keeps what it measured."""
+    interrupted run keeps what it measured. ``banks``: few-shot, a reference bank per class."""
     hooks = hooks or EvaluationHooks()
     hooks.run_started()
     data = AnomalyDataset(data_path, split="test", image_size=model.cfg.image_size, classes=classes,
@@ -204,7 +210,7 @@ def evaluate(model: GlocalCLIP, data_path: str, dataset: Optional[str], ctx: Dis
     if mode is None:
         mode = default_metrics(dataset, load_meta(data_path))
     keys = metric_keys(mode)
-    ev = Evaluator(model, ctx, sigma, batch_size, num_workers, progress, hooks)
+    ev = Evaluator(model, ctx, sigma, batch_size, num_workers, progress, hooks, banks)
     per_class: dict[str, dict[str, float]] = {}
 
     def finish(cs: ClassScores) -> None:

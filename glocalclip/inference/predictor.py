@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.checkpoint import load_model_and_checkpoint, sigma_for, stored_test_record
+from ..engine.few_shot import load_reference
+from ..model.config import FewShotSettings
+from ..model.few_shot import ReferenceBank
 from .detector import Detector
 from .images import ImageInput, Prediction, batch_invariant_scores, predict_images
 
@@ -34,31 +37,47 @@ class Predictor:
 
     def __init__(self, model, threshold: Optional[float] = None, sigma: Optional[float] = None,
                  batch_size: int = 8, device: Optional[Union[str, torch.device]] = None,
-                 threshold_source: str = "given"):
-        """``sigma`` None: the paper's (``sigma_for``; :meth:`from_checkpoint` reads the stored one)."""
+                 threshold_source: str = "given", reference: Optional[ReferenceBank] = None):
+        """``sigma`` None: the paper's (``sigma_for``; :meth:`from_checkpoint` reads the stored one).
+        ``reference``: a few-shot bank (``model.reference_bank`` or ``engine.few_shot.load_reference``)."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.detector = Detector(self.model, sigma_for(None, sigma), threshold, threshold_source).eval()
+        self.detector = Detector(self.model, sigma_for(None, sigma), threshold, threshold_source,
+                                 reference=reference).eval().to(self.device)
         self.batch_size = int(batch_size)
 
     @classmethod
     def from_checkpoint(cls, path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
                         threshold: Optional[float] = None, sigma: Optional[float] = None, batch_size: int = 8,
-                        trust: bool = False, **overrides: Any) -> "Predictor":
+                        trust: bool = False, reference: Optional[Union[str, ReferenceBank]] = None,
+                        few_shot: Optional[FewShotSettings] = None, save_reference: Optional[str] = None,
+                        **overrides: Any) -> "Predictor":
         """Our checkpoint (config inside), or an original GlocalCLIP/AnomalyCLIP one (settings from
         ``overrides``, prompt shapes from its tensors). ``threshold`` None: the F1-max threshold
         ``test.py`` stored beside the checkpoint, else one embedded in an older checkpoint, else no labels.
         ``sigma`` None: the σ that threshold was measured with, else the paper's (``sigma_for``). ``trust``:
-        load a file even where loading it could run code (see ``glocalclip.load_model``)."""
+        load a file even where loading it could run code (see ``glocalclip.load_model``).
+
+        ``reference`` (few-shot, docs/design.md §11): normal images (a folder or glob) whose bank is
+        built once with ``few_shot`` settings and saved to ``save_reference`` if given, or a saved
+        bank. Few-shot scores live on another scale than the stored zero-shot threshold, so that one
+        is not used: labels come from ``threshold`` alone."""
         model, ckpt = load_model_and_checkpoint(os.fspath(path), trust=trust, **overrides)
         record = stored_test_record(path, ckpt)
         source = "given"
-        if threshold is None and record is not None:
+        if threshold is None and record is not None and reference is None:
             threshold, source = record.threshold, record.source
+        bank = None
+        if reference is not None:
+            model = model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+            bank = reference if isinstance(reference, ReferenceBank) else \
+                load_reference(model, os.fspath(reference), few_shot, batch_size)
+            if save_reference is not None:
+                bank.save(save_reference)
         return cls(model, threshold=threshold, sigma=sigma_for(record, sigma), batch_size=batch_size,
-                   device=device, threshold_source=source)
+                   device=device, threshold_source=source, reference=bank)
 
     @property
     def threshold(self) -> Optional[float]:

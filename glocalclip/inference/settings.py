@@ -52,3 +52,25 @@ class ModelSettings:
         if not self.checkpoint:
             raise SettingError("checkpoint", f"give the checkpoint to {use}: {{checkpoint}} CKPT")
         return self
+
+
+@dataclass
+class ReferenceSettings:
+    """Few-shot for ``predict``, ``serve`` and ``export`` (docs/design.md §11): the normal images whose
+    bank every image is scored against. How the bank joins the scores is ``FewShotSettings``'."""
+
+    reference: Optional[str] = setting(None, metavar="DIR|GLOB|BANK",
+                                       help="normal images (a folder, searched recursively, or a quoted glob) whose "
+                                            "patch features every image is compared with (few-shot); or a bank file "
+                                            "saved with --save_reference. The stored zero-shot threshold is then "
+                                            "not used: give --threshold",
+                                       default_text="none (zero-shot)")
+    save_reference: Optional[str] = setting(None, metavar="FILE.pt",
+                                            help="save the bank built from --reference images, to reuse it as "
+                                                 "--reference FILE.pt", default_text="not saved")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+        if self.save_reference is not None and self.reference is None:
+            raise SettingError("save_reference", "{save_reference} saves the bank of {reference} images: give "
+                                                 "{reference} DIR too", also=("reference",))

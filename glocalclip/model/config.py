@@ -17,6 +17,8 @@ MULTILAYER_MODES = ("reference", "snapshot")
 IMAGE_SCORE_MODES = ("global", "global+max")
 PROMPT_STYLES = ("glocal", "anomalyclip")
 PRECISIONS = ("fp32", "bf16", "fp16")
+FEW_SHOT_LAYERS = ("selected", "blocks")
+FEW_SHOT_IMAGE_TERMS = ("max", "mean")
 
 #: backbone -> the settings that fit it, used for the fields a caller does not give. The packaged
 #: tiny test backbone has 8 vision blocks, 4 text blocks and no pretrained weights.
@@ -126,3 +128,34 @@ class GlocalCLIPConfig:
 
     def replace(self, **changes: Any) -> "GlocalCLIPConfig":
         return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class FewShotSettings:
+    """How the reference bank's distances join the zero-shot scores; defaults measured on held-out
+    synthetic data (docs/design.md §11). Declared here, torch-free, for the commands'
+    flags; the few-shot functions are ``model/few_shot.py``."""
+
+    weight: float = setting(16.0, flag="shot_weight", minimum=0.0,
+                            help="weight of the few-shot map (distances (1-cos)/2 averaged over layers) added to "
+                                 "the zero-shot map (a sum of 4 layers' probabilities); APRIL-GAN's sum of (1-cos) "
+                                 "over 4 layers is 8")
+    layers: str = setting("blocks", flag="shot_layers", choices=FEW_SHOT_LAYERS,
+                          help="selected: the layers the zero-shot map reads (under multilayer=reference the "
+                               "original's shared V-V tensor); blocks: each selected block's own features")
+    image_term: str = setting("max", flag="shot_image_term", choices=FEW_SHOT_IMAGE_TERMS,
+                              help="what the image score gains from the few-shot map: its max or its mean")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FewShotSettings":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown few-shot settings {unknown}; known: {sorted(names)}")
+        return cls(**d)

@@ -17,7 +17,8 @@ from . import checkpoint_format as ckpt_io
 from .backbone import open_clip  # imported there, with one message for a broken torch/torchvision pair
 from ..settings import SettingError
 from .backbone_record import BackboneRecord, checkpoint_entry, warn_if_other_weights
-from .config import GlocalCLIPConfig
+from .config import FewShotSettings, GlocalCLIPConfig
+from .few_shot import ReferenceBank, bank_from_features, features_key, few_shot_map, join_scores
 from .layers import LayerFeatures
 from .losses import glocal_contrastive_loss, local_loss
 from .precision import cast_frozen_towers, compute_dtype
@@ -97,12 +98,20 @@ class GlocalCLIP(nn.Module):
     def encode_image_layers(self, x: torch.Tensor) -> tuple[torch.Tensor, LayerFeatures]:
         """As :meth:`encode_image`, with the patch features as layer data: the distinct tensors
         and how many selected layers each stands for (docs/design.md §2.4)."""
+        g, layers, _ = self.encode_image_blocks(x, blocks=False)
+        return g, layers
+
+    def encode_image_blocks(self, x: torch.Tensor, blocks: bool = True
+                            ) -> tuple[torch.Tensor, LayerFeatures, Optional[LayerFeatures]]:
+        """As :meth:`encode_image_layers`, and with ``blocks`` each selected block's own patch
+        features from the same pass (the few-shot bank's ``blocks`` option, docs/design.md §11)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an image batch [B, 3, H, W], got shape {tuple(x.shape)}")
         self._check_precision()
         with torch.no_grad():
-            g, layers = self.visual(x)
-        return g.float(), layers.map(lambda t: t.float())
+            g, layers, per_block = self.visual.forward_with_blocks(x, blocks=blocks)
+        per_block = per_block.map(lambda t: t.float()) if per_block is not None else None
+        return g.float(), layers.map(lambda t: t.float()), per_block
 
     def encode_text(self, prompt_output: Optional[tuple] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised text features from the current prompts: global [2, E] and local [2, E],
@@ -130,14 +139,38 @@ class GlocalCLIP(nn.Module):
             out["global_score"] = prob  # the protocol fuses it again with the smoothed map
         return out
 
-    def forward(self, x: torch.Tensor, text: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, text: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                reference: Optional[ReferenceBank] = None) -> dict[str, torch.Tensor]:
         """``{"image_score": [B], "anomaly_map": [B, H, W]}`` (map unsmoothed); with
         ``image_score="global+max"`` also "global_score", the global branch's probability. Pass
-        ``text`` (from ``encode_text``) to reuse text features across batches."""
+        ``text`` (from ``encode_text``) to reuse text features across batches. With a ``reference``
+        bank (:meth:`reference_bank`) the few-shot term is added (docs/design.md §11) and the
+        output also holds "few_shot_map", the weighted term alone."""
         self._check_size(x)
-        img, layers = self.encode_image_layers(x)
-        return self.score_features(img, layers, text)
+        blocks = reference is not None and reference.settings.layers == "blocks"
+        img, layers, per_block = self.encode_image_blocks(x, blocks=blocks)
+        out = self.score_features(img, layers, text)
+        if reference is None:
+            return out
+        fs = few_shot_map(per_block if blocks else layers, reference.layers, self.cfg.image_size)
+        return join_scores(out, fs, reference.settings)
+
+    def reference_bank(self, images: torch.Tensor, settings: Optional[FewShotSettings] = None,
+                       sources: Sequence[str] = (), batch_size: int = 8) -> ReferenceBank:
+        """The few-shot bank of K normal images [K, 3, S, S] (normalised as for ``forward``),
+        encoded ``batch_size`` at a time, on the model's device (docs/design.md §11)."""
+        settings = settings if settings is not None else FewShotSettings()
+        self._check_size(images)
+        if images.shape[0] == 0:
+            raise ValueError("a reference bank needs at least one normal image")
+        parts = []
+        for s in range(0, images.shape[0], batch_size):
+            _, layers, per_block = self.encode_image_blocks(images[s:s + batch_size].to(self.device),
+                                                            blocks=settings.layers == "blocks")
+            parts.append(per_block if settings.layers == "blocks" else layers)
+        feats = LayerFeatures(tuple(torch.cat(ts) for ts in zip(*(p.tensors for p in parts))), parts[0].counts)
+        return ReferenceBank(bank_from_features(feats), settings, self.cfg.image_size,
+                             features_key(self.cfg, settings), tuple(map(str, sources)))
 
     def _check_size(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or tuple(x.shape[-2:]) != (self.cfg.image_size, self.cfg.image_size):

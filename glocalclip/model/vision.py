@@ -9,6 +9,8 @@ FFN (docs/design.md §2.3). No pretrained tensor is written to.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -163,26 +165,40 @@ class DualPathVisionEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, LayerFeatures]:
         """Return the global image feature [B, E] (not normalised) and the selected layers' projected
         patch tokens [B, N, E] including the class row, each distinct tensor with its count."""
+        global_feature, layers, _ = self.forward_with_blocks(images, blocks=False)
+        return global_feature, layers
+
+    def forward_with_blocks(self, images: torch.Tensor, blocks: bool = True
+                            ) -> tuple[torch.Tensor, LayerFeatures, Optional[LayerFeatures]]:
+        """As :meth:`forward`, and with ``blocks`` each selected block's own projected tokens (what
+        ``multilayer="snapshot"`` selects, whatever ``multilayer`` is) from the same pass: the
+        few-shot bank's distinct-blocks option (docs/design.md §11)."""
         x = self.embed(images)
         selected = set(self.features_list)
         raw: dict[int, torch.Tensor] = {}  # 1-based block -> unprojected tokens of the local branch
-        blocks = self.visual.transformer.resblocks
+        own: dict[int, torch.Tensor] = {}  # 1-based block -> its own V-V stream (references, no copies)
+        resblocks = self.visual.transformer.resblocks
         for i in range(1, self.first_dual):
-            x = self._run_standard(blocks[i - 1], x)
+            x = self._run_standard(resblocks[i - 1], x)
             if i in selected:
                 raw[i] = x
         o, v = x, x
         for j, dual in enumerate(self.dual_blocks):
             o, v = dual(o, v)
             layer = self.first_dual + j
-            if layer in selected and self.multilayer == "snapshot":
-                raw[layer] = v
+            if layer in selected:
+                own[layer] = v
+                if self.multilayer == "snapshot":
+                    raw[layer] = v
         layers = self._select_layers(raw, v).map(self.project)  # each distinct tensor projected once
+        per_block = None
+        if blocks:
+            per_block = LayerFeatures.of([self.project({**raw, **own}[f]) for f in self.features_list])
         cls = o[:, 0]
         if self.cls_ln_post:
             cls = self.visual.ln_post(cls)
         global_feature = cls @ self.visual.proj
-        return global_feature, layers
+        return global_feature, layers, per_block
 
     def _select_layers(self, raw: dict[int, torch.Tensor], v_last: torch.Tensor) -> LayerFeatures:
         """The selected layers' unprojected tokens, in ``features_list`` order.

@@ -1,0 +1,105 @@
+"""``--reference DIR|GLOB|BANK`` on predict, export and serve (docs/design.md §11): the bank built once
+(or read back from its file), the zero-shot threshold not applied to few-shot scores, a reference image
+scored against its own bank as zero-shot, and ONNX Runtime equal to PyTorch with the bank baked in."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import DEPLOY_SIGMA, DEPLOY_THRESHOLD
+from glocalclip import Predictor
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """Three defect-free surfaces like deploy_images' (same texture, no blob), at their own sizes."""
+    folder = tmp_path_factory.mktemp("references")
+    rng = np.random.default_rng(11)
+    for i, (h, w) in enumerate([(100, 120), (112, 112), (140, 90)]):
+        xx = np.mgrid[0:h, 0:w][1]
+        base = 110 + 60 * np.sin(xx / (5 + i))[..., None] * np.array([1.0, 0.6, 0.3])
+        Image.fromarray(np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)).save(
+            folder / f"good{i}.png")
+    return folder
+
+
+def _few(checkpoint, reference, **kw):
+    return Predictor.from_checkpoint(checkpoint, device="cpu", sigma=DEPLOY_SIGMA, batch_size=2,
+                                     reference=str(reference), **kw)
+
+
+def test_predict_with_a_reference_adds_the_term_and_drops_the_zero_shot_threshold(tiny_checkpoint, deploy_images,
+                                                                                    references):
+    zero = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", sigma=DEPLOY_SIGMA, batch_size=2)
+    few = _few(tiny_checkpoint, references)
+    assert zero.threshold == DEPLOY_THRESHOLD and few.threshold is None  # scores on another scale
+    assert _few(tiny_checkpoint, references, threshold=0.7).threshold == 0.7  # one given explicitly stands
+    images = [str(p) for p in deploy_images]
+    for z, f in zip(zero.predict(images), few.predict(images)):
+        added = f.anomaly_map - z.anomaly_map  # the smoothed, weighted few-shot map: >= 0 everywhere
+        assert float(added.min()) > -1e-4 and float(added.max()) > 1e-2
+        assert f.pred_score > z.pred_score
+    # a reference image is its own nearest neighbour: the term vanishes, zero-shot scores remain
+    own = str(sorted(references.glob("*.png"))[1])
+    z, f = zero.predict(own), few.predict(own)
+    assert abs(f.pred_score - z.pred_score) < 1e-4
+    np.testing.assert_allclose(f.anomaly_map, z.anomaly_map, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_predict_cli_saves_the_bank_and_reuses_it(tiny_checkpoint, deploy_images, references, tmp_path):
+    from glocalclip.apps.predict_cli import predict_main
+
+    folder = str(deploy_images[0].parent)
+    common = ["--checkpoint", str(tiny_checkpoint), folder, "--batch_size", "2", "--no_progress", "--device", "cpu",
+              "--sigma", str(DEPLOY_SIGMA), "--no_overlays"]
+    bank = tmp_path / "bank.pt"
+    assert predict_main([*common, "--out", str(tmp_path / "a"), "--reference", str(references),
+                         "--save_reference", str(bank)]) == 0
+    assert bank.is_file()
+    assert predict_main([*common, "--out", str(tmp_path / "b"), "--reference", str(bank)]) == 0
+    rows = [[json.loads(line) for line in open(tmp_path / d / "predictions.jsonl")] for d in ("a", "b")]
+    assert [r["pred_score"] for r in rows[0]] == [r["pred_score"] for r in rows[1]]
+    assert all(r["pred_label"] is None for r in rows[0])  # no few-shot threshold was given
+
+
+@pytest.mark.slow
+def test_export_bakes_the_bank_and_onnx_runtime_equals_pytorch(tiny_checkpoint, deploy_images, references, tmp_path):
+    pytest.importorskip("onnxscript", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")
+    pytest.importorskip("onnxruntime", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")
+    from glocalclip.deploy import OnnxPredictor
+    from glocalclip.deploy.export import export_onnx
+
+    from test_deploy import assert_same_predictions
+
+    out = tmp_path / "few.onnx"
+    meta = export_onnx(tiny_checkpoint, out, reference=str(references))
+    assert meta.threshold is None  # the checkpoint's zero-shot threshold does not fit few-shot scores
+    assert meta.reference["images"] == 3 and meta.reference["settings"]["weight"] == 16.0
+    (references / "good0.png").rename(references / "moved.png")  # the file is self-contained
+    try:
+        ort = OnnxPredictor(out, batch_size=2)
+        assert ort.metadata.reference == meta.reference
+        images = [str(p) for p in deploy_images]
+        (references / "moved.png").rename(references / "good0.png")
+        assert_same_predictions(ort.predict(images), _few(tiny_checkpoint, references).predict(images))
+    finally:
+        if (references / "moved.png").exists():
+            (references / "moved.png").rename(references / "good0.png")
+
+
+def test_serve_scores_with_the_reference(tiny_checkpoint, deploy_images, references):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from glocalclip.deploy.serve import create_app
+
+    few = _few(tiny_checkpoint, references)
+    with TestClient(create_app(few)) as client:
+        body = client.post("/predict", files=[("files", (p.name, p.read_bytes(), "application/octet-stream"))
+                                              for p in deploy_images]).json()
+    want = few.predict([str(p) for p in deploy_images])
+    assert [abs(r["pred_score"] - w.pred_score) < 1e-5 for r, w in zip(body["results"], want)] == [True] * 3
