@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -62,12 +63,16 @@ RUNTIME_PACKAGES = ("numpy", "pillow", "onnxruntime")  # README: the one line of
 @pytest.fixture(scope="module")
 def runtime_venv(tmp_path_factory) -> Path:
     """A fresh venv with the README's torch-free line: the package without dependencies, plus numpy,
-    Pillow and onnxruntime, nothing else (pip takes the wheels from its cache or the local index)."""
+    Pillow and onnxruntime, nothing else (pip takes the wheels from its cache or the local index).
+    They come in the versions this process runs, as the scores are compared with its own runtime's:
+    Pillow's bicubic resize moved between releases (9.3 and 13.0 differ by up to 5 levels), and under
+    the lowest bounds (ci/lowest-constraints.txt) this tests the torch-free install at those bounds too."""
     venv = tmp_path_factory.mktemp("runtime") / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
     pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    for args in ([*RUNTIME_PACKAGES], ["--no-deps", str(REPO)]):
+    runtime = [f"{name}=={version(name)}" for name in RUNTIME_PACKAGES]
+    for args in (runtime, ["--no-deps", str(REPO)]):
         proc = subprocess.run(pip + args, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, f"pip install {' '.join(args)} failed:\n{proc.stderr[-3000:]}"
     return py

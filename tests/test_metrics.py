@@ -75,7 +75,7 @@ def ref_paper_aupro(masks: np.ndarray, amaps: np.ndarray) -> float:
     """The original code's loop: 200 thresholds, regions labelled per threshold per image."""
     binary_amaps = np.zeros_like(amaps, dtype=bool)
     min_th, max_th = amaps.min(), amaps.max()  # float32 scalars, as in the original
-    delta = (max_th - min_th) / 200
+    delta = (max_th - min_th) / amaps.dtype.type(200)  # float32 too, on numpy 1.x as well (numpy >= 2 by itself)
     amaps64 = amaps.astype(np.float64)  # score > th compared exactly (numpy >= 2 does this by itself)
     pros, fprs = [], []
     for th in np.arange(min_th, max_th, delta):

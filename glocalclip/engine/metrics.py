@@ -402,7 +402,10 @@ def _paper_curve(px: _Pixels) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     with np.errstate(all="ignore"):
         try:  # exactly the original: np.arange on the maps' own scalars (float32 in, float64 out)
-            thresholds = np.arange(px.vmin, px.vmax, (px.vmax - px.vmin) / PAPER_STEPS)
+            # the step in the maps' dtype, spelled out: numpy >= 2 keeps `float32 / 200` in float32 (NEP 50),
+            # numpy 1.x took it to float64, which puts thresholds exactly on scores like 0.125
+            step = (px.vmax - px.vmin) / px.dtype.type(PAPER_STEPS)
+            thresholds = np.arange(px.vmin, px.vmax, step)
         except (ValueError, ZeroDivisionError, OverflowError):
             return None
     if thresholds.size == 0:
