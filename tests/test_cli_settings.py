@@ -18,7 +18,7 @@ from glocalclip.apps.flags import for_command_line, help_with_default, model_ove
 from glocalclip.inference.settings import ModelSettings
 from glocalclip.apps.predict_cli import PredictConfig, predict_parser
 from glocalclip.apps.report import report_parser
-from glocalclip.apps.export_cli import export_parser
+from glocalclip.apps.parsers import export_parser
 from glocalclip.apps.serve_cli import serve_parser
 from glocalclip.engine.settings import TestConfig, TrainConfig
 from glocalclip.model.config import BACKBONE_DEFAULTS, GlocalCLIPConfig

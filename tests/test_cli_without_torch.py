@@ -14,19 +14,13 @@ from glocalclip.apps.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: export's flags are declared in deploy/export.py, which imports torch at its top
-HELP_IMPORTS_TORCH = {"export"}
-
-
 def _commands() -> list:
     return list(_entries())
 
 
 def _entries():
     for name in sorted(COMMANDS):
-        marks = [pytest.mark.xfail(strict=True, reason="ExportSettings lives beside the torch exporter")] \
-            if name in HELP_IMPORTS_TORCH else []
-        yield pytest.param(["-m", "glocalclip", name], id=name, marks=marks)
+        yield pytest.param(["-m", "glocalclip", name], id=name)
     yield pytest.param([str(REPO / "train.py")], id="train.py")
     yield pytest.param([str(REPO / "test.py")], id="test.py")
 

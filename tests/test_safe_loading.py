@@ -202,7 +202,7 @@ def test_the_opt_in_loads_it_and_runs_its_code(evil, tmp_path, image):
 
 
 def test_every_command_that_loads_a_checkpoint_has_the_opt_in():
-    from glocalclip.apps.export_cli import export_parser
+    from glocalclip.apps.parsers import export_parser
 
     from glocalclip.apps.serve_cli import serve_parser
 

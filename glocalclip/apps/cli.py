@@ -167,7 +167,8 @@ COMMANDS = {
     "convert": Command("convert", "convert_main", "an original GlocalCLIP/AnomalyCLIP checkpoint to ours",
                        parser="parsers:convert_parser"),
     "report": Command("report", "report_main", "merge test runs into one table per dataset (mean ± std)"),
-    "export": Command("export_cli", "export_main", "one ONNX graph from image to score and map (extra [deploy])"),
+    "export": Command("export_cli", "export_main", "one ONNX graph from image to score and map (extra [deploy])",
+                      parser="parsers:export_parser"),
     "serve": Command("serve_cli", "serve_main", "a web service and page for a checkpoint or an ONNX file (extra [serve])"),
     "demo": Command("demo", "demo_main", "the whole pipeline in seconds on synthetic data, tiny backbone"),
 }

@@ -1,14 +1,17 @@
-"""The flags of ``train``, ``test`` and ``convert``, built from the settings dataclasses without
+"""The flags of ``train``, ``test``, ``convert`` and ``export``, built from the settings dataclasses without
 importing torch: ``glocalclip CMD --help`` and a mistyped flag answer before the command's module
 (and with it torch) loads."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Optional
 
 from ..engine.settings import TestConfig, TrainConfig
 from ..model.config import FewShotSettings
 from ..inference.settings import ModelSettings
-from .flags import add_load_flags, add_model_flags, add_settings, new_parser
+from ..settings import check_settings, setting
+from .flags import add_load_flags, add_model_flags, add_reference_flags, add_settings, new_parser
 
 CONVERT_SUMMARY = ("an original GlocalCLIP / AnomalyCLIP checkpoint (``{\"prompt_learner\": ...}``, no config) "
                    "to our format, with the config inside.")
@@ -41,4 +44,33 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="NEW.pt", help="where to write our format")
     add_load_flags(p)
     add_model_flags(p, for_training=False)
+    return p
+
+
+@dataclass
+class ExportSettings:
+    """``glocalclip export``'s own options (each a flag); the model is :class:`ModelSettings`'."""
+
+    out: str = setting("", required=True, help="the ONNX file to write (weights over 2 GB go beside it, in OUT.data)")
+    half: bool = setting(False, switch=True, help="store the weight matrices as float16: about half the file; "
+                                                  "computed in float32, so scores move by ~1e-4")
+    image_size: Optional[int] = setting(None, parse=int, minimum=1, help="input side S fixed in the file; the "
+                                        "positional table is resized for it", default_text="the checkpoint's")
+    threshold: Optional[float] = setting(None, parse=float, help="label threshold stored in the file",
+                                         default_text="the one test.py stored beside the checkpoint, if any")
+    pretrained: Optional[str] = setting(None, help="CLIP weights to rebuild the backbone from, when the "
+                                                   "checkpoint's are not at hand (an open_clip tag or a file)",
+                                        default_text="the checkpoint's")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = new_parser("glocalclip export", "Export a checkpoint as one ONNX graph: uint8 images [B, S, S, 3] in, "
+                   "image score [B] and smoothed anomaly map [B, S, S] out. Needs pip install 'glocalclip[deploy]'.")
+    add_settings(p, ModelSettings, fields=("checkpoint", "sigma"), positional=("checkpoint",))
+    add_settings(p, ExportSettings)
+    add_reference_flags(p)
+    add_load_flags(p)
     return p
