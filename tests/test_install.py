@@ -149,3 +149,19 @@ def test_a_failed_predict_leaves_no_empty_out_folder(tmp_path, monkeypatch, caps
     assert "missing.pth does not exist" in capsys.readouterr().err
     assert main(["predict", "--model", "missing.onnx", image, "--out", "deep/er/preds"]) == 2
     assert list(tmp_path.iterdir()) == []  # neither ./predictions nor deep/er/preds
+
+
+def test_a_failed_test_leaves_no_empty_save_folder(tmp_path, monkeypatch, capsys):
+    """test.py prepares --save_path before the weights load; a checkpoint that does not exist then
+    fails the run, and the folders it made (results/x and results) go again."""
+    from glocalclip.apps.cli import run_command, test_main
+    from glocalclip.datasets.synthetic import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "data", n_train=1, n_test_good=2, n_test_defect=2, size=32, seed=0)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv = ["--data_path", str(data), "--checkpoint_path", "missing.pth", "--save_path", "results/x"]
+    assert run_command("test.py", test_main, argv) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    assert list(work.iterdir()) == []

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from ..engine.settings import TestConfig, TrainConfig
-from ..files import OutputError, prepare_output_dir
+from ..files import OutputError, prepare_output_dir, removed_if_left_empty
 from ..inference.settings import ModelSettings
 from ..model.config import GlocalCLIPConfig
 from ..settings import SettingError
@@ -75,28 +75,29 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
     ctx = init_distributed(run.device)
     t0 = time.time()
     try:
-        meta = load_meta(cfg.data_path, cfg.dataset)  # a wrong data path fails before the weights load
-        # and so does a dataset without train normals to draw shots from (the same on every process)
-        shots = draw_shots(meta["train"], cfg.classes or [c for c, e in meta["test"].items() if e], cfg.shots,
-                           cfg.shot_seed, cfg.data_path) if cfg.shots else None
-        prepare_output_dir(cfg.save_path)  # and so does a save folder that cannot take a file
-        model, ckpt = load_model_and_checkpoint(run.checkpoint, trust=trusted(args), **model_overrides(args))
-        model = model.to(ctx.device)
-        banks = class_banks(model, cfg.data_path, cfg.dataset, shots, few_shot) if shots else None
-        out_dir = Path(cfg.save_path)
-        # folder-mode images were read turned by their EXIF orientation: draw them as the model saw them
-        vis = VisualWriter(out_dir / "vis", upright=cfg.dataset is None) if cfg.save_vis else None
-        t_eval = time.time()
-        results = evaluate(model, cfg.data_path, cfg.dataset, ctx, mode=cfg.metrics, sigma=sigma,
-                           batch_size=run.batch_size, num_workers=cfg.num_workers, classes=cfg.classes,
-                           hooks=vis, progress=cfg.progress, partial_path=out_dir / "results.partial.json",
-                           banks=banks)
-        if ctx.is_main:
-            results.update({"wall_time_s": time.time() - t_eval, "checkpoint": str(run.checkpoint),
-                            "config": model.cfg.to_dict(), "train_config": ckpt.get("train_config"),
-                            "shots": cfg.shots, "shot_seed": cfg.shot_seed if cfg.shots else None,
-                            "few_shot": few_shot.to_dict() if cfg.shots else None, "shot_paths": shots})
-            _finish_test(results, cfg, run.checkpoint, ckpt, t0)
+        with removed_if_left_empty(cfg.save_path):  # a failed run leaves no empty folder behind
+            meta = load_meta(cfg.data_path, cfg.dataset)  # a wrong data path fails before the weights load
+            # and so does a dataset without train normals to draw shots from (the same on every process)
+            shots = draw_shots(meta["train"], cfg.classes or [c for c, e in meta["test"].items() if e], cfg.shots,
+                               cfg.shot_seed, cfg.data_path) if cfg.shots else None
+            prepare_output_dir(cfg.save_path)  # and so does a save folder that cannot take a file
+            model, ckpt = load_model_and_checkpoint(run.checkpoint, trust=trusted(args), **model_overrides(args))
+            model = model.to(ctx.device)
+            banks = class_banks(model, cfg.data_path, cfg.dataset, shots, few_shot) if shots else None
+            out_dir = Path(cfg.save_path)
+            # folder-mode images were read turned by their EXIF orientation: draw them as the model saw them
+            vis = VisualWriter(out_dir / "vis", upright=cfg.dataset is None) if cfg.save_vis else None
+            t_eval = time.time()
+            results = evaluate(model, cfg.data_path, cfg.dataset, ctx, mode=cfg.metrics, sigma=sigma,
+                               batch_size=run.batch_size, num_workers=cfg.num_workers, classes=cfg.classes,
+                               hooks=vis, progress=cfg.progress, partial_path=out_dir / "results.partial.json",
+                               banks=banks)
+            if ctx.is_main:
+                results.update({"wall_time_s": time.time() - t_eval, "checkpoint": str(run.checkpoint),
+                                "config": model.cfg.to_dict(), "train_config": ckpt.get("train_config"),
+                                "shots": cfg.shots, "shot_seed": cfg.shot_seed if cfg.shots else None,
+                                "few_shot": few_shot.to_dict() if cfg.shots else None, "shot_paths": shots})
+                _finish_test(results, cfg, run.checkpoint, ckpt, t0)
     finally:
         ctx.shutdown()
     return 0
