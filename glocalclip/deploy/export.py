@@ -19,7 +19,7 @@ from typing import Any, Optional
 import torch
 
 from .. import __version__
-from ..engine.checkpoint import file_sha256, load_model_and_checkpoint, sigma_for, stored_test_record
+from ..engine.checkpoint import file_sha256, load_model_and_checkpoint, sigma_for, stored_test_record, threshold_for
 from ..engine.few_shot import load_reference
 from ..inference.detector import Detector
 from .half import store_weights_half
@@ -47,9 +47,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Op
     model, ckpt = load_model_and_checkpoint(checkpoint, trust=trust, **{**overrides, "precision": "fp32"})
     record = stored_test_record(checkpoint, ckpt)
     sigma = sigma_for(record, sigma)
-    source = "given at export"
-    if threshold is None and record is not None and reference is None:
-        threshold, source = record.threshold, record.source
+    threshold, source = threshold_for(record, threshold, few_shot=reference is not None, given_source="given at export")
     bank = None
     if reference is not None:
         bank = load_reference(model.eval(), os.fspath(reference), few_shot)

@@ -142,3 +142,13 @@ def sigma_for(record: Optional[TestRecord], given: Optional[float] = None) -> fl
     if record is not None and record.sigma is not None:
         return record.sigma
     return PAPER_SIGMA
+
+
+def threshold_for(record: Optional[TestRecord], given: Optional[float], few_shot: bool,
+                  given_source: str = "given") -> tuple[Optional[float], str]:
+    """The one rule for the label threshold, on every route: (threshold, where it came from). The one
+    asked for; else the one test.py stored, unless the scores are few-shot ones (docs/design.md §11),
+    which live on another scale than that zero-shot threshold: then none, and no labels."""
+    if given is None and record is not None and not few_shot:
+        return record.threshold, record.source
+    return given, given_source

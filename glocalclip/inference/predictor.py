@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..engine.checkpoint import load_model_and_checkpoint, sigma_for, stored_test_record
+from ..engine.checkpoint import load_model_and_checkpoint, sigma_for, stored_test_record, threshold_for
 from ..engine.few_shot import load_reference
 from ..model.config import FewShotSettings
 from ..model.few_shot import ReferenceBank
@@ -66,9 +66,7 @@ class Predictor:
         is not used: labels come from ``threshold`` alone."""
         model, ckpt = load_model_and_checkpoint(os.fspath(path), trust=trust, **overrides)
         record = stored_test_record(path, ckpt)
-        source = "given"
-        if threshold is None and record is not None and reference is None:
-            threshold, source = record.threshold, record.source
+        threshold, source = threshold_for(record, threshold, few_shot=reference is not None)
         bank = None
         if reference is not None:
             model = model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
