@@ -127,3 +127,25 @@ def test_the_check_can_tell_the_papers_sigma_from_the_tested_one(trained, routes
                       (want[p.image_path][3].max() - want[p.image_path][3].min())) for p in eight)
     print(f"σ 8 instead of the tested σ 4 moves the maps by up to {worst:.3f} of their span")
     assert worst > 100 * MAP_TOL
+
+
+def test_a_threshold_measured_with_another_sigma_or_size_labels_nothing(trained):
+    """The stored threshold belongs to the maps test.py measured it on (σ 4, the checkpoint's size):
+    with σ 8 or another image size the route keeps no threshold, says why, and labels nothing unless
+    one is given."""
+    from glocalclip.engine.checkpoint import stored_test_record, threshold_for
+
+    record = stored_test_record(trained["ckpt"], {})
+    assert record is not None and record.sigma == 4.0
+    size = record.image_size
+    assert threshold_for(record, None, False, sigma=4.0, image_size=size) == (record.threshold, record.source)
+    for sigma, image_size in ((8.0, size), (4.0, size * 2)):
+        with pytest.warns(UserWarning, match="give a threshold"):
+            threshold, source = threshold_for(record, None, False, sigma=sigma, image_size=image_size)
+        assert threshold is None and source.startswith("none: the stored threshold was measured with σ 4.0")
+    assert threshold_for(record, 0.5, False, sigma=8.0, image_size=size) == (0.5, "given")
+    assert threshold_for(record, None, True, sigma=4.0, image_size=size)[0] is None  # few-shot scores
+    with pytest.warns(UserWarning, match="give a threshold"):
+        eight = Predictor.from_checkpoint(trained["ckpt"], device="cpu", sigma=8)
+    assert eight.threshold is None and eight.sigma == 8.0
+    assert Predictor.from_checkpoint(trained["ckpt"], device="cpu").threshold == record.threshold

@@ -47,7 +47,8 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Op
     model, ckpt = load_model_and_checkpoint(checkpoint, trust=trust, **{**overrides, "precision": "fp32"})
     record = stored_test_record(checkpoint, ckpt)
     sigma = sigma_for(record, sigma)
-    threshold, source = threshold_for(record, threshold, few_shot=reference is not None, given_source="given at export")
+    threshold, source = threshold_for(record, threshold, few_shot=reference is not None, sigma=sigma,
+                                      image_size=model.cfg.image_size, given_source="given at export")
     bank = None
     if reference is not None:
         bank = load_reference(model.eval(), os.fspath(reference), few_shot)

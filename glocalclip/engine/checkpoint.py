@@ -91,6 +91,7 @@ def read_threshold(checkpoint: str | os.PathLike) -> Optional[dict[str, Any]]:
     try:
         record = json.loads(path.read_text())
         image_score = float(record["image_score"])
+        TestRecord.of(record)  # its σ and image size read as numbers too
     except (OSError, ValueError, KeyError, TypeError) as e:
         warnings.warn(f"ignoring the threshold file {path}: it cannot be read ({e})")
         return None
@@ -144,11 +145,23 @@ def sigma_for(record: Optional[TestRecord], given: Optional[float] = None) -> fl
     return PAPER_SIGMA
 
 
-def threshold_for(record: Optional[TestRecord], given: Optional[float], few_shot: bool,
-                  given_source: str = "given") -> tuple[Optional[float], str]:
+def threshold_for(record: Optional[TestRecord], given: Optional[float], few_shot: bool, sigma: float,
+                  image_size: int, given_source: str = "given") -> tuple[Optional[float], str]:
     """The one rule for the label threshold, on every route: (threshold, where it came from). The one
-    asked for; else the one test.py stored, unless the scores are few-shot ones (docs/design.md §11),
-    which live on another scale than that zero-shot threshold: then none, and no labels."""
-    if given is None and record is not None and not few_shot:
-        return record.threshold, record.source
-    return given, given_source
+    asked for; else the one test.py stored, when the scores are made as it measured them: not few-shot
+    scores (docs/design.md §11, another scale), and the same σ and image size. Otherwise none, and no
+    labels, with a warning that says why."""
+    if given is not None or record is None:
+        return given, given_source
+    if few_shot:
+        return None, "none: the stored threshold is zero-shot, these scores few-shot"
+    tested = (record.sigma, record.image_size)
+    now = (sigma if record.sigma is not None else None, image_size if record.image_size is not None else None)
+    if tested != now:
+        at = "" if record.image_size is None else f" at {record.image_size} px"
+        now_at = "" if record.image_size is None else f" at {image_size} px"
+        why = (f"the stored threshold was measured with σ {record.sigma}{at}, these scores use σ {sigma}{now_at}; "
+               f"give a threshold (--threshold) to label them")
+        warnings.warn(why)
+        return None, f"none: {why}"
+    return record.threshold, record.source

@@ -66,7 +66,9 @@ class Predictor:
         is not used: labels come from ``threshold`` alone."""
         model, ckpt = load_model_and_checkpoint(os.fspath(path), trust=trust, **overrides)
         record = stored_test_record(path, ckpt)
-        threshold, source = threshold_for(record, threshold, few_shot=reference is not None)
+        sigma = sigma_for(record, sigma)
+        threshold, source = threshold_for(record, threshold, few_shot=reference is not None, sigma=sigma,
+                                          image_size=model.cfg.image_size)
         bank = None
         if reference is not None:
             model = model.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
@@ -74,7 +76,7 @@ class Predictor:
                 load_reference(model, os.fspath(reference), few_shot, batch_size)
             if save_reference is not None:
                 bank.save(save_reference)
-        return cls(model, threshold=threshold, sigma=sigma_for(record, sigma), batch_size=batch_size,
+        return cls(model, threshold=threshold, sigma=sigma, batch_size=batch_size,
                    device=device, threshold_source=source, reference=bank)
 
     @property
