@@ -194,8 +194,12 @@ def test_a_second_predict_into_the_same_out_refuses_naming_the_first(trained, ma
     first = _start_predict(trained, out, many_inputs, "--batch_size", "1")
     try:
         _wait_for(lambda: (out / LOCK_FILE).is_file() and f'"pid": {first.pid}' in (out / LOCK_FILE).read_text())
-        assert run_command("glocalclip predict", predict_main, _predict(trained, out, good_inputs(trained))) == 2
-        assert first.poll() is None  # the first is still at work
+        first.send_signal(signal.SIGSTOP)  # held mid-run, however slow the machine: it cannot finish meanwhile
+        try:
+            assert run_command("glocalclip predict", predict_main, _predict(trained, out, good_inputs(trained))) == 2
+            assert first.poll() is None  # the first is still at work
+        finally:
+            first.send_signal(signal.SIGCONT)
         err = capsys.readouterr().err
         assert f"--out {out} is in use by another glocalclip predict (pid {first.pid} on host" in err
         _wait_for(lambda: (out / CSV_NAME).is_file() and len(_rows(out)) >= 1)
