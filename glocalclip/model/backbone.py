@@ -14,6 +14,8 @@ Why this does not simply call ``open_clip.create_model(name, pretrained=...)``:
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
+import io
 import json
 import os
 import re
@@ -32,7 +34,7 @@ from .clip_import import import_open_clip
 
 open_clip = import_open_clip()  # one message when torchvision does not fit torch
 
-from .checkpoint_format import TRUST_HINT, CheckpointError, file_sha256, safe_load
+from .checkpoint_format import TRUST_HINT, CheckpointError, safe_load
 
 TINY_BACKBONE = "tiny"
 RANDOM_INIT_SEED = 0
@@ -142,11 +144,13 @@ def published_openai_archives() -> dict[str, str]:
     return found
 
 
-def _check_torchscript_archive(path: Path, trust: bool) -> None:
-    """Refuse a TorchScript archive that is not one OpenAI published, unless ``trust``: loading one
-    runs the code it holds."""
-    if trust or file_sha256(path) in published_openai_archives():
-        return
+def _read_torchscript_archive(path: Path, trust: bool) -> bytes:
+    """The archive's bytes, read once and checked: refused unless OpenAI published them, or ``trust``
+    (loading one runs the code it holds). The bytes checked are the bytes loaded, so the file cannot be
+    swapped between the check and the load."""
+    data = path.read_bytes()
+    if trust or hashlib.sha256(data).hexdigest() in published_openai_archives():
+        return data
     raise CheckpointError(f"pretrained weights file {path} refused: it is a TorchScript archive, whose loading runs "
                           f"the code inside it, and its SHA-256 is not that of any archive OpenAI published (as "
                           f"ViT-L-14-336px.pt is); pass a state dict or safetensors file instead, or {TRUST_HINT}",
@@ -156,7 +160,7 @@ def _check_torchscript_archive(path: Path, trust: bool) -> None:
 def read_clip_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[str, torch.Tensor]:
     """Read CLIP weights from a file: OpenAI TorchScript archive, plain state dict (OpenAI or
     open_clip key names — they coincide for ViT models), ``{"state_dict": ...}``, or safetensors.
-    Nothing in the file runs unless ``trust`` (see :func:`_check_torchscript_archive` and
+    Nothing in the file runs unless ``trust`` (see :func:`_read_torchscript_archive` and
     ``checkpoint_format.safe_load``)."""
     path = Path(path)
     if not path.is_file():
@@ -166,10 +170,10 @@ def read_clip_state_dict(path: str | os.PathLike, trust: bool = False) -> dict[s
 
         sd = load_file(str(path), device="cpu")
     elif _is_torchscript_archive(path):
-        _check_torchscript_archive(path, trust)
+        data = _read_torchscript_archive(path, trust)
         with warnings.catch_warnings():  # torch deprecates jit.load; the archive format is fixed
             warnings.simplefilter("ignore")
-            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+            sd = torch.jit.load(io.BytesIO(data), map_location="cpu").state_dict()
     else:
         sd = safe_load(path, "pretrained weights file", trust)
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
