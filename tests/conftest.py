@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,10 @@ def trained(tmp_path_factory):
 
 def good_inputs(trained) -> list[Path]:
     return sorted(p for p in trained["inputs"].rglob("*.png") if p.name != "x.png")
+
+
+def sigint_as_ctrl_c() -> None:
+    """``preexec_fn`` of a child that a test stops with SIGINT: Ctrl-C's default disposition. A job
+    started in the background by a non-interactive shell (a CI runner, ``nohup ... &``) inherits
+    SIGINT ignored, and Python then installs no KeyboardInterrupt handler, so the signal would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

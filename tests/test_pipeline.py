@@ -16,6 +16,8 @@ from glocalclip.engine.checkpoint import read_threshold
 from glocalclip.engine.loaders import default_num_workers
 from glocalclip.datasets.synthetic import make_synthetic_dataset
 
+from conftest import sigint_as_ctrl_c
+
 pytestmark = pytest.mark.slow  # end to end: train.py / test.py runs, subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,7 +176,8 @@ def test_ctrl_c_keeps_last_checkpoint_and_resume_finishes_the_same(data, tmp_pat
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(REPO / "train.py"), "--train_data_path", str(data), "--save_path", str(save),
            "--epoch", "400", "--batch_size", "5", "--num_workers", "0", "--no_progress", "--device", "cpu"] + TINY_FLAGS
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=sigint_as_ctrl_c)
     deadline = time.time() + 600  # bounds for a loaded machine: the start alone can take minutes there
     while not (save / "epoch_2.pth").exists() and time.time() < deadline:
         time.sleep(0.05)

@@ -107,7 +107,7 @@ def test_an_earlier_run_is_refused_resumed_or_overwritten(tmp_path):
 
 
 # ---------------------------------------------------------------------------- predict end to end
-from conftest import good_inputs  # noqa: E402  (the trained fixture is conftest's: built once a session)
+from conftest import good_inputs, sigint_as_ctrl_c  # noqa: E402  (the trained fixture is conftest's: built once a session)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -143,7 +143,8 @@ def many_inputs(trained, tmp_path_factory) -> list[Path]:
 def _start_predict(trained, out: Path, inputs, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen([sys.executable, "-m", "glocalclip", "predict", *_predict(trained, out, inputs, *extra)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=sigint_as_ctrl_c)
 
 
 def _wait_for(condition, seconds: float = 120) -> None:
