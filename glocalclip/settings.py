@@ -100,3 +100,13 @@ class SettingError(ValueError):
 
     def render(self, name_of: Callable[[str], str]) -> str:
         return self.template.format(**{f: name_of(f) for f in self.fields})
+
+
+def known_fields_only(cls: Any, d: dict[str, Any], what: str) -> dict[str, Any]:
+    """``d`` when every key is a field of ``cls``; a saved dict from a newer version is refused by
+    name (``what`` names the settings in the message)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known: {sorted(names)}")
+    return d

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
-from ..settings import check_settings, setting
+from ..settings import check_settings, known_fields_only, setting
 
 MULTILAYER_MODES = ("reference", "snapshot")
 IMAGE_SCORE_MODES = ("global", "global+max")
@@ -112,11 +112,7 @@ class GlocalCLIPConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GlocalCLIPConfig":
         """Build from a saved dict; unknown keys (from a newer version) are refused by name."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown GlocalCLIPConfig fields {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return cls(**known_fields_only(cls, d, "GlocalCLIPConfig fields"))
 
     @classmethod
     def for_backbone(cls, **given: Any) -> "GlocalCLIPConfig":
@@ -154,8 +150,4 @@ class FewShotSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FewShotSettings":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown few-shot settings {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return cls(**known_fields_only(cls, d, "few-shot settings"))
