@@ -1,14 +1,16 @@
 """What ``precision=bf16`` costs in accuracy against fp32: scores, maps and test metrics.
 
     python -m bench.bf16_accuracy                                   # tiny and mid (random prompts), ViT-L maps
-    python -m bench.bf16_accuracy --checkpoint demo_out/checkpoints/epoch_8.pth --data demo_out/data
+    python -m bench.bf16_accuracy --configs tiny --checkpoint demo_out/checkpoints/epoch_8.pth --data demo_out/data
 
 For each model the fp32 and the bf16 model share one CLIP and one set of prompts (the bf16 one
 casts its own copy of the towers). On a synthetic test set (or ``--data``, e.g. the demo's) both
 run ``evaluate()`` exactly as test.py does, and the table gives the largest score and map
 differences (unsmoothed maps of the first batch, relative to the map's range) and the metric
 deltas (bf16 - fp32, mean and largest over classes, in points). ViT-L (random weights, 518 px) is
-too slow on a CPU for a test set: only its scores and maps on ``--vitl_images`` images.
+too slow on a CPU for a test set: only its scores and maps on ``--vitl_images`` images. With a
+checkpoint that ``test.py`` stored a threshold beside, every test image is also scored through
+``predict``'s route (``Predictor``) in both precisions, and the labels that change are counted.
 Writes JSON (default bench/results/bf16_accuracy.json).
 """
 from __future__ import annotations
@@ -70,6 +72,28 @@ def metric_deltas(fp32: GlocalCLIP, bf16: GlocalCLIP, data: Path) -> dict:
     return out
 
 
+def label_changes(checkpoint: str, data: Path) -> Optional[dict]:
+    """Every test image of ``data`` through ``Predictor`` (predict's route: the stored threshold and
+    σ) in fp32 and bf16: how many labels differ, and the largest score difference."""
+    import json
+
+    from glocalclip.inference.predictor import Predictor
+
+    runs = {p: Predictor.from_checkpoint(checkpoint, device="cpu", batch_size=16, precision=p) for p in ("fp32", "bf16")}
+    if runs["fp32"].threshold is None:
+        return None
+    meta = json.loads((data / "meta.json").read_text())
+    paths = [str(data / e["img_path"]) for entries in meta["test"].values() for e in entries]
+    preds = {p: predictor.predict(paths) for p, predictor in runs.items()}
+    scores = {p: np.array([q.pred_score for q in preds[p]]) for p in preds}
+    thr = runs["fp32"].threshold
+    return {"images": len(paths), "threshold": thr,
+            "labels_changed": sum(a.pred_label != b.pred_label for a, b in zip(preds["fp32"], preds["bf16"])),
+            "score_max_abs": float(np.abs(scores["bf16"] - scores["fp32"]).max()),
+            "within_max_abs_of_threshold": int((np.abs(scores["fp32"] - thr)
+                                                <= np.abs(scores["bf16"] - scores["fp32"]).max()).sum())}
+
+
 def first_images(data: Path, model: GlocalCLIP, n: int) -> torch.Tensor:
     from glocalclip.datasets import AnomalyDataset
     from glocalclip.datasets.preprocess import normalize_image
@@ -100,6 +124,8 @@ def main(argv=None) -> dict:
                    "image_size": fp32.cfg.image_size, "outputs": outputs_delta(fp32, bf16, x)}
             if not vitl:
                 row["metrics"] = metric_deltas(fp32, bf16, data)
+            if kind == "tiny" and args.checkpoint:
+                row["labels"] = label_changes(args.checkpoint, data)
             report["models"].append(row)
             print(row, flush=True)
             del fp32, bf16
@@ -113,6 +139,12 @@ def main(argv=None) -> dict:
                                for k, v in metrics.items()) or "-"])
     print(tabulate(rows, headers=["model", "px", "score max |Δ|", "map max |Δ| / range",
                                   "metric: fp32, bf16 - fp32 mean over classes (largest), points"], tablefmt="github"))
+    for m in report["models"]:
+        if m.get("labels"):
+            lab = m["labels"]
+            print(f"{m['config']}: {lab['labels_changed']} of {lab['images']} labels change at the stored threshold "
+                  f"{lab['threshold']:.4g} (score max |Δ| {lab['score_max_abs']:.2g}; "
+                  f"{lab['within_max_abs_of_threshold']} fp32 scores lie that close to it)")
     write_report(report, args.json)
     return report
 

@@ -84,21 +84,27 @@ def attention_rates(batch: int, heads: int, tokens: int, head_dim: int, repeats:
 
 
 def encoder_flops(model: GlocalCLIP) -> float:
-    """Multiply-adds x 2 of one image through our encoder: patch convolution, every block's
-    projections and MLP, each attention product (standard in every block, V-V in the modified
-    ones), and the projection of each distinct selected layer and of the class token."""
+    """Multiply-adds x 2 of one image through our encoder as it runs: the patch convolution; in each
+    standard block the projections, MLP and attention products; in each dual-path block also the V-V
+    attention and its out-projection, except that the last block's standard path is computed for
+    the class row alone (nothing reads its other rows); the projection of each distinct selected
+    layer and of the class token."""
     vis = model.clip.visual
     c = vis.conv1.out_channels
     p = vis.conv1.kernel_size[0]
     grid = model.cfg.image_size // p
     n = grid * grid + 1
     e = vis.proj.shape[1]
-    blocks = len(vis.transformer.resblocks)
+    dual = len(model.visual.dual_blocks)
+    standard = len(vis.transformer.resblocks) - dual
     mlp = vis.transformer.resblocks[0].mlp[0].out_features
-    per_block = 2 * n * c * (3 * c + c + 2 * mlp)
-    attention = 4 * n * n * c * (blocks + len(model.visual.dual_blocks))
+    attention = 4 * n * n * c  # Q·Kᵀ and P·V for every row
+    standard_block = 2 * n * c * (3 * c + c + 2 * mlp) + attention
+    dual_block = standard_block + 2 * n * c * c + attention  # + V-V attention and its out-projection
+    last_block = 2 * n * c * (3 * c + c) + attention + 2 * c * (c + 2 * mlp) + 4 * n * c  # class row: attention, out, MLP
+    blocks = standard * standard_block + (dual - 1) * dual_block + last_block if dual else standard * standard_block
     distinct = len(model.visual(torch.zeros(1, 3, model.cfg.image_size, model.cfg.image_size))[1].tensors)
-    return 2 * grid * grid * c * 3 * p * p + blocks * per_block + attention + 2 * n * c * e * distinct + 2 * c * e
+    return 2 * grid * grid * c * 3 * p * p + blocks + 2 * n * c * e * distinct + 2 * c * e
 
 
 def onnx_sessions(model: GlocalCLIP, workdir: Path, int8: bool) -> dict[str, object]:

@@ -97,6 +97,26 @@ def test_cpu_limit_quick_mode_prints_every_path_with_the_deviations(tmp_path, ca
     assert "original code's encoder, fp32" in out and "% of bf16" in out
 
 
+@pytest.mark.parametrize("kind", ["tiny", "mid"])
+def test_the_bench_flop_count_is_what_the_forward_multiplies(kind):
+    """``cpu_limit``'s "of peak" column divides the model's FLOPs by the time: its count must be the
+    matrix products the forward really runs. PyTorch's FLOP counter sees every product of the bf16
+    forward (its blocked attention is ``bmm``; the counter skips the CPU's fused SDPA): the count
+    agrees within the one class-row attention of the last block, which is SDPA."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.common import model_config
+    from bench.cpu_limit import encoder_flops
+    from glocalclip import GlocalCLIP
+
+    model = GlocalCLIP(model_config(kind, "bf16").replace(image_size=112)).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.visual(torch.zeros(1, 3, 112, 112))
+    counted = counter.get_total_flops()
+    assert counted == pytest.approx(encoder_flops(model), rel=1e-3)
+    assert "aten.bmm" in {str(op) for op in counter.get_flop_counts()["Global"]}
+
+
 def test_few_shot_cost_bench_times_the_term_beside_the_zero_shot_forward():
     """bench/few_shot.py cost: a row per (K, layers) with the bank's size as the design computes it
     (K × grid² rows per layer, float32) and both per-image costs measured."""

@@ -33,11 +33,17 @@ class VVAttention(nn.Module):
         check_attention(attn)
         self.attn = attn  # shared, frozen; we only read its parameters
 
-    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``h``: LayerNorm'd tokens, batch-first [B, N, C]."""
+    def forward(self, h: torch.Tensor, class_row_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``h``: LayerNorm'd tokens, batch-first [B, N, C]. With ``class_row_only`` the standard
+        attention is computed for the class token's query alone: ``y_ori`` is [B, 1, C], the rows
+        that the last block's standard path needs (docs/speed.md, "bf16 on the CPU")."""
         attn = self.attn
         q, k, v = split_heads(attn, h)
         kernel = kernel_for(v.device, v.dtype)
+        if class_row_only:
+            y_vv = merge_heads(attn, kernel([(v, v)], v))
+            y_cls = merge_heads(attn, F.scaled_dot_product_attention(q[:, :, :1], k, v))  # [B, 1, C]
+            return y_cls, y_vv
         out = merge_heads(attn, kernel([(q, k), (v, v)], v))  # rows [0, B): Q·Kᵀ, rows [B, 2B): V·Vᵀ
         b = h.shape[0]
         return out[:b], out[b:]
@@ -55,10 +61,16 @@ class DualPathBlock(nn.Module):
         self.block = block
         self.vv_attention = VVAttention(block.attn)
 
-    def forward(self, o: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``o``, ``v``: the two fp32 streams [B, N, C]; LayerNorms and additions stay fp32."""
+    def forward(self, o: torch.Tensor, v: torch.Tensor, class_row_only: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``o``, ``v``: the two fp32 streams [B, N, C]; LayerNorms and additions stay fp32. With
+        ``class_row_only`` (the last block, whose standard stream only gives the class token) the
+        returned ``o`` is the class row alone, [B, 1, C]: every op on that stream is row-wise after
+        the attention, so the other rows are never computed."""
         blk = self.block
-        y_ori, y_vv = self.vv_attention(blk.ln_1(o))
+        y_ori, y_vv = self.vv_attention(blk.ln_1(o), class_row_only)
+        if class_row_only:
+            o = o[:, :1]
         o = o + blk.ls_1(y_ori)
         o = mlp_residual(blk, o)
         # LayerScale is the identity in CLIP; applying it to the V-V path too keeps both paths the
@@ -184,7 +196,7 @@ class DualPathVisionEncoder(nn.Module):
                 raw[i] = x
         o, v = x, x
         for j, dual in enumerate(self.dual_blocks):
-            o, v = dual(o, v)
+            o, v = dual(o, v, class_row_only=j == len(self.dual_blocks) - 1)  # only o[:, 0] is read after
             layer = self.first_dual + j
             if layer in selected:
                 own[layer] = v
