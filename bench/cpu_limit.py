@@ -12,7 +12,10 @@
    ours fp32, ours bf16, ONNX Runtime on ``glocalclip export``'s graph in fp32 and with int8 weights
    (``onnxruntime.quantization.quantize_dynamic``). Each is printed as s/image and as the fraction of
    its peak (fp32 paths: fp32 peak; bf16 and int8: bf16 peak) that the model's FLOPs would take.
-4. Deviations: ours fp32 against the original (global and patch features), ours bf16 against ours
+4. Where the bf16 forward's time goes (``torch.profiler``, one forward): the matrix products (with
+   their GFLOP/s against the bf16 peak), softmax, and everything else; and the bound that puts on
+   bf16: the products alone, at the measured bf16 peak, as a multiple of the original's speed.
+5. Deviations: ours fp32 against the original (global and patch features), ours bf16 against ours
    fp32 (patch features relative to their scale), ONNX int8 against ONNX fp32 (score and map).
 
 Writes JSON (default bench/results/cpu_limit[_quick].json). The ONNX graph also normalises, scores
@@ -107,6 +110,25 @@ def encoder_flops(model: GlocalCLIP) -> float:
     return 2 * grid * grid * c * 3 * p * p + blocks + 2 * n * c * e * distinct + 2 * c * e
 
 
+#: the ops that are matrix products in the CPU forward (self time: their own kernels)
+MATRIX_OPS = {"aten::addmm", "aten::mm", "aten::bmm", "aten::mkldnn_convolution", "aten::_scaled_dot_product_flash_attention_for_cpu"}
+
+
+def time_split(fn: Callable[[], object], batch: int) -> dict[str, float]:
+    """Profiled seconds per image of one call of ``fn`` by kind of op (self CPU time): matrix
+    products, softmax, and the rest (casts, copies, LayerNorm, GELU, additions)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    split = {"matrix products": 0.0, "softmax": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        kind = ("matrix products" if event.key in MATRIX_OPS else
+                "softmax" if event.key == "aten::_softmax" else "other")
+        split[kind] += event.self_cpu_time_total / 1e6 / batch
+    return split
+
+
 def onnx_sessions(model: GlocalCLIP, workdir: Path, int8: bool) -> dict[str, object]:
     """ONNX Runtime sessions on ``glocalclip export``'s graph of ``model``'s checkpoint: fp32, and
     with int8 weights (dynamic quantization of the MatMuls) if ``int8``."""
@@ -166,6 +188,9 @@ def measure(kind: str, batch: int, repeats: int, onnx: bool, int8: bool, image_s
                 for name, fn in paths.items():
                     best[name] = min(best[name], best_of(fn, 1))
                 print(f"round {r + 1}/{repeats}: " + ", ".join(f"{n} {best[n] / batch:.3f}" for n in paths), flush=True)
+        split = time_split(paths["ours, bf16"], batch)
+        profiled = sum(split.values())  # the profiler's own cost inflates small models: keep its shares only
+        split = {kind: s / profiled * best["ours, bf16"] / batch for kind, s in split.items()}
     g_o, p_o = outputs["original code's encoder, fp32"]
     g_32, l_32 = outputs["ours, fp32"]
     g_16, l_16 = outputs["ours, bf16"]
@@ -185,7 +210,7 @@ def measure(kind: str, batch: int, repeats: int, onnx: bool, int8: bool, image_s
     flops = encoder_flops(fp32)
     return {"config": kind, "image_size": size, "batch": batch, "repeats": repeats, "gflop_per_image": flops / 1e9,
             "paths": [{"path": n, "s_per_image": best[n] / batch, "peak": peak_of[n]} for n in paths],
-            "deviation": dev}
+            "bf16_time_split": split, "deviation": dev}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -221,6 +246,16 @@ def print_report(report: dict) -> None:
         print(tabulate([[p["path"], f"{p['s_per_image']:.3f}", f"{base / p['s_per_image']:.2f}x",
                          f"{100 * limit[p['peak']] / p['s_per_image']:.0f}% of {p['peak']}"] for p in m["paths"]],
                        headers=["path", "s/image", "vs original", "of peak"], tablefmt="github"))
+        split = m["bf16_time_split"]
+        total = sum(split.values())
+        rate = m["gflop_per_image"] / split["matrix products"]
+        print(tabulate([[kind, f"{s:.3f}", f"{100 * s / total:.0f}%",
+                         f"{rate:.0f} GFLOP/s, {100 * rate / peak['bf16']:.0f}% of bf16" if kind == "matrix products" else ""]
+                        for kind, s in split.items()],
+                       headers=["ours bf16, by op (profiled shares)", "s/image", "share", "rate"], tablefmt="github"))
+        print(f"bound: the matrix products alone at the bf16 peak take {limit['bf16']:.3f} s/image, "
+              f"{base / limit['bf16']:.2f}x the original; with softmax and the rest as measured, "
+              f"{base / (limit['bf16'] + split['softmax'] + split['other']):.2f}x")
         print("deviation: " + ", ".join(f"{k} {v:.3g}" for k, v in m["deviation"].items()))
 
 

@@ -93,8 +93,10 @@ def test_cpu_limit_quick_mode_prints_every_path_with_the_deviations(tmp_path, ca
     assert dev["fp32_vs_original_patch"] < 1e-4 * dev["patch_scale"] and dev["fp32_vs_original_global"] < 1e-4
     assert 0 < dev["bf16_vs_fp32_patch_relative"] < 0.03
     assert 0 < dev["onnx_int8_vs_fp32_map"] < 0.1 * dev["onnx_map_range"]
+    split = tiny["bf16_time_split"]
+    assert set(split) == {"matrix products", "softmax", "other"} and split["matrix products"] > 0 < split["softmax"]
     out = capsys.readouterr().out
-    assert "original code's encoder, fp32" in out and "% of bf16" in out
+    assert "original code's encoder, fp32" in out and "% of bf16" in out and "bound: the matrix products alone" in out
 
 
 @pytest.mark.parametrize("kind", ["tiny", "mid"])
