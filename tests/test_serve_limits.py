@@ -28,6 +28,7 @@ pytest.importorskip("httpx", reason="FastAPI's test client needs httpx: pip inst
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from glocalclip.deploy.connections import server_config  # noqa: E402
 from glocalclip.deploy.serve import ServeSettings, create_app  # noqa: E402
 from glocalclip.deploy.uploads import BodyLimits, UploadError, decode_upload, receive_files  # noqa: E402
 
@@ -204,8 +205,8 @@ def live_server(tiny_onnx):
     servers = []
 
     def start(settings: ServeSettings) -> tuple[str, int]:
-        server = uvicorn.Server(uvicorn.Config(create_app(OnnxPredictor(tiny_onnx), settings), host="127.0.0.1",
-                                               port=0, log_level="warning"))
+        server = uvicorn.Server(server_config(create_app(OnnxPredictor(tiny_onnx), settings), settings,
+                                              host="127.0.0.1", port=0, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
         servers.append((server, thread))
@@ -301,6 +302,41 @@ def test_a_stalled_body_is_answered_408_and_dropped_within_the_timeout(live_serv
         elapsed = time.monotonic() - start
     assert answer.startswith(b"HTTP/1.1 408") and b"--upload_timeout_s" in answer
     assert 1.5 < elapsed < 10, elapsed
+
+
+def test_a_client_stalling_in_its_headers_is_dropped_at_the_header_deadline(live_server):
+    """Slowloris: part of a request line, then nothing. uvicorn alone would hold the connection
+    open for good (read_answer's 30 s pass); the header deadline closes it. A kept-alive connection
+    that stalls in its second request's headers is dropped too, and the server still answers."""
+    host, port = live_server(ServeSettings(header_timeout_s=2))
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        start = time.monotonic()
+        answer = read_answer(sock, 30)
+        elapsed = time.monotonic() - start
+    assert answer == b"" and 1.5 < elapsed < 10, (answer, elapsed)
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        sock.settimeout(10)
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /healthz HTT")  # the second request stalls (1 s < the 5 s keep-alive)
+        start = time.monotonic()
+        rest = read_answer(sock, 30)
+        elapsed = time.monotonic() - start
+    # closed at the header deadline, not keep-alive's 5 s; what came was the first answer's body, no second answer
+    assert b"HTTP/1.1" not in rest and 1.0 < elapsed < 4.5, (rest, elapsed)
+
+
+def test_a_slow_request_whose_headers_arrive_in_time_is_answered(live_server):
+    """The deadline bounds the headers only: headers sent in pieces within it are answered."""
+    host, port = live_server(ServeSettings(header_timeout_s=3))
+    with socket.create_connection((host, port)) as sock:
+        for piece in (b"GET /healthz HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n", b"\r\n"):
+            sock.sendall(piece)
+            time.sleep(0.5)
+        sock.settimeout(10)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
 
 
 def fake_receive(chunks, pulled: list[int]):

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from ..deploy.connections import server_config
 from ..deploy.serve import SERVE_EXTRA_HINT, ServeSettings, create_app
 from ..inference.settings import ModelSettings
 from .backends import open_predictor
@@ -36,6 +37,5 @@ def serve_main(argv: Optional[Sequence[str]] = None) -> int:
     app = create_app(open_predictor(model, "serve", trust=trusted(args), reference=reference, few_shot=few_shot),
                      settings)
     print(f"glocalclip serve: http://{settings.host}:{settings.port}/ (POST /predict, GET /healthz)")
-    # timeout_keep_alive: an idle kept-alive connection is closed after 5 s (the body timeout is ours)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_keep_alive=5)
+    uvicorn.Server(server_config(app, settings)).run()
     return 0

@@ -54,6 +54,10 @@ class ServeSettings:
     upload_timeout_s: float = setting(60.0, minimum=0, help="a request body must arrive within this many seconds; "
                                                             "a slower or stalled upload is answered 408 and its "
                                                             "connection closed")
+    header_timeout_s: float = setting(10.0, minimum=0, help="a request's headers must arrive within this many "
+                                                            "seconds of its connection opening (or of the previous "
+                                                            "answer on a kept-alive connection), else the connection "
+                                                            "is closed; 0: no limit")
     max_batch: int = setting(8, minimum=1, help="most images scored in one forward pass; requests arriving "
                                                 "together share it")
     batch_wait_ms: float = setting(5.0, minimum=0, help="how long the first waiting request waits for others "
