@@ -20,8 +20,9 @@ from typing import Any, Optional, Sequence, Tuple
 import numpy as np
 
 from ..datasets.errors import DatasetError
+from ..datasets.scan import expand_image_inputs
 from ..engine.settings import progress_setting
-from ..inference.images import FIELDS, LoadedImage, expand_inputs, output_names, read_image, save_outputs
+from ..inference.images import FIELDS, LoadedImage, output_names, read_image, save_outputs
 from ..inference.interface import ImagePredictor
 from ..inference.settings import ModelSettings
 from ..inference.visualize import prediction_caption, threshold_caption
@@ -166,7 +167,7 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
     args = predict_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     cfg = settings_from_args(PredictConfig, args)
     model = settings_from_args(ModelSettings, args).one_source("score with")
-    files, missing = expand_inputs(cfg.inputs)
+    files, missing = expand_image_inputs(cfg.inputs)  # the expansion --reference uses too
     for inp, why in missing:
         print(f"skipped {inp}: {why}", file=sys.stderr)
     if not files:

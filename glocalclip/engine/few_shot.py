@@ -7,7 +7,6 @@ any subset of ``--classes`` and any later run draw the same shots.
 """
 from __future__ import annotations
 
-import glob
 import os
 import zlib
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from ..datasets import AnomalyDataset, DatasetError, normalize_image
 from ..datasets.pixels import decoded, exif_upright, open_image, resized_rgb
-from ..datasets.scan import IMAGE_EXTENSIONS
+from ..datasets.scan import NO_SUCH_PATH, expand_image_inputs
 from ..model.config import FewShotSettings
 from ..model.few_shot import ReferenceBank
 from ..model.glocalclip import GlocalCLIP
@@ -79,27 +78,14 @@ REFERENCE_FIX = "give --reference a folder or glob of normal images, or a bank s
 
 
 def reference_files(spec: str) -> list[Path]:
-    """The images of ``--reference DIR|GLOB|FILE``: a folder searched recursively for image files, a
-    glob pattern expanded (folders it matches searched too), or one image; sorted, without repeats."""
-    def images_in(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-    p = Path(spec)
-    if p.is_dir():
-        found = images_in(p)
-    elif p.is_file():
-        found = [p]
-    elif glob.has_magic(spec):
-        found = []
-        for m in sorted(glob.glob(spec, recursive=True)):
-            mp = Path(m)
-            found += images_in(mp) if mp.is_dir() else [mp] if mp.suffix.lower() in IMAGE_EXTENSIONS else []
-    else:
-        raise FileNotFoundError(f"--reference {spec}: no such file or folder; {REFERENCE_FIX}")
-    unique = list(dict.fromkeys(os.path.abspath(f) for f in found))
-    if not unique:
-        raise DatasetError(f"--reference {spec}: no images found; {REFERENCE_FIX}")
-    return [Path(f) for f in unique]
+    """The images of ``--reference DIR|GLOB|FILE`` (``datasets.scan.expand_image_inputs``, predict's
+    expansion of its inputs): a folder searched recursively for image files, a glob pattern expanded
+    (folders it matches searched too), or one image; absolute, without repeats."""
+    files, missing = expand_image_inputs([spec])
+    for _, why in missing:
+        error = FileNotFoundError if why == NO_SUCH_PATH else DatasetError
+        raise error(f"--reference {spec}: {why}; {REFERENCE_FIX}")
+    return [Path(os.path.abspath(f)) for f in files]
 
 
 def reference_pixels(files: Sequence[Path], image_size: int) -> torch.Tensor:
