@@ -66,6 +66,29 @@ def test_predict_cli_saves_the_bank_and_reuses_it(tiny_checkpoint, deploy_images
     assert all(r["pred_label"] is None for r in rows[0])  # no few-shot threshold was given
 
 
+def test_a_saved_bank_with_some_few_shot_flags_given(tiny_checkpoint, deploy_images, references, tmp_path, capsys):
+    """Flags that agree with the bank are taken (its own settings fill the rest); one that differs is
+    refused, naming the flag, before any image is scored."""
+    from glocalclip.apps.cli import run_command
+    from glocalclip.apps.predict_cli import predict_main
+
+    bank = tmp_path / "selected.pt"
+    saved = _few(tiny_checkpoint, references, few_shot={"layers": "selected"}, save_reference=str(bank))
+    assert saved.detector.bank.settings.layers == "selected" and bank.is_file()
+    common = ["--checkpoint", str(tiny_checkpoint), str(deploy_images[0]), "--no_progress", "--device", "cpu",
+              "--sigma", str(DEPLOY_SIGMA), "--no_overlays", "--reference", str(bank)]
+    assert run_command("glocalclip predict", predict_main, [*common, "--out", str(tmp_path / "a"),
+                                                            "--shot_weight", "16"]) == 0
+    row = json.loads(open(tmp_path / "a" / "predictions.jsonl").readline())
+    assert abs(row["pred_score"] - saved.predict(str(deploy_images[0])).pred_score) < 1e-5
+    capsys.readouterr()
+    assert run_command("glocalclip predict", predict_main, [*common, "--out", str(tmp_path / "b"),
+                                                            "--shot_weight", "16", "--shot_layers", "blocks"]) == 2
+    err = capsys.readouterr().err
+    assert f"is a saved bank built with --shot_layers selected (not blocks): leave --shot_layers out" in err
+    assert "--shot_weight" not in err and not (tmp_path / "b").exists()
+
+
 @pytest.mark.slow
 def test_export_bakes_the_bank_and_onnx_runtime_equals_pytorch(tiny_checkpoint, deploy_images, references, tmp_path):
     pytest.importorskip("onnxscript", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")

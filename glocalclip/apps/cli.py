@@ -17,14 +17,14 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from ..engine.settings import TestConfig, TrainConfig
 from ..files import OutputError, prepare_output_dir, removed_if_left_empty
-from ..inference.settings import ModelSettings
-from ..model.config import GlocalCLIPConfig
+from ..inference.settings import ModelSettings, ReferenceSettings
+from ..model.config import FewShotSettings, GlocalCLIPConfig
 from ..settings import SettingError
 from .flags import for_command_line, given_settings, model_overrides, parse_given, settings_from_args, trusted
 from .parsers import test_parser, train_parser
 
 #: the dataclasses whose fields a command-line error message shows as flags
-SETTINGS_WITH_FLAGS = (GlocalCLIPConfig, ModelSettings, TrainConfig, TestConfig)
+SETTINGS_WITH_FLAGS = (GlocalCLIPConfig, ModelSettings, TrainConfig, TestConfig, FewShotSettings, ReferenceSettings)
 
 
 # ---------------------------------------------------------------------------- train

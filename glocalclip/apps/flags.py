@@ -195,7 +195,8 @@ def add_reference_flags(parser: Any, save: bool = True) -> None:
                  note=lambda name, default: f"{default}; a saved bank's own")
 
 
-def reference_of(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(ReferenceSettings, the FewShotSettings given or None) of a command line."""
+def reference_of(args: argparse.Namespace) -> tuple[Any, Optional[dict[str, Any]]]:
+    """(ReferenceSettings, the few-shot fields given or None) of a command line: only the fields given,
+    so that a saved bank's own settings fill the rest (``engine.few_shot.load_reference``)."""
     given = given_settings(FewShotSettings, args)
-    return settings_from_args(ReferenceSettings, args), (FewShotSettings(**given) if given else None)
+    return settings_from_args(ReferenceSettings, args), (given or None)
