@@ -195,8 +195,25 @@ def add_reference_flags(parser: Any, save: bool = True) -> None:
                  note=lambda name, default: f"{default}; a saved bank's own")
 
 
+def refuse_few_shot_flags_unused(args: argparse.Namespace, fields: Sequence[str], switch: str, given_as: str,
+                                 few_shot_on: bool) -> None:
+    """Few-shot flags given while few-shot is off would do nothing: refused in one message naming
+    them and ``switch`` (given as ``given_as``), the flag that turns few-shot on."""
+    unused = [name for name in fields if getattr(args, name, None) is not None]
+    if few_shot_on or not unused:
+        return
+    named = " ".join(f"{{{name}}}" for name in unused)
+    them = "them" if len(unused) > 1 else "it"
+    raise SettingError(unused[0], f"{named} act{'' if len(unused) > 1 else 's'} only with a few-shot bank, and "
+                                  f"there is none: give {{{switch}}} {given_as} too, or leave {them} out",
+                       also=(*unused[1:], switch))
+
+
 def reference_of(args: argparse.Namespace) -> tuple[Any, Optional[dict[str, Any]]]:
     """(ReferenceSettings, the few-shot fields given or None) of a command line: only the fields given,
-    so that a saved bank's own settings fill the rest (``engine.few_shot.load_reference``)."""
+    so that a saved bank's own settings fill the rest (``engine.few_shot.load_reference``). Few-shot
+    flags (and ``--save_reference``) without ``--reference`` are refused."""
     given = given_settings(FewShotSettings, args)
+    refuse_few_shot_flags_unused(args, ["save_reference", *given], "reference", "DIR|GLOB|BANK",
+                                 getattr(args, "reference", None) is not None)
     return settings_from_args(ReferenceSettings, args), (given or None)

@@ -167,6 +167,7 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
     args = predict_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     cfg = settings_from_args(PredictConfig, args)
     model = settings_from_args(ModelSettings, args).one_source("score with")
+    reference, few_shot = reference_of(args)  # a few-shot flag without --reference is refused before any work
     files, missing = expand_image_inputs(cfg.inputs)  # the expansion --reference uses too
     for inp, why in missing:
         print(f"skipped {inp}: {why}", file=sys.stderr)
@@ -176,7 +177,7 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
     processes = processes_of_this_run()
     try:
         return _predict(cfg, model, model_overrides(args), trusted(args), files, len(missing), processes,
-                        *reference_of(args))
+                        reference, few_shot)
     finally:
         processes.close()
 
