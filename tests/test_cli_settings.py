@@ -260,3 +260,24 @@ def test_few_shot_flags_with_few_shot_pass_the_check():
     refuse_few_shot_flags_unused(args, ["weight"], "shots", "K", args.shots > 0)  # no error
     args = make_test_parser().parse_args(["--data_path", "d", "--checkpoint_path", "c"])
     assert settings_from_args(FewShotSettings, args) == FewShotSettings()  # the defaults, as before
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--save_reference", "{tmp}/bank.npz"], "--save_reference {tmp}/bank.npz: a bank's file name ends in .pt, "
+     ".pth, .bank, which --reference reads back as a bank (any other name is read as an image)"),
+    (["--save_reference", "{tmp}/old.pt"], "--save_reference {tmp}/old.pt exists and is kept: give another name, "
+     "or --overwrite_reference to replace it"),
+    (["--overwrite_reference"], "--overwrite_reference replaces the file of --save_reference: give "
+                                "--save_reference FILE.pt too"),
+])
+@pytest.mark.parametrize("command", ["predict", "export", "serve"])
+def test_save_reference_takes_a_bank_name_and_replaces_a_file_only_when_asked(command, extra, says, tmp_path,
+                                                                              capsys):
+    """Refused before the checkpoint (c.pt, which does not exist) is read: nothing is written, the old file kept."""
+    (tmp_path / "old.pt").write_bytes(b"OLD")
+    model = {"predict": ["--checkpoint", "c.pt", "{tmp}", "--out", "{tmp}/out"], "serve": ["--checkpoint", "c.pt"],
+             "export": ["c.pt", "--out", "{tmp}/m.onnx"]}[command]
+    argv = [command, *model, "--reference", "{tmp}", *extra]
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    assert f"error: {says.replace('{tmp}', str(tmp_path))} (" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["old.pt"] and (tmp_path / "old.pt").read_bytes() == b"OLD"

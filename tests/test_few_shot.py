@@ -131,6 +131,31 @@ def test_bank_file_round_trips_with_weights_only_and_refuses_another_model(tiny_
         ReferenceBank.load(tmp_path / "evil.pt")
 
 
+def test_a_bank_is_saved_only_under_a_bank_name_and_replaces_a_file_only_when_asked(tiny_clip, tmp_path):
+    from glocalclip.engine.few_shot import load_reference
+    from glocalclip.files import OutputError
+
+    torch.manual_seed(0)
+    model = GlocalCLIP(tiny_config(), clip=tiny_clip)
+    shots = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(5))
+    bank = model.reference_bank(shots, FewShotSettings(weight=3.0))
+    for name in ("bank.npz", "bank", "bank.pt.txt"):  # --reference would read these as images
+        with pytest.raises(ValueError, match=f"cannot save a reference bank as .*{name}: its name must end in "
+                                             r"\.pt, \.pth, \.bank"):
+            bank.save(tmp_path / name)
+    assert sorted(tmp_path.iterdir()) == []
+    bank.save(tmp_path / "Good.BANK")  # any case, as --reference reads it
+    assert load_reference(model, str(tmp_path / "Good.BANK")).settings == FewShotSettings(weight=3.0)
+    other = model.reference_bank(shots[:1], FewShotSettings(weight=5.0))
+    before = (tmp_path / "Good.BANK").read_bytes()
+    with pytest.raises(OutputError, match="exists and is kept"):
+        other.save(tmp_path / "Good.BANK")
+    assert (tmp_path / "Good.BANK").read_bytes() == before
+    other.save(tmp_path / "Good.BANK", overwrite=True)
+    assert ReferenceBank.load(tmp_path / "Good.BANK").settings == FewShotSettings(weight=5.0)
+    assert [p.name for p in tmp_path.iterdir()] == ["Good.BANK"]  # no temp file left
+
+
 # ---------------------------------------------------------------------------- --reference DIR|GLOB|BANK
 def _write_pngs(folder, n, seed, size=(70, 90)):
     from PIL import Image

@@ -89,6 +89,25 @@ def test_a_saved_bank_with_some_few_shot_flags_given(tiny_checkpoint, deploy_ima
     assert "--shot_weight" not in err and not (tmp_path / "b").exists()
 
 
+def test_predict_replaces_a_saved_bank_only_when_asked(tiny_checkpoint, deploy_images, references, tmp_path, capsys):
+    from glocalclip.apps.cli import run_command
+    from glocalclip.apps.predict_cli import predict_main
+    from glocalclip.model.few_shot import ReferenceBank
+
+    bank = tmp_path / "good.pt"
+    _few(tiny_checkpoint, references, few_shot={"weight": 2.0}, save_reference=str(bank))
+    before = bank.read_bytes()
+    common = ["--checkpoint", str(tiny_checkpoint), str(deploy_images[0]), "--no_progress", "--device", "cpu",
+              "--no_overlays", "--reference", str(references), "--save_reference", str(bank)]
+    assert run_command("glocalclip predict", predict_main, [*common, "--out", str(tmp_path / "a")]) == 2
+    assert "exists and is kept: give another name, or --overwrite_reference" in capsys.readouterr().err
+    assert bank.read_bytes() == before and not (tmp_path / "a").exists()
+    assert run_command("glocalclip predict", predict_main, [*common, "--out", str(tmp_path / "b"),
+                                                            "--overwrite_reference"]) == 0
+    assert ReferenceBank.load(bank).settings.weight == 16.0  # the new bank, the default weight
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "good.pt"]  # no temp file left
+
+
 @pytest.mark.slow
 def test_export_bakes_the_bank_and_onnx_runtime_equals_pytorch(tiny_checkpoint, deploy_images, references, tmp_path):
     pytest.importorskip("onnxscript", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")

@@ -207,7 +207,7 @@ def _predict(cfg: PredictConfig, model: ModelSettings, overrides: dict[str, Any]
         batch_size = model.batch_size or 8
         model = dataclasses.replace(model, device=processes.device(model.device), batch_size=batch_size)
         if reference is not None and not processes.is_main:
-            reference = dataclasses.replace(reference, save_reference=None)
+            reference = dataclasses.replace(reference, save_reference=None, overwrite_reference=False)
         predictor = open_predictor(model, "score with", threshold=cfg.threshold, overrides=overrides, trust=trust,
                                    reference=reference, few_shot=few_shot)
         if sink is not None:

@@ -18,7 +18,7 @@ import torch
 from ..datasets import AnomalyDataset, DatasetError, normalize_image
 from ..datasets.pixels import decoded, exif_upright, open_image, resized_rgb
 from ..datasets.scan import NO_SUCH_PATH, expand_image_inputs
-from ..model.config import FewShotSettings
+from ..model.config import FewShotSettings, is_bank_name
 from ..model.few_shot import ReferenceBank
 from ..model.glocalclip import GlocalCLIP
 from ..settings import SettingError
@@ -73,8 +73,6 @@ def class_banks(model: GlocalCLIP, data_path: str, dataset: Optional[str], shots
 
 
 # ---------------------------------------------------------------------------- predict/serve/export: --reference
-#: a ``--reference`` that is a file with one of these suffixes is a saved bank, not an image
-BANK_SUFFIXES = (".pt", ".pth", ".bank")
 REFERENCE_FIX = "give --reference a folder or glob of normal images, or a bank saved with --save_reference"
 
 
@@ -123,7 +121,7 @@ def load_reference(model: GlocalCLIP, spec: str, settings: FewShotChoice = None,
     defaults for the rest)."""
     chosen = chosen_fields(settings)
     p = Path(spec)
-    if p.is_file() and p.suffix.lower() in BANK_SUFFIXES:
+    if p.is_file() and is_bank_name(p):
         bank = ReferenceBank.load(p)
         bank.check_fits(model.cfg)
         stored = bank.settings.to_dict()
