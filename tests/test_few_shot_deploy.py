@@ -133,6 +133,31 @@ def test_export_bakes_the_bank_and_onnx_runtime_equals_pytorch(tiny_checkpoint, 
             (references / "moved.png").rename(references / "good0.png")
 
 
+@pytest.mark.slow
+def test_export_half_keeps_the_bank_float32(tiny_checkpoint, deploy_images, references, tmp_path):
+    """--half rounds the weights, not the bank (its cosine products would move the few-shot map)."""
+    onnx = pytest.importorskip("onnx", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")
+    pytest.importorskip("onnxscript", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")
+    from glocalclip.deploy import OnnxPredictor
+    from glocalclip.deploy.export import export_onnx
+
+    out = tmp_path / "half.onnx"
+    meta = export_onnx(tiny_checkpoint, out, reference=str(references), half=True)
+    few = _few(tiny_checkpoint, references)
+    bank = few.detector.bank.bank()
+    shape = sorted(bank.layers.tensors[0].shape)  # [rows, E], folded into the graph as [E, rows]
+    assert meta.reference["rows"] in shape and len(bank.layers.tensors) == 4
+    stored = onnx.load(str(out)).graph.initializer
+    tables = [t for t in stored if sorted(t.dims) == shape]
+    assert len(tables) == 4 and {t.data_type for t in tables} == {onnx.TensorProto.FLOAT}  # one per layer
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in stored) > 20  # the weights are rounded
+    images = [str(p) for p in deploy_images]
+    for h, w in zip(OnnxPredictor(out, batch_size=2).predict(images), few.predict(images)):
+        span = float(w.anomaly_map.max() - w.anomaly_map.min())
+        assert abs(h.pred_score - w.pred_score) < 1e-3 * span
+        assert float(np.abs(h.anomaly_map - w.anomaly_map).max()) < 1e-3 * span
+
+
 def test_serve_scores_with_the_reference(tiny_checkpoint, deploy_images, references):
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
