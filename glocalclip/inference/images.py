@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..datasets.errors import DatasetError
-from ..datasets.pixels import _from_array, decoded, exif_upright, open_image, resized_rgb, rgb_pixels
+from ..datasets.pixels import decoded, exif_upright, image_from_array, open_image, resized_rgb, rgb_pixels
 from ..files import write_npy, write_png
 from .heatmap import captioned, heat_overlay, inset_colour_bar
 
@@ -58,7 +58,7 @@ def read_image(item: ImageInput, image_size: int, want_rgb: bool = False) -> Loa
     if isinstance(item, np.ndarray):
         if item.ndim not in (2, 3):
             raise DatasetError(f"an image array must be [H, W] or [H, W, C], got shape {item.shape}")
-        return LoadedImage(resized_rgb(_from_array(item), image_size), (int(item.shape[0]), int(item.shape[1])),
+        return LoadedImage(resized_rgb(image_from_array(item), image_size), (int(item.shape[0]), int(item.shape[1])),
                            None)
     if isinstance(item, (str, os.PathLike)):
         path = os.fspath(item)
