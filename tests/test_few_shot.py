@@ -217,7 +217,8 @@ def test_a_saved_bank_takes_the_few_shot_fields_given_and_refuses_one_that_diffe
     with pytest.raises(SettingError) as refused:
         load_reference(model, str(tmp_path / "bank.pt"), {"weight": 2.0, "image_term": "max"})
     assert refused.value.fields == ("weight", "image_term")
-    assert "built with weight 4.0 (not 2.0), image_term mean (not max): leave weight image_term out" in str(refused.value)
+    assert "built with weight 4.0 (not 2.0), image_term mean (not max): leave weight image_term out" in \
+        str(refused.value)
     with pytest.raises(SettingError, match="layers"):  # all of a FewShotSettings count as given
         load_reference(model, str(tmp_path / "bank.pt"), FewShotSettings(weight=4.0, image_term="mean"))
     with pytest.raises(TypeError, match="shot_weight"):  # a field that does not exist is no silent no-op

@@ -174,6 +174,7 @@ def test_no_module_borrows_a_private_name_or_re_exports_one():
     """A name is imported from the module that defines it; one used across modules is public there."""
     assert [b for p in modules() for b in borrowed_names(p)] == []
     probe = PACKAGE / "datasets" / "probe.py"
-    assert borrowed_names(probe, "from .pixels import _from_array\n") == ["datasets/probe.py: private pixels._from_array"]
+    assert borrowed_names(probe, "from .pixels import _from_array\n") == [
+        "datasets/probe.py: private pixels._from_array"]
     assert borrowed_names(probe, "from .pixels import decoded, open_image\nopen_image('x')\n") == [
         "datasets/probe.py: re-exports pixels.decoded"]
