@@ -50,12 +50,12 @@ def train_tiny_prompts(root: Path, image_size: int, epochs: int = 1) -> tuple[Pa
     saved to a file so every rebuild is the same model. Weak prompts on purpose: well-trained ones
     leave the synthetic pixel AUROC near 99 % and nothing to measure."""
     from glocalclip.apps import cli
-    from glocalclip.model.backbone import create_backbone
+    from glocalclip.model.backbone_record import BackboneRecord
 
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(1234)
     weights = root / "tiny_clip.pt"
-    torch.save(create_backbone("tiny", None).state_dict(), weights)
+    torch.save(BackboneRecord.resolve("tiny", None).build().state_dict(), weights)
     data = make_synthetic_dataset(root / "train_data", n_train=1, n_test_good=3, n_test_defect=3, size=64, seed=0)
     cli.train_main(["--train_data_path", str(data), "--save_path", str(root / "ckpt"), "--epoch", str(epochs),
                     "--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--no_progress",

@@ -243,8 +243,35 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[n:]
 
 
-def write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> Path:
-    """Write ``data`` to ``path`` atomically (see the module docstring). Returns the path."""
+#: errors of ``os.link`` on a file system without hard links (then a check and a rename stand in)
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+def _kept(path: Path) -> OutputError:
+    return OutputError(f"cannot write {path}: a file of that name exists and is kept; choose another name, or "
+                       "ask for it to be replaced", errno.EEXIST, path)
+
+
+def _place_new(tmp: Path, path: Path) -> None:
+    """Give the finished temp file the name ``path`` unless a file has it: a hard link fails where the
+    name exists, so a file another process puts there meanwhile is kept too (no check-then-rename race)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise _kept(path) from None
+    except OSError as e:
+        if e.errno not in _NO_HARD_LINKS:
+            raise
+        if os.path.lexists(path):
+            raise _kept(path) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview, replace: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (see the module docstring). ``replace`` False: an existing
+    ``path`` is kept and the write refused (:class:`OutputError`, errno EEXIST). Returns the path."""
     path = Path(path)
     make_dirs(path.parent)
     with translated(path):
@@ -255,7 +282,10 @@ def write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview) -
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
+            if replace:
+                os.replace(tmp, path)
+            else:
+                _place_new(tmp, path)
         except BaseException:
             _unlink_quietly(tmp)
             raise
@@ -317,14 +347,15 @@ def write_figure(path: str | os.PathLike, figure: Any) -> Path:
     return write_bytes(path, buf.getbuffer())
 
 
-def write_torch(path: str | os.PathLike, obj: Any) -> Path:
+def write_torch(path: str | os.PathLike, obj: Any, replace: bool = True) -> Path:
     """``torch.save(obj)``; serialised in memory first, so that a full disk is a plain OSError
-    (torch's own writer reports it as a C++ "unexpected pos" error) and nothing is half written."""
+    (torch's own writer reports it as a C++ "unexpected pos" error) and nothing is half written.
+    ``replace``: as :func:`write_bytes`'."""
     import torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)
-    return write_bytes(path, buf.getbuffer())
+    return write_bytes(path, buf.getbuffer(), replace=replace)
 
 
 def append_text(path: str | os.PathLike, text: str) -> Path:

@@ -12,7 +12,13 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 from glocalclip import GlocalCLIP, GlocalCLIPConfig  # noqa: E402
-from glocalclip.model.backbone import create_backbone  # noqa: E402
+from glocalclip.model.backbone_record import BackboneRecord  # noqa: E402
+
+def create_backbone(backbone: str, pretrained: str | None, trust: bool = False) -> torch.nn.Module:
+    """The frozen CLIP as a model builds it (``BackboneRecord.build``): the architecture of ``backbone``,
+    the weights of ``pretrained`` (None: the seeded random init, the same on every call)."""
+    return BackboneRecord.resolve(backbone, pretrained).build(trust)
+
 
 TINY_SIZE = 112  # 8×8 patch grid, not the tiny config's native 4×4: positional tables get resized
 

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from glocalclip import GlocalCLIP, GlocalCLIPConfig
-from glocalclip.model.backbone import (PretrainedWeightsUnavailable, build_clip, create_backbone,
-                                 resolve_model_config)
+from glocalclip.model.backbone import PretrainedWeightsUnavailable, build_clip, resolve_model_config
 from glocalclip.engine.checkpoint import atomic_save, file_sha256
 
-from conftest import TINY_SIZE, randomise_prompts, tiny_config
+from conftest import TINY_SIZE, create_backbone, randomise_prompts, tiny_config
 
 
 def test_checkpoint_round_trip_restores_config_and_scores(tiny_clip, tmp_path):
@@ -141,8 +140,9 @@ def test_openai_weights_offline_fail_fast_with_instructions(tmp_path, offline_en
     """With an empty cache and no network (or HF_HUB_OFFLINE=1), asking for 'openai' fails
     within 10 s and says how to get the weights. The hub host is pointed at an unresolvable name
     so the test never downloads, even on a machine with network."""
-    code = ("import time\nimport glocalclip.model.backbone as b\nb._HUB_HOST = 'hub.invalid'\nt=time.time()\n"
-            "try:\n    b.create_backbone('ViT-L-14-336', 'openai')\nexcept Exception as e:\n"
+    code = ("import time\nimport glocalclip.model.backbone as b\nfrom glocalclip.model.backbone_record import "
+            "BackboneRecord\nb._HUB_HOST = 'hub.invalid'\nt=time.time()\n"
+            "try:\n    BackboneRecord.resolve('ViT-L-14-336', 'openai').build()\nexcept Exception as e:\n"
             "    print(type(e).__name__, time.time()-t); print(e)\n")
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": offline_env}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

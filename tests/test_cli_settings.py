@@ -221,3 +221,63 @@ def test_every_setting_field_is_a_documented_dataclass_field():
     for cls in (GlocalCLIPConfig, TrainConfig, TestConfig, PredictConfig, ModelSettings):
         declared = {f.name for f, _ in settings_fields(cls)}
         assert declared == {f.name for f in dataclasses.fields(cls)}, cls.__name__
+
+
+@pytest.mark.parametrize("argv, named, switch", [
+    (["predict", "--checkpoint", "c.pt", "{tmp}", "--out", "{tmp}/out", "--shot_weight", "3"],
+     "--shot_weight acts", "--reference DIR|GLOB|BANK"),
+    (["predict", "--checkpoint", "c.pt", "{tmp}", "--out", "{tmp}/out", "--save_reference", "{tmp}/b.pt",
+      "--shot_layers", "selected"], "--save_reference --shot_layers act", "--reference DIR|GLOB|BANK"),
+    (["serve", "--checkpoint", "c.pt", "--shot_image_term", "mean"], "--shot_image_term acts",
+     "--reference DIR|GLOB|BANK"),
+    (["export", "c.pt", "--out", "{tmp}/m.onnx", "--shot_weight", "3", "--shot_image_term", "mean"],
+     "--shot_weight --shot_image_term act", "--reference DIR|GLOB|BANK"),
+    (["test", "--data_path", "{tmp}", "--checkpoint_path", "c.pt", "--shot_layers", "selected"],
+     "--shot_layers acts", "--shots K (1 or more)"),
+    (["test", "--data_path", "{tmp}", "--checkpoint_path", "c.pt", "--shots", "0", "--shot_weight", "0"],
+     "--shot_weight acts", "--shots K (1 or more)"),
+])
+def test_few_shot_flags_without_few_shot_are_refused_not_ignored(argv, named, switch, tmp_path, capsys):
+    """Before anything is read or written: the checkpoint c.pt does not exist, and no file appears."""
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {named} only with a few-shot bank, and there is none: give {switch} too, or leave " in err
+    assert sorted(tmp_path.iterdir()) == []
+
+
+def test_few_shot_flags_with_few_shot_pass_the_check():
+    from glocalclip.apps.flags import given_settings, reference_of, refuse_few_shot_flags_unused
+    from glocalclip.model.config import FewShotSettings
+
+    args = predict_parser().parse_args(["--checkpoint", "c", "a.png", "--reference", "good/", "--shot_layers",
+                                        "selected", "--save_reference", "b.pt"])
+    reference, few_shot = reference_of(args)
+    assert (reference.reference, reference.save_reference, few_shot) == ("good/", "b.pt", {"layers": "selected"})
+    assert reference_of(predict_parser().parse_args(["--checkpoint", "c", "a.png"]))[1] is None
+    args = make_test_parser().parse_args(["--data_path", "d", "--checkpoint_path", "c", "--shots", "2",
+                                          "--shot_weight", "3"])
+    assert given_settings(FewShotSettings, args) == {"weight": 3.0}
+    refuse_few_shot_flags_unused(args, ["weight"], "shots", "K", args.shots > 0)  # no error
+    args = make_test_parser().parse_args(["--data_path", "d", "--checkpoint_path", "c"])
+    assert settings_from_args(FewShotSettings, args) == FewShotSettings()  # the defaults, as before
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--save_reference", "{tmp}/bank.npz"], "--save_reference {tmp}/bank.npz: a bank's file name ends in .pt, "
+     ".pth, .bank, which --reference reads back as a bank (any other name is read as an image)"),
+    (["--save_reference", "{tmp}/old.pt"], "--save_reference {tmp}/old.pt exists and is kept: give another name, "
+     "or --overwrite_reference to replace it"),
+    (["--overwrite_reference"], "--overwrite_reference replaces the file of --save_reference: give "
+                                "--save_reference FILE.pt too"),
+])
+@pytest.mark.parametrize("command", ["predict", "export", "serve"])
+def test_save_reference_takes_a_bank_name_and_replaces_a_file_only_when_asked(command, extra, says, tmp_path,
+                                                                              capsys):
+    """Refused before the checkpoint (c.pt, which does not exist) is read: nothing is written, the old file kept."""
+    (tmp_path / "old.pt").write_bytes(b"OLD")
+    model = {"predict": ["--checkpoint", "c.pt", "{tmp}", "--out", "{tmp}/out"], "serve": ["--checkpoint", "c.pt"],
+             "export": ["c.pt", "--out", "{tmp}/m.onnx"]}[command]
+    argv = [command, *model, "--reference", "{tmp}", *extra]
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    assert f"error: {says.replace('{tmp}', str(tmp_path))} (" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["old.pt"] and (tmp_path / "old.pt").read_bytes() == b"OLD"

@@ -456,3 +456,32 @@ def test_catalog():
     assert DATASET_METRICS["covid19"] == "image-level" and DATASET_METRICS["tn3k"] == "pixel-level"
     assert resolve_dataset_name("dagm") == "DAGM_KaggleUpload" and resolve_dataset_name("sdd") == "SDD"
     assert default_metrics("isic") == "pixel-level"
+
+
+# ---------------------------------------------------------------- image inputs (predict's and --reference's)
+def test_image_inputs_expand_folders_globs_and_files_once(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from glocalclip.datasets.scan import NO_IMAGES, NO_SUCH_PATH, expand_image_inputs
+    from glocalclip.engine.few_shot import reference_files
+
+    for rel in ("a/z.png", "a/sub/b.JPG", "a/sub/deeper/c.tif", "a/notes.txt", "d/x.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    folder = ["a/sub/b.JPG", "a/sub/deeper/c.tif", "a/z.png"]  # recursive, sorted by path, no notes.txt
+    files, missing = expand_image_inputs(["a"])
+    assert [f.as_posix() for f in files] == folder and missing == []
+    # a glob matching a folder searches it; a file is taken as given, whatever its extension; repeats
+    # (also through another spelling of the same path) are kept once, at their first place
+    files, missing = expand_image_inputs(["d/*", "a/notes.txt", "a/*/", "./d/x.png", "gone.png", "empty", "a/*.gif"])
+    assert [f.as_posix() for f in files] == ["d/x.png", "a/notes.txt", "a/sub/b.JPG", "a/sub/deeper/c.tif"]
+    assert missing == [("gone.png", NO_SUCH_PATH), ("empty", NO_IMAGES), ("a/*.gif", NO_IMAGES)]
+    # few-shot's --reference reads one input the same way, as absolute paths, and refuses an empty one
+    assert reference_files("a") == [Path(tmp_path / f) for f in folder]
+    assert reference_files("a/**/*.png") == [Path(tmp_path / "a/z.png")]
+    with pytest.raises(FileNotFoundError, match=f"--reference gone.png: {NO_SUCH_PATH}; give --reference a folder"):
+        reference_files("gone.png")
+    with pytest.raises(DatasetError, match=f"--reference a/\\*.gif: {NO_IMAGES}; give --reference a folder"):
+        reference_files("a/*.gif")

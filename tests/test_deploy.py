@@ -155,6 +155,46 @@ def test_a_file_not_from_glocalclip_export_is_refused(tmp_path):
         OnnxPredictor(tmp_path / "missing.onnx")
 
 
+def test_half_rounds_weights_and_keeps_unit_vector_tables_float32(tmp_path):
+    """A weight is stored float16; a table of unit rows (text features, a bank) or of unit columns (one
+    folded into a transposed constant) stays float32, so its cosine products are the float32 graph's."""
+    import onnx_ir as ir
+
+    from glocalclip.deploy.half import is_unit_vector_table, store_weights_half
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(0, 0.05, (64, 64)).astype(np.float32)
+    columns = rng.normal(size=(64, 256)).astype(np.float32)
+    columns /= np.linalg.norm(columns, axis=0, keepdims=True)  # a bank [E, M] as the export folds it
+    rows = rng.normal(size=(32, 64)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    near = rows * np.float32(1 + 1e-3)  # 1e-3 off unit norm: a weight
+    assert [is_unit_vector_table(a) for a in (weight, columns, rows, near, columns[:, :1, None])] == \
+        [False, True, True, False, False]
+    tables = {"weight": weight, "columns": columns, "rows": rows, "near": near}
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 64])
+    x32 = onnx.helper.make_tensor_value_info("x32", onnx.TensorProto.FLOAT, [3, 32])
+    outs = [onnx.helper.make_tensor_value_info(f"y_{n}", onnx.TensorProto.FLOAT, None) for n in tables]
+    nodes = [onnx.helper.make_node("MatMul", ["x32" if n in ("rows", "near") else "x", n], [f"y_{n}"]) for n in tables]
+    graph = onnx.helper.make_graph(nodes, "g", [x, x32], outs,
+                                   [onnx.numpy_helper.from_array(a, n) for n, a in tables.items()])
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
+    model = ir.load(str(tmp_path / "f.onnx"))
+    assert store_weights_half(model) == 2  # weight and near
+    ir.save(model, str(tmp_path / "h.onnx"))
+    stored = {t.name: t.data_type for t in onnx.load(str(tmp_path / "h.onnx")).graph.initializer}
+    assert stored == {"weight.float16": onnx.TensorProto.FLOAT16, "near.float16": onnx.TensorProto.FLOAT16,
+                      "columns": onnx.TensorProto.FLOAT, "rows": onnx.TensorProto.FLOAT}
+    feeds = {"x": rng.normal(size=(3, 64)).astype(np.float32), "x32": rng.normal(size=(3, 32)).astype(np.float32)}
+    full, half = (onnxruntime.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, feeds)
+                  for f in ("f.onnx", "h.onnx"))
+    for name, a, b in zip(tables, full, half):
+        if name in ("columns", "rows"):
+            np.testing.assert_array_equal(a, b)  # untouched
+        else:
+            assert 0 < float(np.abs(a - b).max()) < 1e-2 * float(np.abs(a).max())  # rounded, computed float32
+
+
 @pytest.mark.slow
 def test_export_cli_half_weights_and_external_data(tiny_checkpoint, tiny_onnx, deploy_images, tmp_path,
                                                    monkeypatch, capsys):

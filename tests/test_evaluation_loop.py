@@ -10,9 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
-from conftest import tiny_config
+from conftest import create_backbone, tiny_config
 from glocalclip import GlocalCLIP
-from glocalclip.model.backbone import create_backbone
 from glocalclip.datasets import IMAGE_MEAN, IMAGE_STD, AnomalyDataset, normalize_image
 from glocalclip.engine.distributed import DistContext
 from glocalclip.inference.evaluation import Evaluator, evaluation_loader

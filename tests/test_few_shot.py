@@ -131,6 +131,31 @@ def test_bank_file_round_trips_with_weights_only_and_refuses_another_model(tiny_
         ReferenceBank.load(tmp_path / "evil.pt")
 
 
+def test_a_bank_is_saved_only_under_a_bank_name_and_replaces_a_file_only_when_asked(tiny_clip, tmp_path):
+    from glocalclip.engine.few_shot import load_reference
+    from glocalclip.files import OutputError
+
+    torch.manual_seed(0)
+    model = GlocalCLIP(tiny_config(), clip=tiny_clip)
+    shots = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(5))
+    bank = model.reference_bank(shots, FewShotSettings(weight=3.0))
+    for name in ("bank.npz", "bank", "bank.pt.txt"):  # --reference would read these as images
+        with pytest.raises(ValueError, match=f"cannot save a reference bank as .*{name}: its name must end in "
+                                             r"\.pt, \.pth, \.bank"):
+            bank.save(tmp_path / name)
+    assert sorted(tmp_path.iterdir()) == []
+    bank.save(tmp_path / "Good.BANK")  # any case, as --reference reads it
+    assert load_reference(model, str(tmp_path / "Good.BANK")).settings == FewShotSettings(weight=3.0)
+    other = model.reference_bank(shots[:1], FewShotSettings(weight=5.0))
+    before = (tmp_path / "Good.BANK").read_bytes()
+    with pytest.raises(OutputError, match="exists and is kept"):
+        other.save(tmp_path / "Good.BANK")
+    assert (tmp_path / "Good.BANK").read_bytes() == before
+    other.save(tmp_path / "Good.BANK", overwrite=True)
+    assert ReferenceBank.load(tmp_path / "Good.BANK").settings == FewShotSettings(weight=5.0)
+    assert [p.name for p in tmp_path.iterdir()] == ["Good.BANK"]  # no temp file left
+
+
 # ---------------------------------------------------------------------------- --reference DIR|GLOB|BANK
 def _write_pngs(folder, n, seed, size=(70, 90)):
     from PIL import Image
@@ -163,6 +188,41 @@ def test_reference_from_a_folder_a_glob_and_a_saved_bank_is_one_bank(tiny_clip, 
         torch.testing.assert_close(a, b, atol=0, rtol=0)
     with pytest.raises(ValueError, match="saved bank built with"):
         load_reference(model, str(tmp_path / "bank.pt"), FewShotSettings(weight=2.0))
+
+
+def test_a_saved_bank_takes_the_few_shot_fields_given_and_refuses_one_that_differs_by_name(tiny_clip, tmp_path):
+    from glocalclip.apps.cli import SETTINGS_WITH_FLAGS
+    from glocalclip.apps.flags import for_command_line
+    from glocalclip.engine.few_shot import load_reference
+    from glocalclip.settings import SettingError
+
+    torch.manual_seed(0)
+    model = GlocalCLIP(tiny_config(), clip=tiny_clip)
+    _write_pngs(tmp_path / "good", 2, seed=3)
+    saved = FewShotSettings(weight=4.0, layers="selected", image_term="mean")  # no field at its default
+    built = load_reference(model, str(tmp_path / "good"), {"weight": 4.0, "layers": "selected", "image_term": "mean"})
+    assert built.settings == saved and built.model_key["multilayer"] == model.cfg.multilayer
+    built.save(tmp_path / "bank.pt")
+    # the fields given that agree are taken; the bank's own fill the rest (not the defaults)
+    for given in ({"weight": 4.0}, {"image_term": "mean"}, {"layers": "selected", "weight": 4.0}, {}, None, saved):
+        back = load_reference(model, str(tmp_path / "bank.pt"), given)
+        assert back.settings == saved and back.n_rows == built.n_rows
+    # a field given that differs is refused, by its name in Python and by its flag on a command line
+    with pytest.raises(SettingError) as refused:
+        load_reference(model, str(tmp_path / "bank.pt"), {"weight": 4.0, "layers": "blocks"})
+    assert refused.value.fields == ("layers",)
+    assert for_command_line(refused.value, *SETTINGS_WITH_FLAGS) == (
+        f"--reference {tmp_path / 'bank.pt'} is a saved bank built with --shot_layers selected (not blocks): leave "
+        "--shot_layers out to score with the bank's, or build the bank again from the images")
+    with pytest.raises(SettingError) as refused:
+        load_reference(model, str(tmp_path / "bank.pt"), {"weight": 2.0, "image_term": "max"})
+    assert refused.value.fields == ("weight", "image_term")
+    assert "built with weight 4.0 (not 2.0), image_term mean (not max): leave weight image_term out" in \
+        str(refused.value)
+    with pytest.raises(SettingError, match="layers"):  # all of a FewShotSettings count as given
+        load_reference(model, str(tmp_path / "bank.pt"), FewShotSettings(weight=4.0, image_term="mean"))
+    with pytest.raises(TypeError, match="shot_weight"):  # a field that does not exist is no silent no-op
+        load_reference(model, str(tmp_path / "bank.pt"), {"shot_weight": 4.0})
 
 
 def test_reference_without_images_or_with_a_broken_one_is_refused_by_name(tiny_clip, tmp_path):

@@ -66,6 +66,48 @@ def test_predict_cli_saves_the_bank_and_reuses_it(tiny_checkpoint, deploy_images
     assert all(r["pred_label"] is None for r in rows[0])  # no few-shot threshold was given
 
 
+def test_a_saved_bank_with_some_few_shot_flags_given(tiny_checkpoint, deploy_images, references, tmp_path, capsys):
+    """Flags that agree with the bank are taken (its own settings fill the rest); one that differs is
+    refused, naming the flag, before any image is scored."""
+    from glocalclip.apps.cli import run_command
+    from glocalclip.apps.predict_cli import predict_main
+
+    bank = tmp_path / "selected.pt"
+    saved = _few(tiny_checkpoint, references, few_shot={"layers": "selected"}, save_reference=str(bank))
+    assert saved.detector.bank.settings.layers == "selected" and bank.is_file()
+    common = ["--checkpoint", str(tiny_checkpoint), str(deploy_images[0]), "--no_progress", "--device", "cpu",
+              "--sigma", str(DEPLOY_SIGMA), "--no_overlays", "--reference", str(bank)]
+    assert run_command("glocalclip predict", predict_main, [*common, "--out", str(tmp_path / "a"),
+                                                            "--shot_weight", "16"]) == 0
+    row = json.loads(open(tmp_path / "a" / "predictions.jsonl").readline())
+    assert abs(row["pred_score"] - saved.predict(str(deploy_images[0])).pred_score) < 1e-5
+    capsys.readouterr()
+    assert run_command("glocalclip predict", predict_main, [*common, "--out", str(tmp_path / "b"),
+                                                            "--shot_weight", "16", "--shot_layers", "blocks"]) == 2
+    err = capsys.readouterr().err
+    assert f"is a saved bank built with --shot_layers selected (not blocks): leave --shot_layers out" in err
+    assert "--shot_weight" not in err and not (tmp_path / "b").exists()
+
+
+def test_predict_replaces_a_saved_bank_only_when_asked(tiny_checkpoint, deploy_images, references, tmp_path, capsys):
+    from glocalclip.apps.cli import run_command
+    from glocalclip.apps.predict_cli import predict_main
+    from glocalclip.model.few_shot import ReferenceBank
+
+    bank = tmp_path / "good.pt"
+    _few(tiny_checkpoint, references, few_shot={"weight": 2.0}, save_reference=str(bank))
+    before = bank.read_bytes()
+    common = ["--checkpoint", str(tiny_checkpoint), str(deploy_images[0]), "--no_progress", "--device", "cpu",
+              "--no_overlays", "--reference", str(references), "--save_reference", str(bank)]
+    assert run_command("glocalclip predict", predict_main, [*common, "--out", str(tmp_path / "a")]) == 2
+    assert "exists and is kept: give another name, or --overwrite_reference" in capsys.readouterr().err
+    assert bank.read_bytes() == before and not (tmp_path / "a").exists()
+    assert run_command("glocalclip predict", predict_main, [*common, "--out", str(tmp_path / "b"),
+                                                            "--overwrite_reference"]) == 0
+    assert ReferenceBank.load(bank).settings.weight == 16.0  # the new bank, the default weight
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "good.pt"]  # no temp file left
+
+
 @pytest.mark.slow
 def test_export_bakes_the_bank_and_onnx_runtime_equals_pytorch(tiny_checkpoint, deploy_images, references, tmp_path):
     pytest.importorskip("onnxscript", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")
@@ -89,6 +131,31 @@ def test_export_bakes_the_bank_and_onnx_runtime_equals_pytorch(tiny_checkpoint, 
     finally:
         if (references / "moved.png").exists():
             (references / "moved.png").rename(references / "good0.png")
+
+
+@pytest.mark.slow
+def test_export_half_keeps_the_bank_float32(tiny_checkpoint, deploy_images, references, tmp_path):
+    """--half rounds the weights, not the bank (its cosine products would move the few-shot map)."""
+    onnx = pytest.importorskip("onnx", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")
+    pytest.importorskip("onnxscript", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")
+    from glocalclip.deploy import OnnxPredictor
+    from glocalclip.deploy.export import export_onnx
+
+    out = tmp_path / "half.onnx"
+    meta = export_onnx(tiny_checkpoint, out, reference=str(references), half=True)
+    few = _few(tiny_checkpoint, references)
+    bank = few.detector.bank.bank()
+    shape = sorted(bank.layers.tensors[0].shape)  # [rows, E], folded into the graph as [E, rows]
+    assert meta.reference["rows"] in shape and len(bank.layers.tensors) == 4
+    stored = onnx.load(str(out)).graph.initializer
+    tables = [t for t in stored if sorted(t.dims) == shape]
+    assert len(tables) == 4 and {t.data_type for t in tables} == {onnx.TensorProto.FLOAT}  # one per layer
+    assert sum(t.data_type == onnx.TensorProto.FLOAT16 for t in stored) > 20  # the weights are rounded
+    images = [str(p) for p in deploy_images]
+    for h, w in zip(OnnxPredictor(out, batch_size=2).predict(images), few.predict(images)):
+        span = float(w.anomaly_map.max() - w.anomaly_map.min())
+        assert abs(h.pred_score - w.pred_score) < 1e-3 * span
+        assert float(np.abs(h.anomaly_map - w.anomaly_map).max()) < 1e-3 * span
 
 
 def test_serve_scores_with_the_reference(tiny_checkpoint, deploy_images, references):

@@ -95,6 +95,35 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypa
     assert os.listdir(tmp_path) == ["results.json"]
 
 
+def test_a_write_that_may_not_replace_keeps_an_existing_file_even_one_made_meanwhile(tmp_path, monkeypatch):
+    target = tmp_path / "bank.pt"
+    assert files.write_bytes(target, b"NEW", replace=False) == target and target.read_bytes() == b"NEW"
+    with pytest.raises(OutputError, match="bank.pt: a file of that name exists and is kept") as info:
+        files.write_bytes(target, b"NEWER", replace=False)
+    assert info.value.errno == errno.EEXIST and target.read_bytes() == b"NEW"
+    # a second process writes the name after the temp file is written and before it is placed: kept too
+    other = tmp_path / "raced.pt"
+    real_link = os.link
+
+    def second_process_first(src, dst):
+        subprocess.run([sys.executable, "-c", f"open({str(other)!r}, 'wb').write(b'OTHER')"], check=True)
+        return real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", second_process_first)
+    with pytest.raises(OutputError, match="raced.pt: a file of that name exists and is kept"):
+        files.write_bytes(other, b"MINE", replace=False)
+    assert other.read_bytes() == b"OTHER"
+    # a file system without hard links: a check, then the rename
+    monkeypatch.setattr(os, "link", _failing("link", errno.EPERM))
+    with pytest.raises(OutputError, match="exists and is kept"):
+        files.write_bytes(target, b"NEWER", replace=False)
+    files.write_bytes(tmp_path / "fresh.pt", b"FRESH", replace=False)
+    monkeypatch.undo()
+    assert target.read_bytes() == b"NEW" and (tmp_path / "fresh.pt").read_bytes() == b"FRESH"
+    assert files.write_bytes(target, b"ASKED") and target.read_bytes() == b"ASKED"  # replace, the default
+    assert sorted(os.listdir(tmp_path)) == ["bank.pt", "fresh.pt", "raced.pt"]  # no temp file left
+
+
 def test_a_file_where_a_folder_should_be_is_named(tmp_path):
     blocker = tmp_path / "runs"
     blocker.write_text("not a folder")

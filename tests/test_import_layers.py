@@ -146,3 +146,35 @@ def test_imports_inside_functions_only_where_a_table_chooses_what_to_load():
                                   "import importlib\nm = importlib.import_module('glocalclip.apps.cli')\n"])
 def test_the_lazy_check_sees_each_spelling(code):
     assert any(inner for _, inner in imports_of(PACKAGE / "apps" / "probe.py", code))
+
+
+def borrowed_names(path: Path, source: str | None = None) -> list[str]:
+    """What ``path`` takes from another module without being its home: a private name (``_x``), or a
+    name imported and never used there (a re-export). A package's ``__init__`` is its public face
+    and may re-export."""
+    tree = ast.parse(path.read_text() if source is None else source)
+    annotations = [n.annotation for n in ast.walk(tree) if isinstance(n, (ast.arg, ast.AnnAssign))] + \
+        [n.returns for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    quoted = [ast.parse(a.value, mode="eval") for a in annotations  # "ClassScores": a name used in a string
+              if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+    used = {n.id for t in [tree, *quoted] for n in ast.walk(t) if isinstance(n, ast.Name)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+            for alias in node.names:
+                name = alias.asname or alias.name
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{rel(path)}: private {node.module}.{alias.name}")
+                elif path.name != "__init__.py" and name not in used:
+                    found.append(f"{rel(path)}: re-exports {node.module}.{alias.name}")
+    return found
+
+
+def test_no_module_borrows_a_private_name_or_re_exports_one():
+    """A name is imported from the module that defines it; one used across modules is public there."""
+    assert [b for p in modules() for b in borrowed_names(p)] == []
+    probe = PACKAGE / "datasets" / "probe.py"
+    assert borrowed_names(probe, "from .pixels import _from_array\n") == [
+        "datasets/probe.py: private pixels._from_array"]
+    assert borrowed_names(probe, "from .pixels import decoded, open_image\nopen_image('x')\n") == [
+        "datasets/probe.py: re-exports pixels.decoded"]

@@ -24,11 +24,9 @@ from glocalclip import GlocalCLIP
 from glocalclip.apps.cli import train_main
 from glocalclip.datasets import AnomalyDataset, collate
 from glocalclip.datasets.synthetic import make_synthetic_dataset
-from glocalclip.engine.original_draws import (BackboneSizes, OriginalDraws, PromptSizes, original_epoch_order,
-                                              original_initial_prompts)
-from glocalclip.model.backbone import create_backbone
+from glocalclip.engine.original_draws import BackboneSizes, OriginalDraws, PromptSizes
 
-from conftest import tiny_config
+from conftest import create_backbone, tiny_config
 from test_pipeline import REPO, TINY_FLAGS
 
 SEED = 111
@@ -133,7 +131,7 @@ def test_replayed_prompts_are_the_originals_bit_for_bit():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
         want = _original_setup(SMALL, SMALL_PROMPTS)
-    got = original_initial_prompts(SEED, SMALL, SMALL_PROMPTS)
+    got = OriginalDraws(SEED, SMALL, SMALL_PROMPTS).initial_prompts
     assert list(got) == ["ctx_global_pos", "ctx_global_neg", "ctx_local_pos", "ctx_local_neg",
                          "compound_prompts_text.0", "compound_prompts_text.1"]
     assert got["ctx_global_neg"].shape == (3, 64) and got["compound_prompts_text.1"].shape == (2, 64)
@@ -145,9 +143,9 @@ def test_replayed_prompts_are_the_originals_bit_for_bit():
 @pytest.mark.parametrize("change", [{"vocab_size": 501}, {"vision_layers": 2}, {"grid": 5}, {"embed_dim": 16}])
 def test_every_backbone_size_moves_the_draws(change):
     """A size read wrong would silently start elsewhere: each one changes the prompts."""
-    base = original_initial_prompts(SEED, SMALL, SMALL_PROMPTS)
+    base = OriginalDraws(SEED, SMALL, SMALL_PROMPTS).initial_prompts
     sizes = BackboneSizes(**{**SMALL.__dict__, **change})
-    other = original_initial_prompts(SEED, sizes, SMALL_PROMPTS)
+    other = OriginalDraws(SEED, sizes, SMALL_PROMPTS).initial_prompts
     assert not torch.equal(base["ctx_global_pos"], other["ctx_global_pos"])
 
 
@@ -165,9 +163,9 @@ def test_batch_order_is_the_original_dataloaders_every_epoch():
         assert [b.tolist() for b in draws.epoch_batches(epoch, n, batch_size)] == seen[epoch], epoch
         assert [len(b) for b in seen[epoch]] == [4, 4, 4, 2]
     assert seen[0] != seen[1]
-    assert original_epoch_order(SEED, SMALL, SMALL_PROMPTS, 3, n).tolist() == sum(seen[3], [])
+    assert OriginalDraws(SEED, SMALL, SMALL_PROMPTS).epoch_order(3, n).tolist() == sum(seen[3], [])
     moved = PromptSizes(**{**SMALL_PROMPTS.__dict__, "dpam_layer": 4})
-    assert original_initial_prompts(SEED, SMALL, moved).keys() == draws.initial_prompts.keys()
+    assert OriginalDraws(SEED, SMALL, moved).initial_prompts.keys() == draws.initial_prompts.keys()
     assert OriginalDraws(SEED, SMALL, moved).epoch_order(0, n).tolist() != sum(seen[0], [])
 
 
@@ -184,7 +182,7 @@ def test_replay_leaves_the_callers_random_state_and_defaults_alone():
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        again = original_initial_prompts(SEED, SMALL, SMALL_PROMPTS)
+        again = OriginalDraws(SEED, SMALL, SMALL_PROMPTS).initial_prompts
         assert torch.get_default_dtype() == torch.float64
     finally:
         torch.set_default_dtype(previous)
@@ -282,7 +280,7 @@ def test_trainer_starts_from_the_originals_prompts_for_glocal_only(data14, tiny_
                                        device="cpu", num_workers=0, progress=False), DistContext(), clip=tiny_clip)
     got = trainer.model.prompt_learner.state_dict()
     if style == "glocal":
-        want = original_initial_prompts(SEED, BackboneSizes.of_clip(tiny_clip), PromptSizes.of_config(cfg))
+        want = OriginalDraws(SEED, BackboneSizes.of_clip(tiny_clip), PromptSizes.of_config(cfg)).initial_prompts
     else:  # today's init: the prompt learner's own N(0, 0.02²) draws right after seeding
         torch.manual_seed(SEED)
         want = GlocalCLIP(cfg, clip=tiny_clip).prompt_learner.state_dict()
@@ -302,8 +300,8 @@ def straight_run(data14, tmp_path_factory) -> Path:
 def test_seed_111_follows_the_originals_trajectory_every_epoch(data14, straight_run, tmp_path, image_size):
     save = straight_run if image_size == 56 else _train(data14, tmp_path / "run", image_size)
     reference = _reference_trajectory(data14, image_size)
-    start = original_initial_prompts(SEED, BackboneSizes.of_clip(create_backbone("tiny", None)),
-                                     PromptSizes.of_config(tiny_config()))
+    start = OriginalDraws(SEED, BackboneSizes.of_clip(create_backbone("tiny", None)),
+                          PromptSizes.of_config(tiny_config())).initial_prompts
     for epoch in range(1, EPOCHS + 1):
         got = _prompts_at(save, epoch)
         _assert_on_trajectory(got, reference[epoch - 1], f"size {image_size}, epoch {epoch}")

@@ -13,13 +13,12 @@ import torch
 from PIL import Image
 
 from glocalclip import GlocalCLIP, Predictor, load_model
-from glocalclip.model.backbone import create_backbone
 from glocalclip.engine.checkpoint import read_threshold
 from glocalclip.apps.convert import convert_main
 from glocalclip.apps.predict_cli import predict_main
 from glocalclip.datasets.synthetic import make_synthetic_dataset
 
-from conftest import SIZES, good_inputs, tiny_config
+from conftest import SIZES, create_backbone, good_inputs, tiny_config
 
 pytestmark = pytest.mark.slow  # end to end: every test uses a checkpoint trained and tested by the CLI
 

@@ -21,8 +21,9 @@ import torch
 from glocalclip.apps.cli import run_command, train_main
 from glocalclip.datasets.synthetic import make_synthetic_dataset
 from glocalclip.engine.checkpoint import file_sha256, load_model, threshold_path
-from glocalclip.model.backbone import create_backbone, resolve_model_config
+from glocalclip.model.backbone import resolve_model_config
 
+from conftest import create_backbone
 from test_io_errors import _error_line
 from test_pipeline import TINY_FLAGS
 

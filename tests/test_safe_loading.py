@@ -29,12 +29,11 @@ from glocalclip.apps.convert import convert_checkpoint, convert_main, convert_pa
 from glocalclip.inference.predictor import Predictor
 from glocalclip.apps.predict_cli import predict_main, predict_parser
 from glocalclip.apps.report import report_main, report_parser
-from glocalclip.model.backbone import create_backbone
 from glocalclip.model.checkpoint_format import (INTEGRITY_KEY, CheckpointError, make_checkpoint, payload_sha256,
                                                 read_checkpoint)
 from glocalclip.model.config import TRUST_FLAG
 
-from conftest import randomise_prompts, tiny_config
+from conftest import create_backbone, randomise_prompts, tiny_config
 from test_io_errors import _error_line, _test_args, _train_args, data, reference  # noqa: F401 - fixtures
 
 REFUSED = "refused: it holds Python objects beyond tensors and plain values"

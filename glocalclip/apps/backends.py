@@ -30,7 +30,8 @@ def open_predictor(settings: ModelSettings, use: str, threshold: Any = None,
         module, name = BACKENDS["checkpoint"]
         predictor_class = getattr(importlib.import_module(module), name)
         few = {} if reference is None or reference.reference is None else {
-            "reference": reference.reference, "save_reference": reference.save_reference, "few_shot": few_shot}
+            "reference": reference.reference, "save_reference": reference.save_reference,
+            "overwrite_reference": reference.overwrite_reference, "few_shot": few_shot}
         return predictor_class.from_checkpoint(settings.checkpoint, device=settings.device, threshold=threshold,
                                                sigma=settings.sigma, batch_size=batch, trust=trust, **few,
                                                **overrides)

@@ -17,14 +17,15 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from ..engine.settings import TestConfig, TrainConfig
 from ..files import OutputError, prepare_output_dir, removed_if_left_empty
-from ..inference.settings import ModelSettings
-from ..model.config import GlocalCLIPConfig
+from ..inference.settings import ModelSettings, ReferenceSettings
+from ..model.config import FewShotSettings, GlocalCLIPConfig
 from ..settings import SettingError
-from .flags import for_command_line, given_settings, model_overrides, parse_given, settings_from_args, trusted
+from .flags import (for_command_line, given_settings, model_overrides, parse_given, refuse_few_shot_flags_unused,
+                    settings_from_args, trusted)
 from .parsers import test_parser, train_parser
 
 #: the dataclasses whose fields a command-line error message shows as flags
-SETTINGS_WITH_FLAGS = (GlocalCLIPConfig, ModelSettings, TrainConfig, TestConfig)
+SETTINGS_WITH_FLAGS = (GlocalCLIPConfig, ModelSettings, TrainConfig, TestConfig, FewShotSettings, ReferenceSettings)
 
 
 # ---------------------------------------------------------------------------- train
@@ -59,6 +60,7 @@ def train_configs(given: dict[str, Any], model_given: dict[str, Any], trust: boo
 # ---------------------------------------------------------------------------- test
 def test_main(argv: Optional[Sequence[str]] = None) -> int:
     args = test_parser().parse_args(list(sys.argv[1:] if argv is None else argv))  # --help: no torch yet
+    refuse_few_shot_flags_unused(args, list(given_settings(FewShotSettings, args)), "shots", "K (1 or more)", args.shots > 0)
     from ..datasets import load_meta
     from ..engine.checkpoint import load_model_and_checkpoint, sigma_for
     from ..engine.distributed import init_distributed
@@ -66,7 +68,6 @@ def test_main(argv: Optional[Sequence[str]] = None) -> int:
     from ..inference.visualize import VisualWriter
 
     from ..engine.few_shot import class_banks, draw_shots
-    from ..model.config import FewShotSettings
 
     cfg = settings_from_args(TestConfig, args)
     few_shot = settings_from_args(FewShotSettings, args)

@@ -22,7 +22,8 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
     meta = export_onnx(model.checkpoint, options.out, sigma=model.sigma, half=options.half,
                        image_size=options.image_size, threshold=options.threshold,
                        trust=trusted(args), reference=reference.reference, few_shot=few_shot,
-                       save_reference=reference.save_reference, **overrides)
+                       save_reference=reference.save_reference, overwrite_reference=reference.overwrite_reference,
+                       **overrides)
     size = sum(p.stat().st_size for p in exported_files(options.out))
     thr = "none" if meta.threshold is None else f"{meta.threshold:.4g} ({meta.threshold_source})"
     print(f"export: {options.out} ({size / 1e6:.1f} MB, {time.perf_counter() - t0:.1f} s): images uint8 "

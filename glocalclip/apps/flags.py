@@ -190,12 +190,32 @@ def add_reference_flags(parser: Any, save: bool = True) -> None:
     """``--reference`` (and ``--save_reference``) with the few-shot settings, given-only: a saved bank
     keeps its own settings unless one is given (then they must agree)."""
     group = parser.add_argument_group(REFERENCE_GROUP)
-    add_settings(group, ReferenceSettings, fields=("reference", "save_reference") if save else ("reference",))
+    add_settings(group, ReferenceSettings,
+                 fields=("reference", "save_reference", "overwrite_reference") if save else ("reference",))
     add_settings(group, FewShotSettings, given_only=True,
                  note=lambda name, default: f"{default}; a saved bank's own")
 
 
-def reference_of(args: argparse.Namespace) -> tuple[Any, Any]:
-    """(ReferenceSettings, the FewShotSettings given or None) of a command line."""
+def refuse_few_shot_flags_unused(args: argparse.Namespace, fields: Sequence[str], switch: str, given_as: str,
+                                 few_shot_on: bool) -> None:
+    """Few-shot flags given while few-shot is off would do nothing: refused in one message naming
+    them and ``switch`` (given as ``given_as``), the flag that turns few-shot on."""
+    unused = [name for name in fields  # a switch not given is False; a value of 0 counts as given
+              if getattr(args, name, None) is not None and getattr(args, name) is not False]
+    if few_shot_on or not unused:
+        return
+    named = " ".join(f"{{{name}}}" for name in unused)
+    them = "them" if len(unused) > 1 else "it"
+    raise SettingError(unused[0], f"{named} act{'' if len(unused) > 1 else 's'} only with a few-shot bank, and "
+                                  f"there is none: give {{{switch}}} {given_as} too, or leave {them} out",
+                       also=(*unused[1:], switch))
+
+
+def reference_of(args: argparse.Namespace) -> tuple[Any, Optional[dict[str, Any]]]:
+    """(ReferenceSettings, the few-shot fields given or None) of a command line: only the fields given,
+    so that a saved bank's own settings fill the rest (``engine.few_shot.load_reference``). Few-shot
+    flags (and ``--save_reference``) without ``--reference`` are refused."""
     given = given_settings(FewShotSettings, args)
-    return settings_from_args(ReferenceSettings, args), (FewShotSettings(**given) if given else None)
+    refuse_few_shot_flags_unused(args, ["save_reference", "overwrite_reference", *given], "reference", "DIR|GLOB|BANK",
+                                 getattr(args, "reference", None) is not None)
+    return settings_from_args(ReferenceSettings, args), (given or None)

@@ -29,7 +29,8 @@ def train_parser() -> argparse.ArgumentParser:
 def test_parser() -> argparse.ArgumentParser:
     p = new_parser("test.py", "Zero-shot (or, with --shots, few-shot) test of trained GlocalCLIP prompts.")
     add_settings(p, TestConfig)
-    add_settings(p.add_argument_group("few-shot (with --shots K)"), FewShotSettings)
+    # given-only: a few-shot flag given without --shots is refused rather than ignored (cli.test_main)
+    add_settings(p.add_argument_group("few-shot (with --shots K)"), FewShotSettings, given_only=True)
     add_settings(p, ModelSettings, fields=("checkpoint", "sigma", "device", "batch_size"), required=("checkpoint",))
     add_load_flags(p)
     add_model_flags(p, for_training=False)

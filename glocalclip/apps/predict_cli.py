@@ -20,8 +20,9 @@ from typing import Any, Optional, Sequence, Tuple
 import numpy as np
 
 from ..datasets.errors import DatasetError
+from ..datasets.scan import expand_image_inputs
 from ..engine.settings import progress_setting
-from ..inference.images import FIELDS, LoadedImage, expand_inputs, output_names, read_image, save_outputs
+from ..inference.images import FIELDS, LoadedImage, output_names, read_image, save_outputs
 from ..inference.interface import ImagePredictor
 from ..inference.settings import ModelSettings
 from ..inference.visualize import prediction_caption, threshold_caption
@@ -166,7 +167,8 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
     args = predict_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     cfg = settings_from_args(PredictConfig, args)
     model = settings_from_args(ModelSettings, args).one_source("score with")
-    files, missing = expand_inputs(cfg.inputs)
+    reference, few_shot = reference_of(args)  # a few-shot flag without --reference is refused before any work
+    files, missing = expand_image_inputs(cfg.inputs)  # the expansion --reference uses too
     for inp, why in missing:
         print(f"skipped {inp}: {why}", file=sys.stderr)
     if not files:
@@ -175,7 +177,7 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> int:
     processes = processes_of_this_run()
     try:
         return _predict(cfg, model, model_overrides(args), trusted(args), files, len(missing), processes,
-                        *reference_of(args))
+                        reference, few_shot)
     finally:
         processes.close()
 
@@ -205,7 +207,7 @@ def _predict(cfg: PredictConfig, model: ModelSettings, overrides: dict[str, Any]
         batch_size = model.batch_size or 8
         model = dataclasses.replace(model, device=processes.device(model.device), batch_size=batch_size)
         if reference is not None and not processes.is_main:
-            reference = dataclasses.replace(reference, save_reference=None)
+            reference = dataclasses.replace(reference, save_reference=None, overwrite_reference=False)
         predictor = open_predictor(model, "score with", threshold=cfg.threshold, overrides=overrides, trust=trust,
                                    reference=reference, few_shot=few_shot)
         if sink is not None:

@@ -17,7 +17,8 @@ from .errors import DatasetError
 _HIGH_DEPTH_MODES = ("I", "F")  # plus every "I;16..." mode
 
 
-def _is_high_depth(mode: str) -> bool:
+def is_high_depth(mode: str) -> bool:
+    """Whether a PIL mode holds more than 8 bits a value (16/32-bit integers, floats): read by its range."""
     return mode in _HIGH_DEPTH_MODES or mode.startswith("I;")
 
 
@@ -89,7 +90,7 @@ def to_8bit_grey(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
 
 
-def _from_array(arr: np.ndarray) -> Image.Image:
+def image_from_array(arr: np.ndarray) -> Image.Image:
     """An RGB/RGBA/grey ndarray (H,W[,C]) -> PIL image in the matching mode."""
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[2] == 1:
@@ -119,7 +120,7 @@ def _from_array(arr: np.ndarray) -> Image.Image:
 
 def eight_bit(img: Image.Image) -> Image.Image:
     """High-depth grey ("I;16", "I", "F") scaled to 8-bit grey by its type's range; other modes as they are."""
-    return to_8bit_grey(img) if _is_high_depth(img.mode) else img
+    return to_8bit_grey(img) if is_high_depth(img.mode) else img
 
 
 def rgb_pixels(img: Image.Image) -> np.ndarray:
@@ -185,7 +186,7 @@ def decode_for_serving(img: Image.Image, image_size: int, picture_side: int, wha
     if max(factors) > 1 and img.format == "JPEG":
         img.draft(None, (-(-img.size[0] // factors[0]), -(-img.size[1] // factors[1])))
     img = decoded(img, what, fix)
-    if _is_high_depth(img.mode):  # to_8bit_grey would hold float64 copies of it: reduce it first
+    if is_high_depth(img.mode):  # to_8bit_grey would hold float64 copies of it: reduce it first
         factors = _reduction(img.size, image_size, picture_side)
         if max(factors) > 1:
             img = (img.convert("I") if img.mode.startswith("I;") else img).reduce(factors)

@@ -21,8 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .pixels import (DATASET_FIX, _from_array, _is_high_depth, decoded, exif_upright, open_image,  # noqa: F401
-                     resized_rgb, to_8bit_grey)
+from .pixels import decoded, image_from_array, is_high_depth, open_image, resized_rgb
 
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -35,7 +34,7 @@ def load_image(image, image_size: int) -> torch.Tensor:
     if isinstance(image, Image.Image):
         return image_to_tensor(decoded(image, "image"), image_size)
     if isinstance(image, np.ndarray):
-        return image_to_tensor(_from_array(image), image_size)
+        return image_to_tensor(image_from_array(image), image_size)
     with open_image(image) as opened:
         return image_to_tensor(decoded(opened, "image"), image_size)
 
@@ -74,7 +73,7 @@ def load_mask(mask, image_size: int) -> torch.Tensor:
 
 
 def mask_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
-    if _is_high_depth(img.mode):
+    if is_high_depth(img.mode):
         binary = np.asarray(img) > 0  # same as convert("L") > 0 for integers, and keeps 0 < v < 0.5 for floats
     else:
         binary = np.asarray(img.convert("L")) > 0

@@ -10,7 +10,8 @@ from torch.utils.data import Dataset
 from .catalog import DATASET_CLASSES, resolve_dataset_name
 from .errors import DatasetError
 from .meta import load_meta, meta_path
-from .preprocess import decoded, exif_upright, image_to_tensor, image_to_uint8, mask_to_tensor, open_image
+from .pixels import decoded, exif_upright, open_image
+from .preprocess import image_to_tensor, image_to_uint8, mask_to_tensor
 from .scan import SPLITS
 
 

@@ -1,15 +1,19 @@
-"""Filesystem helpers shared by the layout generators: listing folders and images, pairing masks by name.
+"""Filesystem helpers shared by the layout generators: listing folders and images, pairing masks by name;
+and the one expansion of image inputs (files, folders, globs) that ``predict``'s inputs and few-shot's
+``--reference`` share.
 
-Every path handed around here is relative to the dataset root and uses forward slashes, because
+Every dataset path handed around here is relative to the dataset root and uses forward slashes, because
 that is what ``meta.json`` stores.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Sequence
 
 from .errors import DatasetError
 
@@ -20,6 +24,10 @@ IMAGE_EXTENSIONS = frozenset({
 })
 
 SPLITS = ("train", "test")
+
+#: why an input of :func:`expand_image_inputs` gave no files
+NO_SUCH_PATH = "no such file or folder"
+NO_IMAGES = "no images found"
 
 
 def join(*parts: str) -> str:
@@ -245,3 +253,48 @@ def attach_masks(root: str, mask_dir: str, items: list[tuple[dict, str, str]], s
         raise DatasetError(
             f"{len(orphans)} mask(s) have no anomalous image of the same name: {_listing(orphans)}. "
             "Restore the images or remove those masks")
+
+
+# ---------------------------------------------------------------------------- inputs: files, folders, globs
+def images_below(folder: Path) -> list[Path]:
+    """The files under ``folder``, searched recursively, with an image extension; sorted."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _glob_images(pattern: str) -> list[Path]:
+    """A glob pattern's image matches, a matched folder searched recursively; in sorted match order."""
+    found: list[Path] = []
+    for m in sorted(glob.glob(pattern, recursive=True)):
+        mp = Path(m)
+        if mp.is_dir():
+            found += images_below(mp)
+        elif mp.suffix.lower() in IMAGE_EXTENSIONS:
+            found.append(mp)
+    return found
+
+
+def expand_image_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files as given (whatever their extension: the reader then names one it cannot decode);
+    folders searched recursively for image extensions; glob patterns expanded. Returns (the files
+    in order, without repeats of one absolute path; [(input, NO_SUCH_PATH or NO_IMAGES)] for each
+    input that gave none). Each caller words what a missing input means for it."""
+    files: list[Path] = []
+    missing: list[tuple[str, str]] = []
+    for inp in inputs:
+        p = Path(inp)
+        if p.is_dir():
+            found = images_below(p)
+        elif p.is_file():
+            found = [p]
+        elif glob.has_magic(inp):
+            found = _glob_images(inp)
+        else:
+            missing.append((inp, NO_SUCH_PATH))
+            continue
+        if not found:
+            missing.append((inp, NO_IMAGES))
+        files += found
+    first: dict[str, Path] = {}
+    for f in files:
+        first.setdefault(os.path.abspath(f), f)  # the first of each path kept, in order
+    return list(first.values()), missing

@@ -33,7 +33,8 @@ EXPORT_EXTRA_HINT = "exporting needs the deploy extra: pip install 'glocalclip[d
 def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Optional[float] = None,
                 half: bool = False, image_size: Optional[int] = None, threshold: Optional[float] = None,
                 trust: bool = False, reference: Optional[str] = None, few_shot: Optional[Any] = None,
-                save_reference: Optional[str] = None, **overrides: Any) -> DeployMetadata:
+                save_reference: Optional[str] = None, overwrite_reference: bool = False,
+                **overrides: Any) -> DeployMetadata:
     """Write ``out`` (and ``out.data`` when the weights pass 2 GB): one ONNX graph from uint8 images
     [B, S, S, 3] to ``pred_score`` [B] and ``anomaly_map`` [B, S, S]. ``sigma`` defaults to the σ the
     checkpoint was tested with, ``image_size`` to its config's, ``threshold`` to its stored one.
@@ -53,7 +54,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Op
     if reference is not None:
         bank = load_reference(model.eval(), os.fspath(reference), few_shot)
         if save_reference is not None:
-            bank.save(save_reference)
+            bank.save(save_reference, overwrite=overwrite_reference)
     detector = Detector(model.eval(), sigma, threshold, source, traceable=True, reference=bank).eval()
     meta = DeployMetadata(image_size=detector.image_size, sigma=sigma, threshold=detector.threshold,
                           config=model.cfg.to_dict(), version=__version__, checkpoint_sha256=file_sha256(checkpoint),

@@ -7,21 +7,21 @@ any subset of ``--classes`` and any later run draw the same shots.
 """
 from __future__ import annotations
 
-import glob
 import os
 import zlib
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..datasets import AnomalyDataset, DatasetError, normalize_image
 from ..datasets.pixels import decoded, exif_upright, open_image, resized_rgb
-from ..datasets.scan import IMAGE_EXTENSIONS
-from ..model.config import FewShotSettings
+from ..datasets.scan import NO_SUCH_PATH, expand_image_inputs
+from ..model.config import FewShotSettings, is_bank_name
 from ..model.few_shot import ReferenceBank
 from ..model.glocalclip import GlocalCLIP
+from ..settings import SettingError
 
 
 def draw_shots(train_split: dict[str, list[dict]], classes: Sequence[str], shots: int, seed: int,
@@ -73,33 +73,18 @@ def class_banks(model: GlocalCLIP, data_path: str, dataset: Optional[str], shots
 
 
 # ---------------------------------------------------------------------------- predict/serve/export: --reference
-#: a ``--reference`` that is a file with one of these suffixes is a saved bank, not an image
-BANK_SUFFIXES = (".pt", ".pth", ".bank")
 REFERENCE_FIX = "give --reference a folder or glob of normal images, or a bank saved with --save_reference"
 
 
 def reference_files(spec: str) -> list[Path]:
-    """The images of ``--reference DIR|GLOB|FILE``: a folder searched recursively for image files, a
-    glob pattern expanded (folders it matches searched too), or one image; sorted, without repeats."""
-    def images_in(folder: Path) -> list[Path]:
-        return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-    p = Path(spec)
-    if p.is_dir():
-        found = images_in(p)
-    elif p.is_file():
-        found = [p]
-    elif glob.has_magic(spec):
-        found = []
-        for m in sorted(glob.glob(spec, recursive=True)):
-            mp = Path(m)
-            found += images_in(mp) if mp.is_dir() else [mp] if mp.suffix.lower() in IMAGE_EXTENSIONS else []
-    else:
-        raise FileNotFoundError(f"--reference {spec}: no such file or folder; {REFERENCE_FIX}")
-    unique = list(dict.fromkeys(os.path.abspath(f) for f in found))
-    if not unique:
-        raise DatasetError(f"--reference {spec}: no images found; {REFERENCE_FIX}")
-    return [Path(f) for f in unique]
+    """The images of ``--reference DIR|GLOB|FILE`` (``datasets.scan.expand_image_inputs``, predict's
+    expansion of its inputs): a folder searched recursively for image files, a glob pattern expanded
+    (folders it matches searched too), or one image; absolute, without repeats."""
+    files, missing = expand_image_inputs([spec])
+    for _, why in missing:
+        error = FileNotFoundError if why == NO_SUCH_PATH else DatasetError
+        raise error(f"--reference {spec}: {why}; {REFERENCE_FIX}")
+    return [Path(os.path.abspath(f)) for f in files]
 
 
 def reference_pixels(files: Sequence[Path], image_size: int) -> torch.Tensor:
@@ -113,21 +98,47 @@ def reference_pixels(files: Sequence[Path], image_size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
 
 
-def load_reference(model: GlocalCLIP, spec: str, settings: Optional[FewShotSettings] = None,
+#: the few-shot settings asked for: all of them (a FewShotSettings), or only the fields chosen (a
+#: mapping, as a command line gives them), or None (the defaults, or a saved bank's own)
+FewShotChoice = Optional[Union[FewShotSettings, Mapping[str, Any]]]
+
+
+def chosen_fields(settings: FewShotChoice) -> dict[str, Any]:
+    """The fields of ``settings`` that were asked for, checked (an unknown name or a bad value refused)."""
+    if settings is None:
+        return {}
+    if isinstance(settings, FewShotSettings):
+        return settings.to_dict()
+    FewShotSettings(**settings)  # checks the names and values
+    return dict(settings)
+
+
+def load_reference(model: GlocalCLIP, spec: str, settings: FewShotChoice = None,
                    batch_size: int = 8, progress: bool = False) -> ReferenceBank:
     """The bank of ``--reference``: a saved bank (checked against the model; it keeps the few-shot
-    settings it was built with, ``settings`` must then be None or equal), or built from the images
-    of a folder or glob on the model's device."""
+    settings it was built with, and refuses a field of ``settings`` asked for that differs), or one
+    built from the images of a folder or glob on the model's device (``settings`` asked for, the
+    defaults for the rest)."""
+    chosen = chosen_fields(settings)
     p = Path(spec)
-    if p.is_file() and p.suffix.lower() in BANK_SUFFIXES:
+    if p.is_file() and is_bank_name(p):
         bank = ReferenceBank.load(p)
         bank.check_fits(model.cfg)
-        if settings is not None and settings != bank.settings:
-            raise ValueError(f"--reference {spec} is a saved bank built with {bank.settings.to_dict()}; the few-shot "
-                             f"flags given ask for {settings.to_dict()}: build the bank again from the images")
+        stored = bank.settings.to_dict()
+        differ = [k for k, v in chosen.items() if v != stored[k]]
+        if differ:
+            what = ", ".join(f"{{{k}}} {stored[k]} (not {chosen[k]})" for k in differ)
+            raise SettingError(differ[0], f"--reference {_braced(spec)} is a saved bank built with {what}: leave "
+                                          f"{' '.join(f'{{{k}}}' for k in differ)} out to score with the bank's, "
+                                          "or build the bank again from the images", also=differ[1:])
         return bank.to(model.device)
     files = reference_files(spec)
     x = reference_pixels(files, model.cfg.image_size).to(model.device)
     with torch.no_grad():
-        return model.reference_bank(normalize_image(x), settings, sources=[os.fspath(f) for f in files],
-                                    batch_size=batch_size)
+        return model.reference_bank(normalize_image(x), FewShotSettings(**chosen),
+                                    sources=[os.fspath(f) for f in files], batch_size=batch_size)
+
+
+def _braced(text: str) -> str:
+    """``text`` inside a SettingError template, its braces kept as they are."""
+    return text.replace("{", "{{").replace("}", "}}")

@@ -195,13 +195,3 @@ class OriginalDraws:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return list(self.epoch_order(epoch, n).split(batch_size))
 
-
-def original_initial_prompts(seed: int, backbone: BackboneSizes, prompts: PromptSizes) -> dict[str, torch.Tensor]:
-    """The original's initial prompts for ``seed`` (see :class:`OriginalDraws`)."""
-    return OriginalDraws(seed, backbone, prompts).initial_prompts
-
-
-def original_epoch_order(seed: int, backbone: BackboneSizes, prompts: PromptSizes, epoch: int,
-                         n: int) -> torch.Tensor:
-    """The original's sample order of 0-based ``epoch`` over ``n`` samples for ``seed``."""
-    return OriginalDraws(seed, backbone, prompts).epoch_order(epoch, n)

@@ -8,7 +8,6 @@ of files whichever model scores them.
 """
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..datasets.errors import DatasetError
-from ..datasets.pixels import _from_array, decoded, exif_upright, open_image, resized_rgb, rgb_pixels
-from ..datasets.scan import IMAGE_EXTENSIONS  # one list of image extensions, for datasets and predict
+from ..datasets.pixels import decoded, exif_upright, image_from_array, open_image, resized_rgb, rgb_pixels
 from ..files import write_npy, write_png
 from .heatmap import captioned, heat_overlay, inset_colour_bar
 
@@ -60,7 +58,7 @@ def read_image(item: ImageInput, image_size: int, want_rgb: bool = False) -> Loa
     if isinstance(item, np.ndarray):
         if item.ndim not in (2, 3):
             raise DatasetError(f"an image array must be [H, W] or [H, W, C], got shape {item.shape}")
-        return LoadedImage(resized_rgb(_from_array(item), image_size), (int(item.shape[0]), int(item.shape[1])),
+        return LoadedImage(resized_rgb(image_from_array(item), image_size), (int(item.shape[0]), int(item.shape[1])),
                            None)
     if isinstance(item, (str, os.PathLike)):
         path = os.fspath(item)
@@ -123,51 +121,7 @@ def batch_invariant_scores(scores: Sequence[float], threshold: Optional[float],
     return [score_alone(i) if abs(s - threshold) < LABEL_GUARD else s for i, s in enumerate(scores)]
 
 
-# ---------------------------------------------------------------------------- inputs
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def _matches(pattern: str) -> list[Path]:
-    found: list[Path] = []
-    for m in sorted(glob.glob(pattern, recursive=True)):
-        mp = Path(m)
-        if mp.is_dir():
-            found += _images_in(mp)
-        elif mp.suffix.lower() in IMAGE_EXTENSIONS:
-            found.append(mp)
-    return found
-
-
-def expand_inputs(inputs: Sequence[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files as given; folders searched recursively for image extensions; glob patterns expanded.
-    Returns (files in order, without repeats; [(input, reason)] for inputs that matched nothing)."""
-    files: list[Path] = []
-    missing: list[tuple[str, str]] = []
-    for inp in inputs:
-        p = Path(inp)
-        if p.is_dir():
-            found = _images_in(p)
-        elif p.is_file():
-            found = [p]
-        elif glob.has_magic(inp):
-            found = _matches(inp)
-        else:
-            missing.append((inp, "no such file or folder"))
-            continue
-        if not found:
-            missing.append((inp, "no images found"))
-        files += found
-    seen: set[str] = set()
-    unique = []
-    for f in files:
-        key = os.path.abspath(f)
-        if key not in seen:
-            seen.add(key)
-            unique.append(f)
-    return unique, missing
-
-
+# ---------------------------------------------------------------------------- outputs
 def output_names(files: Sequence[Path]) -> list[str]:
     """A unique relative name (no extension) per file: its path below the files' common folder."""
     if not files:

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine.checkpoint import load_model_and_checkpoint, sigma_for, stored_test_record, threshold_for
-from ..engine.few_shot import load_reference
-from ..model.config import FewShotSettings
+from ..engine.few_shot import FewShotChoice, load_reference
 from ..model.few_shot import ReferenceBank
 from .detector import Detector
 from .images import ImageInput, Prediction, batch_invariant_scores, predict_images
@@ -52,8 +51,8 @@ class Predictor:
     def from_checkpoint(cls, path: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
                         threshold: Optional[float] = None, sigma: Optional[float] = None, batch_size: int = 8,
                         trust: bool = False, reference: Optional[Union[str, ReferenceBank]] = None,
-                        few_shot: Optional[FewShotSettings] = None, save_reference: Optional[str] = None,
-                        **overrides: Any) -> "Predictor":
+                        few_shot: FewShotChoice = None, save_reference: Optional[str] = None,
+                        overwrite_reference: bool = False, **overrides: Any) -> "Predictor":
         """Our checkpoint (config inside), or an original GlocalCLIP/AnomalyCLIP one (settings from
         ``overrides``, prompt shapes from its tensors). ``threshold`` None: the F1-max threshold
         ``test.py`` stored beside the checkpoint, else one embedded in an older checkpoint, else no labels.
@@ -61,9 +60,11 @@ class Predictor:
         load a file even where loading it could run code (see ``glocalclip.load_model``).
 
         ``reference`` (few-shot, docs/design.md §11): normal images (a folder or glob) whose bank is
-        built once with ``few_shot`` settings and saved to ``save_reference`` if given, or a saved
-        bank. Few-shot scores live on another scale than the stored zero-shot threshold, so that one
-        is not used: labels come from ``threshold`` alone."""
+        built once with ``few_shot`` settings and saved to ``save_reference`` if given (an existing file
+        kept unless ``overwrite_reference``), or a saved
+        bank (which keeps its own settings: ``few_shot`` may give some fields, which must agree). Few-shot
+        scores live on another scale than the stored zero-shot threshold, so that one is not used:
+        labels come from ``threshold`` alone."""
         model, ckpt = load_model_and_checkpoint(os.fspath(path), trust=trust, **overrides)
         record = stored_test_record(path, ckpt)
         sigma = sigma_for(record, sigma)
@@ -75,7 +76,7 @@ class Predictor:
             bank = reference if isinstance(reference, ReferenceBank) else \
                 load_reference(model, os.fspath(reference), few_shot, batch_size)
             if save_reference is not None:
-                bank.save(save_reference)
+                bank.save(save_reference, overwrite=overwrite_reference)
         return cls(model, threshold=threshold, sigma=sigma, batch_size=batch_size,
                    device=device, threshold_source=source, reference=bank)
 

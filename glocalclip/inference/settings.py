@@ -4,10 +4,11 @@ a checkpoint (PyTorch) or an exported ONNX file, σ, device and batch size. Torc
 Errors name the fields; the command line shows them as its flags (``apps/flags.py``)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
-from ..model.config import PRECISIONS
+from ..model.config import BANK_SUFFIXES, PRECISIONS, is_bank_name
 from ..settings import SettingError, check_settings, setting
 
 SIGMA_RULE = "the σ the checkpoint's threshold was measured with (test.py stores it), else the paper's 8"
@@ -67,10 +68,28 @@ class ReferenceSettings:
                                        default_text="none (zero-shot)")
     save_reference: Optional[str] = setting(None, metavar="FILE.pt",
                                             help="save the bank built from --reference images, to reuse it as "
-                                                 "--reference FILE.pt", default_text="not saved")
+                                                 "--reference FILE.pt (the name ends in .pt, .pth or .bank; an "
+                                                 "existing file is kept unless --overwrite_reference)",
+                                            default_text="not saved")
+    overwrite_reference: bool = setting(False, switch=True, help="replace an existing --save_reference file")
 
     def __post_init__(self) -> None:
         check_settings(self)
-        if self.save_reference is not None and self.reference is None:
+        if self.save_reference is None:
+            if self.overwrite_reference:
+                raise SettingError("overwrite_reference", "{overwrite_reference} replaces the file of "
+                                                          "{save_reference}: give {save_reference} FILE.pt too",
+                                   also=("save_reference",))
+            return
+        if self.reference is None:
             raise SettingError("save_reference", "{save_reference} saves the bank of {reference} images: give "
                                                  "{reference} DIR too", also=("reference",))
+        target = self.save_reference.replace("{", "{{").replace("}", "}}")
+        if not is_bank_name(self.save_reference):
+            raise SettingError("save_reference", f"{{save_reference}} {target}: a bank's file name ends in "
+                                                 f"{', '.join(BANK_SUFFIXES)}, which {{reference}} reads back as a "
+                                                 "bank (any other name is read as an image)", also=("reference",))
+        if os.path.lexists(self.save_reference) and not self.overwrite_reference:
+            raise SettingError("save_reference", f"{{save_reference}} {target} exists and is kept: give another "
+                                                 "name, or {overwrite_reference} to replace it",
+                               also=("overwrite_reference",))

@@ -265,18 +265,12 @@ def fetch_pretrained(name: str, tag: str, probe_timeout: float = 4.0) -> str:
         raise PretrainedWeightsUnavailable(_offline_message(name, tag, f"download failed ({e})")) from e
 
 
-def create_backbone(backbone: str, pretrained: Optional[str], trust: bool = False) -> nn.Module:
-    """Build the frozen fp32 CLIP backbone: architecture from ``backbone``, weights from
-    ``pretrained`` (an open_clip tag, a local weights file, or None for a random init that is
-    the same on every call). ``trust``: see :func:`read_clip_state_dict`."""
-    cfg, name = resolve_model_config(backbone, pretrained)
-    return backbone_from_config(cfg, name, pretrained, trust=trust)
-
-
 def backbone_from_config(model_cfg: dict[str, Any], name: str, pretrained: Optional[str],
                          trust: bool = False) -> nn.Module:
     """The frozen fp32 CLIP of an open_clip model config dict (``name`` is its canonical open_clip
-    name, used to look up a ``pretrained`` tag); weights as in :func:`create_backbone`."""
+    name, used to look up a ``pretrained`` tag): weights from ``pretrained`` (an open_clip tag, a
+    local weights file, or None for a random init that is the same on every call). ``trust``: see
+    :func:`read_clip_state_dict`. ``BackboneRecord.build`` calls it."""
     path = source = None
     if pretrained is not None:  # find the weights before spending time on building the model
         if os.path.isfile(pretrained):

@@ -8,6 +8,7 @@ values; the command-line flags are generated from these fields (``apps/flags.py`
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
@@ -19,6 +20,8 @@ PROMPT_STYLES = ("glocal", "anomalyclip")
 PRECISIONS = ("fp32", "bf16", "fp16")
 FEW_SHOT_LAYERS = ("selected", "blocks")
 FEW_SHOT_IMAGE_TERMS = ("max", "mean")
+#: a file with one of these suffixes is a saved few-shot bank (``--reference BANK``), not an image
+BANK_SUFFIXES = (".pt", ".pth", ".bank")
 
 #: backbone -> the settings that fit it, used for the fields a caller does not give. The packaged
 #: tiny test backbone has 8 vision blocks, 4 text blocks and no pretrained weights.
@@ -151,3 +154,8 @@ class FewShotSettings:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "FewShotSettings":
         return cls(**known_fields_only(cls, d, "few-shot settings"))
+
+
+def is_bank_name(path: Any) -> bool:
+    """Whether ``--reference path`` reads ``path`` as a saved bank (by its suffix, any case)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in BANK_SUFFIXES

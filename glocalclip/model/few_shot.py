@@ -14,14 +14,14 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..files import write_torch
-from .config import FEW_SHOT_IMAGE_TERMS, FewShotSettings
+from .config import BANK_SUFFIXES, FEW_SHOT_IMAGE_TERMS, FewShotSettings, is_bank_name
 from .layers import LayerFeatures
 
 
@@ -156,12 +156,17 @@ class ReferenceBank:
             raise ValueError(f"the reference bank was built with another model ({detail}); build it again "
                              "with --reference on this checkpoint")
 
-    def save(self, path: PathLike) -> None:
-        """A plain torch file of tensors, numbers and strings (read back with ``weights_only=True``)."""
+    def save(self, path: PathLike, overwrite: bool = False) -> None:
+        """A plain torch file of tensors, numbers and strings (read back with ``weights_only=True``),
+        written atomically. Its name must end in a suffix ``--reference`` reads as a bank; an existing
+        file is kept (OutputError) unless ``overwrite``."""
+        if not is_bank_name(path):
+            raise ValueError(f"cannot save a reference bank as {path}: its name must end in "
+                             f"{', '.join(BANK_SUFFIXES)}, which --reference reads as a bank")
         write_torch(path, {"format": BANK_FORMAT, "tensors": [t.cpu().contiguous() for t in self.layers.tensors],
                            "counts": list(self.layers.counts), "settings": self.settings.to_dict(),
                            "image_size": int(self.image_size), "model_key": dict(self.model_key),
-                           "sources": list(self.sources)})
+                           "sources": list(self.sources)}, replace=overwrite)
 
     @classmethod
     def load(cls, path: PathLike, map_location: Union[str, torch.device] = "cpu") -> "ReferenceBank":
