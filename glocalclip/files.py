@@ -243,13 +243,21 @@ def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[n:]
 
 
-#: errors of ``os.link`` on a file system without hard links (then a check and a rename stand in)
-_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+#: errors of ``os.link`` on a file system without hard links (then a check and a rename stand in):
+#: EINVAL is Windows' FAT/exFAT answer, EACCES some SMB and FUSE mounts' (a folder that is really not
+#: writable fails the rename too, with its own error)
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS, errno.EINVAL, errno.EACCES}
 
 
 def _kept(path: Path) -> OutputError:
     return OutputError(f"cannot write {path}: a file of that name exists and is kept; choose another name, or "
                        "ask for it to be replaced", errno.EEXIST, path)
+
+
+def refuse_existing(path: str | os.PathLike) -> None:
+    """The refusal of ``write_*(replace=False)``, early: before the work whose result ``path`` is for."""
+    if os.path.lexists(path):
+        raise _kept(Path(path))
 
 
 def _place_new(tmp: Path, path: Path) -> None:
@@ -266,7 +274,7 @@ def _place_new(tmp: Path, path: Path) -> None:
             raise _kept(path) from None
         os.replace(tmp, path)
         return
-    os.unlink(tmp)
+    _unlink_quietly(tmp)  # the file is in place: a temp name left behind (held open elsewhere) is no failure
 
 
 def write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview, replace: bool = True) -> Path:

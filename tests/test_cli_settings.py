@@ -236,6 +236,8 @@ def test_every_setting_field_is_a_documented_dataclass_field():
      "--shot_layers acts", "--shots K (1 or more)"),
     (["test", "--data_path", "{tmp}", "--checkpoint_path", "c.pt", "--shots", "0", "--shot_weight", "0"],
      "--shot_weight acts", "--shots K (1 or more)"),
+    (["test", "--data_path", "{tmp}", "--checkpoint_path", "c.pt", "--shot_seed", "0"],
+     "--shot_seed acts", "--shots K (1 or more)"),
 ])
 def test_few_shot_flags_without_few_shot_are_refused_not_ignored(argv, named, switch, tmp_path, capsys):
     """Before anything is read or written: the checkpoint c.pt does not exist, and no file appears."""
@@ -260,6 +262,10 @@ def test_few_shot_flags_with_few_shot_pass_the_check():
     refuse_few_shot_flags_unused(args, ["weight"], "shots", "K", args.shots > 0)  # no error
     args = make_test_parser().parse_args(["--data_path", "d", "--checkpoint_path", "c"])
     assert settings_from_args(FewShotSettings, args) == FewShotSettings()  # the defaults, as before
+    assert settings_from_args(TestConfig, args).shot_seed == 0
+    args = make_test_parser().parse_args(["--data_path", "d", "--checkpoint_path", "c", "--shots", "4",
+                                          "--shot_seed", "3"])
+    assert (settings_from_args(TestConfig, args).shots, settings_from_args(TestConfig, args).shot_seed) == (4, 3)
 
 
 @pytest.mark.parametrize("extra, says", [

@@ -156,6 +156,33 @@ def test_a_bank_is_saved_only_under_a_bank_name_and_replaces_a_file_only_when_as
     assert [p.name for p in tmp_path.iterdir()] == ["Good.BANK"]  # no temp file left
 
 
+@pytest.mark.parametrize("route", ["predictor", "export"])
+def test_the_public_api_refuses_a_bank_name_before_it_loads_anything(tiny_checkpoint, tmp_path, monkeypatch, route):
+    """``Predictor.from_checkpoint`` and ``export_onnx`` check ``save_reference`` first: a bad name or
+    a file to keep is refused before the checkpoint loads and minutes of bank building start."""
+    from glocalclip import Predictor
+    from glocalclip.deploy import export as export_module
+    from glocalclip.files import OutputError
+    from glocalclip.inference import predictor as predictor_module
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the bank's name was checked")
+
+    monkeypatch.setattr(predictor_module, "load_model_and_checkpoint", no_loading)
+    monkeypatch.setattr(export_module, "load_model_and_checkpoint", no_loading)
+    (tmp_path / "old.pt").write_bytes(b"kept")
+    build = (lambda **kw: Predictor.from_checkpoint(tiny_checkpoint, device="cpu", reference=str(tmp_path), **kw)) \
+        if route == "predictor" else \
+        (lambda **kw: export_module.export_onnx(tiny_checkpoint, tmp_path / "m.onnx", reference=str(tmp_path), **kw))
+    with pytest.raises(ValueError, match="its name must end in"):
+        build(save_reference=str(tmp_path / "bank.npz"))
+    with pytest.raises(OutputError, match="old.pt: a file of that name exists and is kept"):
+        build(save_reference=str(tmp_path / "old.pt"))
+    with pytest.raises(AssertionError, match="loaded before"):  # asked to replace: on to loading
+        build(save_reference=str(tmp_path / "old.pt"), overwrite_reference=True)
+    assert (tmp_path / "old.pt").read_bytes() == b"kept"
+
+
 # ---------------------------------------------------------------------------- --reference DIR|GLOB|BANK
 def _write_pngs(folder, n, seed, size=(70, 90)):
     from PIL import Image

@@ -124,6 +124,26 @@ def test_a_write_that_may_not_replace_keeps_an_existing_file_even_one_made_meanw
     assert sorted(os.listdir(tmp_path)) == ["bank.pt", "fresh.pt", "raced.pt"]  # no temp file left
 
 
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.EACCES])
+def test_a_write_that_may_not_replace_works_where_hard_links_are_refused(tmp_path, monkeypatch, code):
+    """Windows' FAT/exFAT answer os.link with EINVAL, some SMB/FUSE mounts with EACCES: the check and
+    the rename stand in, rather than the write failing."""
+    monkeypatch.setattr(os, "link", _failing("link", code))
+    assert files.write_bytes(tmp_path / "bank.pt", b"NEW", replace=False).read_bytes() == b"NEW"
+    with pytest.raises(OutputError, match="exists and is kept"):
+        files.write_bytes(tmp_path / "bank.pt", b"NEWER", replace=False)
+    assert os.listdir(tmp_path) == ["bank.pt"]
+
+
+def test_a_placed_file_stays_written_when_its_temp_name_cannot_be_removed(tmp_path, monkeypatch):
+    """After the hard link the file is in place: a temp name that cannot be removed (held open by a
+    scanner on Windows) is left, not reported as a failed write."""
+    monkeypatch.setattr(os, "unlink", _failing("unlink", errno.EACCES))
+    assert files.write_bytes(tmp_path / "bank.pt", b"NEW", replace=False).read_bytes() == b"NEW"
+    monkeypatch.undo()
+    assert "bank.pt" in os.listdir(tmp_path)
+
+
 def test_a_file_where_a_folder_should_be_is_named(tmp_path):
     blocker = tmp_path / "runs"
     blocker.write_text("not a folder")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from PIL import Image
 
 from glocalclip import GlocalCLIP, Predictor
 
-from conftest import DEPLOY_SIGMA, DEPLOY_THRESHOLD, tiny_config
+from conftest import DEPLOY_SIGMA, DEPLOY_THRESHOLD, sigint_as_ctrl_c, tiny_config
 
 pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[serve]'")
 pytest.importorskip("multipart", reason="needs the serve extra: pip install -e '.[serve]'")
@@ -99,7 +100,7 @@ def server_process(tiny_onnx, tmp_path):
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "glocalclip", "serve", "--model", str(tiny_onnx),
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, preexec_fn=sigint_as_ctrl_c)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -118,6 +119,14 @@ def server_process(tiny_onnx, tmp_path):
         proc.kill()
         proc.wait()
     log.close()
+
+
+def test_ctrl_c_stops_the_server_cleanly_with_exit_0(server_process, tmp_path):
+    """Ctrl-C is how a server is stopped: uvicorn shuts down and the command exits 0, not 130."""
+    proc, url = server_process
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()
+    assert "interrupted" not in (tmp_path / "serve.log").read_text()
 
 
 @pytest.mark.slow
@@ -324,8 +333,9 @@ def test_a_client_stalling_in_its_headers_is_dropped_at_the_header_deadline(live
         start = time.monotonic()
         rest = read_answer(sock, 30)
         elapsed = time.monotonic() - start
-    # closed at the header deadline, not keep-alive's 5 s; what came was the first answer's body, no second answer
-    assert b"HTTP/1.1" not in rest and 1.0 < elapsed < 4.5, (rest, elapsed)
+    # closed at the header deadline; what came was the first answer's body, no second answer
+    # (a partial request stops uvicorn's keep-alive timer: without the deadline this waits read_answer's 30 s)
+    assert b"HTTP/1.1" not in rest and 1.0 < elapsed < 10, (rest, elapsed)
 
 
 def test_a_slow_request_whose_headers_arrive_in_time_is_answered(live_server):

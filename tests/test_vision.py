@@ -342,3 +342,22 @@ def test_attention_kernels_match_softmax_attention(kernel, dtype):
     want = torch.cat([torch.softmax(a @ b.transpose(-1, -2) / 4, dim=-1) @ v for a, b in ((q, k), (v, v))])
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("precision, atol", [("fp32", 1e-6), ("bf16", 2e-2)])
+def test_the_last_block_computes_the_class_row_as_the_full_block_does(tiny_clip, precision, atol):
+    """The last dual-path block runs its standard stream for the class row alone (nothing reads the
+    other rows). That row must be the full block's row 0: in fp32 to rounding, in bf16 (where the
+    full block uses the blocked kernel and the class row SDPA) within bf16's rounding of the tokens;
+    the V-V stream is the same tensor either way."""
+    model = GlocalCLIP(tiny_config(precision=precision), clip=tiny_clip).eval()
+    last = model.visual.dual_blocks[-1]
+    g = torch.Generator().manual_seed(3)
+    o, v = torch.randn(2, 50, 128, generator=g), torch.randn(2, 50, 128, generator=g)
+    with torch.no_grad():
+        o_full, v_full = last(o, v)
+        o_cls, v_cls = last(o, v, class_row_only=True)
+    assert o_full.shape == (2, 50, 128) and o_cls.shape == (2, 1, 128)
+    torch.testing.assert_close(o_cls[:, 0], o_full[:, 0], atol=atol * o_full.abs().max().item(), rtol=0)
+    torch.testing.assert_close(v_cls, v_full, atol=0, rtol=0)
+    assert (o_cls[:, 0] - o_full[:, 1]).abs().max() > 10 * atol  # row 0, not any row

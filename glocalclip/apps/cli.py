@@ -60,7 +60,8 @@ def train_configs(given: dict[str, Any], model_given: dict[str, Any], trust: boo
 # ---------------------------------------------------------------------------- test
 def test_main(argv: Optional[Sequence[str]] = None) -> int:
     args = test_parser().parse_args(list(sys.argv[1:] if argv is None else argv))  # --help: no torch yet
-    refuse_few_shot_flags_unused(args, list(given_settings(FewShotSettings, args)), "shots", "K (1 or more)", args.shots > 0)
+    few_shot_given = [*given_settings(FewShotSettings, args), *(["shot_seed"] if hasattr(args, "shot_seed") else [])]
+    refuse_few_shot_flags_unused(args, few_shot_given, "shots", "K (1 or more)", args.shots > 0)
     from ..datasets import load_meta
     from ..engine.checkpoint import load_model_and_checkpoint, sigma_for
     from ..engine.distributed import init_distributed

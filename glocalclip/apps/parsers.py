@@ -10,7 +10,7 @@ from typing import Optional
 from ..engine.settings import TestConfig, TrainConfig
 from ..model.config import FewShotSettings
 from ..inference.settings import ModelSettings
-from ..settings import check_settings, setting
+from ..settings import check_settings, setting, settings_fields
 from .flags import add_load_flags, add_model_flags, add_reference_flags, add_settings, new_parser
 
 CONVERT_SUMMARY = ("an original GlocalCLIP / AnomalyCLIP checkpoint (``{\"prompt_learner\": ...}``, no config) "
@@ -28,9 +28,11 @@ def train_parser() -> argparse.ArgumentParser:
 
 def test_parser() -> argparse.ArgumentParser:
     p = new_parser("test.py", "Zero-shot (or, with --shots, few-shot) test of trained GlocalCLIP prompts.")
-    add_settings(p, TestConfig)
+    add_settings(p, TestConfig, fields=[f.name for f, _ in settings_fields(TestConfig) if f.name != "shot_seed"])
     # given-only: a few-shot flag given without --shots is refused rather than ignored (cli.test_main)
-    add_settings(p.add_argument_group("few-shot (with --shots K)"), FewShotSettings, given_only=True)
+    few_shot = p.add_argument_group("few-shot (with --shots K)")
+    add_settings(few_shot, TestConfig, fields=("shot_seed",), given_only=True)
+    add_settings(few_shot, FewShotSettings, given_only=True)
     add_settings(p, ModelSettings, fields=("checkpoint", "sigma", "device", "batch_size"), required=("checkpoint",))
     add_load_flags(p)
     add_model_flags(p, for_training=False)

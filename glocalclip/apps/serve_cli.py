@@ -37,5 +37,8 @@ def serve_main(argv: Optional[Sequence[str]] = None) -> int:
     app = create_app(open_predictor(model, "serve", trust=trusted(args), reference=reference, few_shot=few_shot),
                      settings)
     print(f"glocalclip serve: http://{settings.host}:{settings.port}/ (POST /predict, GET /healthz)")
-    uvicorn.Server(server_config(app, settings)).run()
+    try:
+        uvicorn.Server(server_config(app, settings)).run()
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: uvicorn has shut down cleanly
+        pass
     return 0

@@ -22,6 +22,7 @@ from .. import __version__
 from ..engine.checkpoint import file_sha256, load_model_and_checkpoint, sigma_for, stored_test_record, threshold_for
 from ..engine.few_shot import load_reference
 from ..inference.detector import Detector
+from ..model.few_shot import check_bank_target
 from .half import store_weights_half
 from .metadata import INPUT_NAME, OUTPUT_NAMES, DeployMetadata
 
@@ -45,6 +46,8 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Op
     _require_exporter()
     if image_size is not None:
         overrides["image_size"] = int(image_size)
+    if save_reference is not None:
+        check_bank_target(save_reference, overwrite_reference)  # before minutes of bank building
     model, ckpt = load_model_and_checkpoint(checkpoint, trust=trust, **{**overrides, "precision": "fp32"})
     record = stored_test_record(checkpoint, ckpt)
     sigma = sigma_for(record, sigma)

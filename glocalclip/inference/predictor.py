@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..engine.checkpoint import load_model_and_checkpoint, sigma_for, stored_test_record, threshold_for
 from ..engine.few_shot import FewShotChoice, load_reference
-from ..model.few_shot import ReferenceBank
+from ..model.few_shot import ReferenceBank, check_bank_target
 from .detector import Detector
 from .images import ImageInput, Prediction, batch_invariant_scores, predict_images
 
@@ -65,6 +65,8 @@ class Predictor:
         bank (which keeps its own settings: ``few_shot`` may give some fields, which must agree). Few-shot
         scores live on another scale than the stored zero-shot threshold, so that one is not used:
         labels come from ``threshold`` alone."""
+        if save_reference is not None:
+            check_bank_target(save_reference, overwrite_reference)  # before minutes of bank building
         model, ckpt = load_model_and_checkpoint(os.fspath(path), trust=trust, **overrides)
         record = stored_test_record(path, ckpt)
         sigma = sigma_for(record, sigma)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..files import write_torch
+from ..files import refuse_existing, write_torch
 from .config import BANK_SUFFIXES, FEW_SHOT_IMAGE_TERMS, FewShotSettings, is_bank_name
 from .layers import LayerFeatures
 
@@ -129,6 +129,17 @@ def join_scores(out: dict[str, torch.Tensor], fs_map: torch.Tensor, settings: Fe
 BANK_FORMAT = "glocalclip-reference-bank/1"
 
 
+def check_bank_target(path: PathLike, overwrite: bool = False) -> None:
+    """What :meth:`ReferenceBank.save` refuses, checked before a bank is built (a ViT-L bank takes
+    minutes): a name ``--reference`` would not read back as a bank, or an existing file unless
+    ``overwrite`` (OutputError)."""
+    if not is_bank_name(path):
+        raise ValueError(f"cannot save a reference bank as {path}: its name must end in "
+                         f"{', '.join(BANK_SUFFIXES)}, which --reference reads as a bank")
+    if not overwrite:
+        refuse_existing(path)
+
+
 @dataclass(frozen=True, eq=False)
 class ReferenceBank:
     """A bank ready to score with: its layers ([M, E] each, with counts), how it joins the zero-shot
@@ -160,9 +171,7 @@ class ReferenceBank:
         """A plain torch file of tensors, numbers and strings (read back with ``weights_only=True``),
         written atomically. Its name must end in a suffix ``--reference`` reads as a bank; an existing
         file is kept (OutputError) unless ``overwrite``."""
-        if not is_bank_name(path):
-            raise ValueError(f"cannot save a reference bank as {path}: its name must end in "
-                             f"{', '.join(BANK_SUFFIXES)}, which --reference reads as a bank")
+        check_bank_target(path, overwrite)
         write_torch(path, {"format": BANK_FORMAT, "tensors": [t.cpu().contiguous() for t in self.layers.tensors],
                            "counts": list(self.layers.counts), "settings": self.settings.to_dict(),
                            "image_size": int(self.image_size), "model_key": dict(self.model_key),
