@@ -87,7 +87,7 @@ def test_cpu_limit_quick_mode_prints_every_path_with_the_deviations(tmp_path, ca
         (d, k) for d in ("float32", "bfloat16") for k in ("sdpa", "blocked", "matmul+softmax")}
     (tiny,) = report["models"]
     assert [p["path"] for p in tiny["paths"]] == ["original code's encoder, fp32", "ours, fp32", "ours, bf16",
-                                                  "onnx fp32", "onnx int8 weights"]
+                                                  "onnx fp32", "onnx int8 (export --int8)"]
     assert all(p["s_per_image"] > 0 for p in tiny["paths"])
     dev = tiny["deviation"]
     assert dev["fp32_vs_original_patch"] < 1e-4 * dev["patch_scale"] and dev["fp32_vs_original_global"] < 1e-4
