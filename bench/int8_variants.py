@@ -82,7 +82,8 @@ def quantize_variant(fp32: Path, out: Path, roles: list[tuple[str, str, int]], c
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
             q = MatMulNBitsQuantizer(onnx.load(str(fp32)), bits=8, block_size=32, is_symmetric=True,
-                                     accuracy_level=options["nbits"], nodes_to_include=names, op_types_to_quantize=("MatMul",))
+                                     accuracy_level=options["nbits"], op_types_to_quantize=("MatMul",),
+                                     nodes_to_exclude=[n for n, _, _ in roles if n not in names])
             q.process()
             q.model.save_model_to_file(str(out), True)
         else:
