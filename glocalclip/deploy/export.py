@@ -42,8 +42,8 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Op
     [B, S, S, 3] to ``pred_score`` [B] and ``anomaly_map`` [B, S, S]. ``sigma`` defaults to the σ the
     checkpoint was tested with, ``image_size`` to its config's, ``threshold`` to its stored one.
     ``half`` stores the weight matrices as float16 (computed in float32); ``int8`` stores the
-    transformer blocks' matrices as int8 and multiplies them in int8 (about 2x faster on a CPU,
-    maps within ~1.5 % of their range: docs/speed.md); not both. ``trust``: load a checkpoint
+    transformer blocks' matrices as int8 and multiplies them in int8 (1.4-1.7x faster on a CPU,
+    maps within ~1.2 % of their range: docs/speed.md); not both. ``trust``: load a checkpoint
     that could run code (``--trust_checkpoint``). ``reference``: normal images (a folder or glob) or a
     saved bank, baked into the graph as constants (few-shot, docs/design.md §11); the checkpoint's
     zero-shot threshold does not fit its scores, so only ``threshold`` labels. Returns the metadata."""

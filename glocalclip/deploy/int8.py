@@ -1,6 +1,6 @@
 """``glocalclip export --int8``: the transformer blocks' weight matrices stored as int8 and multiplied
 in int8 (ONNX Runtime's dynamic quantization: ``MatMulInteger`` on activations quantized per call by
-``DynamicQuantizeLinear``), about twice as fast as the float32 graph on a CPU with VNNI.
+``DynamicQuantizeLinear``), 1.4-1.7x as fast as the float32 graph on a CPU with VNNI (measured).
 
 Which products are quantized was measured (docs/speed.md, "int8 weights"): each block's qkv
 in-projection and both MLP matrices, with one scale per output channel. The attention
