@@ -102,3 +102,19 @@ def test_int8_with_half_is_refused_with_one_message(tiny_checkpoint, tmp_path, c
     with pytest.raises(SettingError, match="int8 and half"):
         export_onnx(tiny_checkpoint, out, half=True, int8=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_int8_weights_past_the_protobuf_limit_go_beside_the_file(tiny_checkpoint, tiny_int8_onnx, tmp_path,
+                                                                  monkeypatch):
+    """The limit lowered: the int8 file's weights go to OUT.data, the graph alone stays small, and it
+    scores exactly as the one-file export does."""
+    from glocalclip.deploy import OnnxPredictor
+    from glocalclip.deploy import export as export_module
+
+    monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", export_module.GRAPH_HEADROOM + 1)
+    out = tmp_path / "int8.onnx"
+    export_module.export_onnx(tiny_checkpoint, out, int8=True)
+    assert (tmp_path / "int8.onnx.data").is_file() and out.stat().st_size < 200_000
+    pixels = np.random.default_rng(4).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
+    for a, b in zip(OnnxPredictor(out).run(pixels), OnnxPredictor(tiny_int8_onnx).run(pixels)):
+        np.testing.assert_array_equal(a, b)

@@ -17,11 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
-
-QUANTIZED = "the qkv in-projection and the two MLP matrices of every transformer block"
-
 
 def block_weight_shapes(width: int, mlp_width: int) -> set[tuple[int, int]]:
     """The [in, out] shapes of the block matrices that are quantized: qkv [W, 3W], MLP [W, M] and [M, W].
@@ -29,12 +27,24 @@ def block_weight_shapes(width: int, mlp_width: int) -> set[tuple[int, int]]:
     return {(width, 3 * width), (width, mlp_width), (mlp_width, width)}
 
 
-def nodes_to_quantize(model, shapes: set[tuple[int, int]]) -> list[str]:
+def nodes_to_quantize(model, width: int, mlp_width: int) -> list[str]:
     """Names of the MatMul nodes of ``model`` (an ``onnx.ModelProto``, weights not needed) whose
-    second input is a constant of one of ``shapes``."""
+    second input is a constant of :func:`block_weight_shapes`. Every block has one MatMul of each
+    block shape and one out-projection [W, W]; unequal counts mean that another constant (a few-shot
+    bank slice, say) has a block's shape, and nothing is quantized rather than the wrong product."""
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    return [n.name for n in model.graph.node
-            if n.op_type == "MatMul" and len(n.input) == 2 and dims.get(n.input[1]) in shapes]
+    per_block = Counter([(width, 3 * width), (width, width), (width, mlp_width), (mlp_width, width)])
+    found: dict[tuple[int, int], list[str]] = {s: [] for s in per_block}
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and len(n.input) == 2 and dims.get(n.input[1]) in per_block:
+            found[dims[n.input[1]]].append(n.name)
+    blocks = len(found[(width, width)]) // per_block[(width, width)]
+    if not blocks or any(len(found[s]) != blocks * k for s, k in per_block.items()):
+        counts = {s: len(names) for s, names in found.items()}
+        raise RuntimeError(f"the exported graph's MatMuls do not divide into transformer blocks of width {width} "
+                           f"and MLP {mlp_width} (constant weights per shape: {counts}); export without --int8, "
+                           f"and please report it")
+    return [name for s in block_weight_shapes(width, mlp_width) for name in found[s]]
 
 
 @contextmanager
@@ -56,15 +66,11 @@ def _quiet_quantizer() -> Iterator[None]:
 def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, width: int, mlp_width: int) -> int:
     """Write ``out_path`` (weights in ``out_path.data``) from the float32 file ``fp32_path``: the
     block matrices of :func:`block_weight_shapes` in int8, per output channel. Returns how many
-    products were quantized; none found is a bug of the exporter, not a model to ship."""
+    products were quantized."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    names = nodes_to_quantize(onnx.load(os.fspath(fp32_path), load_external_data=False),
-                              block_weight_shapes(width, mlp_width))
-    if not names:
-        raise RuntimeError(f"the exported graph has no MatMul with a block weight of width {width} / MLP "
-                           f"{mlp_width}: nothing to quantize to int8 (a glocalclip bug, please report it)")
+    names = nodes_to_quantize(onnx.load(os.fspath(fp32_path), load_external_data=False), width, mlp_width)
     with _quiet_quantizer():
         quantize_dynamic(os.fspath(fp32_path), os.fspath(out_path), weight_type=QuantType.QInt8,
                          per_channel=True, reduce_range=False, nodes_to_quantize=names,
