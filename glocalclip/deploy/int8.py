@@ -29,22 +29,22 @@ def block_weight_shapes(width: int, mlp_width: int) -> set[tuple[int, int]]:
 
 def nodes_to_quantize(model, width: int, mlp_width: int) -> list[str]:
     """Names of the MatMul nodes of ``model`` (an ``onnx.ModelProto``, weights not needed) whose
-    second input is a constant of :func:`block_weight_shapes`. Every block has one MatMul of each
-    block shape and one out-projection [W, W]; unequal counts mean that another constant (a few-shot
-    bank slice, say) has a block's shape, and nothing is quantized rather than the wrong product."""
+    second input is a constant of :func:`block_weight_shapes`. Every block has one MatMul of each of
+    those shapes; unequal counts mean that another constant (a few-shot bank slice, say) has a block's
+    shape, and nothing is quantized rather than the wrong product."""
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    per_block = Counter([(width, 3 * width), (width, width), (width, mlp_width), (mlp_width, width)])
+    per_block = Counter([(width, 3 * width), (width, mlp_width), (mlp_width, width)])
     found: dict[tuple[int, int], list[str]] = {s: [] for s in per_block}
     for n in model.graph.node:
         if n.op_type == "MatMul" and len(n.input) == 2 and dims.get(n.input[1]) in per_block:
             found[dims[n.input[1]]].append(n.name)
-    blocks = len(found[(width, width)]) // per_block[(width, width)]
+    blocks = len(found[(width, 3 * width)]) // per_block[(width, 3 * width)]
     if not blocks or any(len(found[s]) != blocks * k for s, k in per_block.items()):
         counts = {s: len(names) for s, names in found.items()}
         raise RuntimeError(f"the exported graph's MatMuls do not divide into transformer blocks of width {width} "
                            f"and MLP {mlp_width} (constant weights per shape: {counts}); export without --int8, "
                            f"and please report it")
-    return [name for s in block_weight_shapes(width, mlp_width) for name in found[s]]
+    return [name for s in per_block for name in found[s]]
 
 
 @contextmanager
