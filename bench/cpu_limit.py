@@ -9,9 +9,10 @@
    ``glocalclip.model.attention`` and a plain matmul + softmax, fp32 and bf16, in GFLOP/s.
 3. The vision forward per image at ``--batch``, timed in alternating rounds, best round kept (a
    shared machine slows some rounds): the original code's encoder re-run (``bench.original_encoder``),
-   ours fp32, ours bf16, ONNX Runtime on ``glocalclip export``'s graph in fp32 and with int8 weights
-   (``onnxruntime.quantization.quantize_dynamic``). Each is printed as s/image and as the fraction of
-   its peak (fp32 paths: fp32 peak; bf16 and int8: bf16 peak) that the model's FLOPs would take.
+   ours fp32, ours bf16, ONNX Runtime on ``glocalclip export``'s graph in fp32 and on ``export --int8``'s
+   (the same ``export_onnx`` with ``int8=True``: the file the flag ships). Each is printed as s/image
+   and as the fraction of its peak (fp32 paths: fp32 peak; bf16 and int8: bf16 peak) that the model's
+   FLOPs would take.
 4. Where the bf16 forward's time goes (``torch.profiler``, one forward): the matrix products (with
    their GFLOP/s against the bf16 peak), softmax, and everything else; and the bound that puts on
    bf16: the products alone, at the measured bf16 peak, as a multiple of the original's speed.
@@ -131,25 +132,20 @@ def time_split(fn: Callable[[], object], batch: int) -> dict[str, float]:
 
 def onnx_sessions(model: GlocalCLIP, workdir: Path, int8: bool) -> dict[str, object]:
     """ONNX Runtime sessions on ``glocalclip export``'s graph of ``model``'s checkpoint: fp32, and
-    with int8 weights (dynamic quantization of the MatMuls) if ``int8``."""
+    ``export --int8``'s graph (``export_onnx(int8=True)``, the file the flag ships) if ``int8``."""
     import onnxruntime as ort
 
     from glocalclip.deploy.export import export_onnx
 
     ckpt = workdir / "model.pth"
     torch.save(model.checkpoint(0), ckpt)
-    t0 = time.perf_counter()
-    export_onnx(ckpt, workdir / "model.onnx", sigma=4.0)
-    print(f"exported in {time.perf_counter() - t0:.1f} s", flush=True)
     paths = {"onnx fp32": workdir / "model.onnx"}
     if int8:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
+        paths["onnx int8 (export --int8)"] = workdir / "model.int8.onnx"
+    for name, path in paths.items():
         t0 = time.perf_counter()
-        quantize_dynamic(str(paths["onnx fp32"]), str(workdir / "model.int8.onnx"), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
-        print(f"quantized in {time.perf_counter() - t0:.1f} s", flush=True)
-        paths["onnx int8 weights"] = workdir / "model.int8.onnx"
+        export_onnx(ckpt, path, sigma=4.0, int8="int8" in name)
+        print(f"{name}: exported in {time.perf_counter() - t0:.1f} s", flush=True)
     opts = ort.SessionOptions()
     return {name: ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             for name, path in paths.items()}
@@ -202,8 +198,8 @@ def measure(kind: str, batch: int, repeats: int, onnx: bool, int8: bool, image_s
         "bf16_vs_fp32_patch_relative": max((a - b).abs().max().item() / b.abs().max().item() for a, b in zip(p_16, p_32)),
         "bf16_vs_fp32_global_relative": (g_16 - g_32).abs().max().item() / g_32.abs().max().item(),
     }
-    if "onnx int8 weights" in outputs:
-        (s32, m32), (s8, m8) = outputs["onnx fp32"], outputs["onnx int8 weights"]
+    if "onnx int8 (export --int8)" in outputs:
+        (s32, m32), (s8, m8) = outputs["onnx fp32"], outputs["onnx int8 (export --int8)"]
         dev["onnx_int8_vs_fp32_score"] = float(np.abs(s8 - s32).max())
         dev["onnx_int8_vs_fp32_map"] = float(np.abs(m8 - m32).max())
         dev["onnx_map_range"] = float(m32.max() - m32.min())
@@ -224,7 +220,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="input side in pixels (default 518, the paper's; 224 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="alternating rounds, best kept (default 2)")
     p.add_argument("--no_onnx", action="store_true", help="skip the ONNX Runtime paths (export needs ~6 GB at ViT-L)")
-    p.add_argument("--no_int8", action="store_true", help="skip the int8-weight ONNX graph")
+    p.add_argument("--no_int8", action="store_true", help="skip export --int8's ONNX graph (a second export)")
     p.add_argument("--attention_tokens", type=int, default=None,
                    help="tokens for the attention kernel table (default 1370: ViT-L/14 at 518 px; 257 with --quick)")
     p.add_argument("--json", default=None, help="where to write the results (default bench/results/cpu_limit[_quick].json)")

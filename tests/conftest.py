@@ -86,6 +86,18 @@ def tiny_onnx(tiny_checkpoint, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_int8_onnx(tiny_checkpoint, tmp_path_factory):
+    """``tiny_checkpoint`` exported with ``--int8`` (``export_onnx(int8=True)``), once per session."""
+    pytest.importorskip("onnxscript", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")
+    pytest.importorskip("onnxruntime", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")
+    from glocalclip.deploy.export import export_onnx
+
+    out = tmp_path_factory.mktemp("onnx_int8") / "tiny.int8.onnx"
+    export_onnx(tiny_checkpoint, out, int8=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def deploy_images(tmp_path_factory):
     """RGB PNGs with smooth structure and a bright blob, at DEPLOY_IMAGE_SIZES."""
     from PIL import Image

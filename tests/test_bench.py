@@ -87,7 +87,7 @@ def test_cpu_limit_quick_mode_prints_every_path_with_the_deviations(tmp_path, ca
         (d, k) for d in ("float32", "bfloat16") for k in ("sdpa", "blocked", "matmul+softmax")}
     (tiny,) = report["models"]
     assert [p["path"] for p in tiny["paths"]] == ["original code's encoder, fp32", "ours, fp32", "ours, bf16",
-                                                  "onnx fp32", "onnx int8 weights"]
+                                                  "onnx fp32", "onnx int8 (export --int8)"]
     assert all(p["s_per_image"] > 0 for p in tiny["paths"])
     dev = tiny["deviation"]
     assert dev["fp32_vs_original_patch"] < 1e-4 * dev["patch_scale"] and dev["fp32_vs_original_global"] < 1e-4
@@ -134,3 +134,19 @@ def test_few_shot_cost_bench_times_the_term_beside_the_zero_shot_forward():
         layers = 2 if r["layers"] == "selected" else 4  # reference: block 2 and the shared V-V tensor
         assert r["bank_mib"] == pytest.approx(layers * r["bank_rows"] * 32 * 4 / 2**20)
         assert r["zero_shot_ms_per_image"] > 0 and r["few_shot_term_ms_per_image"] > 0
+
+
+def test_int8_variants_bench_measures_the_file_export_int8_writes(tmp_path):
+    """``python -m bench.int8_variants`` on the tiny config, two variants: its 'export --int8' row is
+    the shipped file (the bench raises if its own copy of the choice differs), and quantizing every
+    MatMul per tensor moves the maps more than the chosen variant."""
+    from bench import int8_variants
+
+    chosen, first = "blocks but out-proj, per channel (= export --int8)", "every MatMul, per tensor (issue 20's first try)"
+    report = int8_variants.main(["--configs", "tiny", "--images", "4", "--repeats", "1", "--variants", chosen, first,
+                                 "--json", str(tmp_path / "r.json")])
+    rows = {r["variant"]: r for r in report["models"][0]["rows"]}
+    assert list(rows) == ["float32", "export --int8", first, chosen]
+    assert rows[chosen]["map_max_diff_of_range"] == rows["export --int8"]["map_max_diff_of_range"] > 0
+    assert rows[first]["map_max_diff_of_range"] > 1.5 * rows[chosen]["map_max_diff_of_range"]
+    assert rows["export --int8"]["mb"] < 0.45 * rows["float32"]["mb"]

@@ -216,7 +216,7 @@ def test_export_cli_half_weights_and_external_data(tiny_checkpoint, tiny_onnx, d
     halves = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
     assert len(halves) > 20 and all(len(t.dims) >= 2 for t in halves)
     half = OnnxPredictor(out)
-    assert half.metadata.half and half.sigma == 2.0
+    assert half.metadata.weights == "float16" and half.sigma == 2.0
     images = [str(p) for p in deploy_images]
     want = torch_predictor(tiny_checkpoint, 112, sigma=2.0).predict(images)
     for h, w in zip(half.predict(images), want):

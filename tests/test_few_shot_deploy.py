@@ -170,3 +170,27 @@ def test_serve_scores_with_the_reference(tiny_checkpoint, deploy_images, referen
                                               for p in deploy_images]).json()
     want = few.predict([str(p) for p in deploy_images])
     assert [abs(r["pred_score"] - w.pred_score) < 1e-5 for r, w in zip(body["results"], want)] == [True] * 3
+
+
+def test_an_int8_export_keeps_the_bank_float32_and_stays_close(tiny_checkpoint, deploy_images, references, tmp_path):
+    """``export --int8 --reference``: only the blocks' matrices become int8 (the bank's products keep
+    their float32 constants), and scores (relative to their size) and maps stay within export
+    --int8's bounds (tests/test_export_int8.py) of the PyTorch few-shot predictor."""
+    pytest.importorskip("onnxscript", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")
+    onnx = pytest.importorskip("onnx", reason="the ONNX tests need the deploy extra: pip install -e '.[deploy]'")
+    from glocalclip.deploy import OnnxPredictor
+    from glocalclip.deploy.export import export_onnx
+
+    from test_export_int8 import MAP_ERROR_OF_RANGE, SCORE_ERROR, TINY_BLOCKS
+
+    out = tmp_path / "few.int8.onnx"
+    export_onnx(tiny_checkpoint, out, reference=str(references), int8=True)
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+    assert ops.count("MatMulInteger") == 3 * TINY_BLOCKS
+    ort = OnnxPredictor(out, batch_size=2)
+    assert ort.weights == "int8" and ort.metadata.reference["images"] == 3
+    images = [str(p) for p in deploy_images]
+    for a, b in zip(ort.predict(images), _few(tiny_checkpoint, references).predict(images)):
+        span = float(b.anomaly_map.max() - b.anomaly_map.min())
+        assert abs(a.pred_score - b.pred_score) < SCORE_ERROR * max(1.0, abs(b.pred_score))  # few-shot scores reach ~5
+        assert 0 < float(np.abs(a.anomaly_map - b.anomaly_map).max()) < MAP_ERROR_OF_RANGE * span

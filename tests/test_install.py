@@ -117,6 +117,26 @@ def test_the_torch_free_install_runs_predict_model(runtime_venv, tiny_onnx, depl
     assert torch_loaded is False
 
 
+@pytest.mark.slow  # the venv above, one more file
+def test_the_torch_free_install_runs_an_int8_export(runtime_venv, tiny_int8_onnx, deploy_images):
+    """``export --int8``'s operators (MatMulInteger, DynamicQuantizeLinear) are in the plain onnxruntime
+    package: the file scores there as here, with neither torch nor onnx importable."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("import importlib.util, json, sys; from glocalclip import OnnxPredictor; "
+            "p = OnnxPredictor(sys.argv[1]); ps = p.predict(sys.argv[2:]); "
+            "print(json.dumps([p.weights, [x.pred_score for x in ps], "
+            "[bool(importlib.util.find_spec(m)) for m in ('torch', 'onnx')]]))")
+    proc = subprocess.run([str(runtime_venv), "-c", code, str(tiny_int8_onnx), *map(str, deploy_images)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    weights, scores, importable = json.loads(proc.stdout.strip().splitlines()[-1])
+    from glocalclip.deploy import OnnxPredictor
+
+    want = OnnxPredictor(tiny_int8_onnx).predict([str(p) for p in deploy_images])
+    assert weights == "int8" and importable == [False, False]
+    assert scores == pytest.approx([w.pred_score for w in want], abs=1e-5)
+
+
 # ---------------------------------------------------------------------------- a failed command leaves no empty folder
 def test_a_failed_train_leaves_no_empty_save_folder(tmp_path, monkeypatch, capsys):
     """The real offline-weights error (no CLIP weights can be had here): runs/x/ is created early, to

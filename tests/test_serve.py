@@ -61,7 +61,7 @@ def la_tiff() -> bytes:
 def test_healthz_and_page(predictor):
     with TestClient(create_app(predictor)) as client:
         info = client.get("/healthz").json()
-        assert info == {"status": "ok", "backend": "pytorch", "image_size": 112, "sigma": DEPLOY_SIGMA,
+        assert info == {"status": "ok", "backend": "pytorch", "weights": "float32", "image_size": 112, "sigma": DEPLOY_SIGMA,
                         "threshold": DEPLOY_THRESHOLD, "map_range": [0.0, 4.0]}
         page = client.get("/")
         assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")

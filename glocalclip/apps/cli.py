@@ -22,10 +22,11 @@ from ..model.config import FewShotSettings, GlocalCLIPConfig
 from ..settings import SettingError
 from .flags import (for_command_line, given_settings, model_overrides, parse_given, refuse_few_shot_flags_unused,
                     settings_from_args, trusted)
-from .parsers import test_parser, train_parser
+from .parsers import ExportSettings, test_parser, train_parser
 
 #: the dataclasses whose fields a command-line error message shows as flags
-SETTINGS_WITH_FLAGS = (GlocalCLIPConfig, ModelSettings, TrainConfig, TestConfig, FewShotSettings, ReferenceSettings)
+SETTINGS_WITH_FLAGS = (GlocalCLIPConfig, ModelSettings, TrainConfig, TestConfig, FewShotSettings, ReferenceSettings,
+                       ExportSettings)
 
 
 # ---------------------------------------------------------------------------- train

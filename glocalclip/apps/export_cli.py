@@ -19,7 +19,7 @@ def export_main(argv: Optional[Sequence[str]] = None) -> int:
     t0 = time.perf_counter()
     overrides = {} if options.pretrained is None else {"pretrained": options.pretrained}
     reference, few_shot = reference_of(args)
-    meta = export_onnx(model.checkpoint, options.out, sigma=model.sigma, half=options.half,
+    meta = export_onnx(model.checkpoint, options.out, sigma=model.sigma, half=options.half, int8=options.int8,
                        image_size=options.image_size, threshold=options.threshold,
                        trust=trusted(args), reference=reference.reference, few_shot=few_shot,
                        save_reference=reference.save_reference, overwrite_reference=reference.overwrite_reference,

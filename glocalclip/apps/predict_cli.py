@@ -229,7 +229,7 @@ def _predict(cfg: PredictConfig, model: ModelSettings, overrides: dict[str, Any]
     print(_summary(so_far.records, predictor.threshold, skipped + n_missing, out / "predictions.csv"))
     if predictor.threshold is not None:
         print(f"labels: {threshold_caption(predictor.threshold, predictor.threshold_source)}; maps smoothed with "
-              f"σ {predictor.sigma:g}")
+              f"σ {predictor.sigma:g}; {predictor.weights} weights ({predictor.backend})")
     return 0 if so_far.records or sink.kept else 1
 
 

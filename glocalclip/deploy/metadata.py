@@ -9,9 +9,22 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
+from ..settings import SettingError
+
 FORMAT = "glocalclip-onnx/1"
 INPUT_NAME = "images"  # uint8 [B, S, S, 3], RGB, already resized to S
 OUTPUT_NAMES = ("pred_score", "anomaly_map")  # float32 [B] and [B, S, S]
+#: how the weight matrices are stored: float32; float16 cast to float32 (``--half``); the blocks'
+#: matrices int8, multiplied in int8 (``--int8``). Files of every version say one of these or nothing.
+WEIGHT_KINDS = ("float32", "float16", "int8")
+
+
+def weights_kind(half: bool, int8: bool) -> str:
+    """The one rule for ``export``'s storage flags: at most one of them."""
+    if half and int8:
+        raise SettingError("int8", "{int8} and {half} are two ways to store the weights: give one of them "
+                                   "(docs/usage.md, Export)", also=("half",))
+    return "int8" if int8 else "float16" if half else "float32"
 
 
 @dataclass(frozen=True)
@@ -24,7 +37,7 @@ class DeployMetadata:
     config: dict[str, Any]
     version: str
     checkpoint_sha256: str
-    half: bool = False
+    weights: str = "float32"  # one of WEIGHT_KINDS
     threshold_source: Optional[str] = None  # in words: "best F1 on the test set of mvtec, σ 8"
     #: the few-shot bank baked in (docs/design.md §11): its settings, how many images, their names, rows
     reference: Optional[dict[str, Any]] = None
@@ -33,7 +46,7 @@ class DeployMetadata:
         """As ONNX ``metadata_props`` (strings only); no threshold -> no ``threshold`` key."""
         props = {"format": FORMAT, "image_size": str(self.image_size), "sigma": repr(float(self.sigma)),
                  "config": json.dumps(self.config, sort_keys=True), "glocalclip_version": self.version,
-                 "checkpoint_sha256": self.checkpoint_sha256, "weights": "float16" if self.half else "float32"}
+                 "checkpoint_sha256": self.checkpoint_sha256, "weights": self.weights}
         if self.threshold is not None:
             props["threshold"] = repr(float(self.threshold))
         if self.threshold_source:
@@ -51,7 +64,7 @@ class DeployMetadata:
         return cls(image_size=int(props["image_size"]), sigma=float(props["sigma"]),
                    threshold=None if thr is None else float(thr), config=json.loads(props["config"]),
                    version=props["glocalclip_version"], checkpoint_sha256=props["checkpoint_sha256"],
-                   half=props.get("weights") == "float16", threshold_source=props.get("threshold_source"),
+                   weights=props.get("weights", "float32"), threshold_source=props.get("threshold_source"),
                    reference=json.loads(props["reference"]) if "reference" in props else None)
 
     @property

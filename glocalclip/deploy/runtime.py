@@ -104,6 +104,11 @@ class OnnxPredictor:
         return self.metadata.image_size
 
     @property
+    def weights(self) -> str:
+        """How the file stores its weight matrices: float32, float16 (``--half``) or int8 (``--int8``)."""
+        return self.metadata.weights
+
+    @property
     def sigma(self) -> float:
         return self.metadata.sigma
 

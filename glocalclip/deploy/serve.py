@@ -109,7 +109,7 @@ def error_json(filename: str, error: UploadError) -> dict[str, Any]:
 
 
 def model_info(predictor: ImagePredictor, threshold: Optional[float]) -> dict[str, Any]:
-    return {"status": "ok", "backend": predictor.backend, "image_size": predictor.image_size,
+    return {"status": "ok", "backend": predictor.backend, "weights": predictor.weights, "image_size": predictor.image_size,
             "sigma": float(predictor.sigma), "threshold": threshold,
             "map_range": list(predictor.map_value_range)}
 

@@ -15,6 +15,7 @@ class ImagePredictor(Protocol):
     """Scores images: each a :class:`Prediction` (score, label, map at the image's size)."""
 
     backend: str  # "pytorch" or "onnxruntime", for /healthz and messages
+    weights: str  # how the weight matrices are held: float32, bfloat16, float16 or int8 (an --int8 export)
     batch_size: int
     threshold: Optional[float]
     threshold_source: Optional[str]  # where the threshold comes from, in words

@@ -34,6 +34,11 @@ class Predictor:
 
     backend = "pytorch"
 
+    @property
+    def weights(self) -> str:
+        """The towers' matrix dtype (the checkpoint's ``precision``): float32, bfloat16 or float16."""
+        return str(self.model.compute_dtype).removeprefix("torch.")
+
     def __init__(self, model, threshold: Optional[float] = None, sigma: Optional[float] = None,
                  batch_size: int = 8, device: Optional[Union[str, torch.device]] = None,
                  threshold_source: str = "given", reference: Optional[ReferenceBank] = None):
