@@ -21,6 +21,7 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
 
+
 def block_weight_shapes(width: int, mlp_width: int) -> set[tuple[int, int]]:
     """The [in, out] shapes of the block matrices that are quantized: qkv [W, 3W], MLP [W, M] and [M, W].
     The out-projection [W, W] and the visual projection [W, E] (E < W in every CLIP) are not among them."""
