@@ -131,10 +131,10 @@ def time_split(fn: Callable[[], object], batch: int) -> dict[str, float]:
 
 
 def onnx_sessions(model: GlocalCLIP, workdir: Path, int8: bool) -> dict[str, object]:
-    """ONNX Runtime sessions on ``glocalclip export``'s graph of ``model``'s checkpoint: fp32, and
-    ``export --int8``'s graph (``export_onnx(int8=True)``, the file the flag ships) if ``int8``."""
-    import onnxruntime as ort
-
+    """``OnnxPredictor`` on ``glocalclip export``'s graph of ``model``'s checkpoint: fp32, and
+    ``export --int8``'s graph (``export_onnx(int8=True)``, the file the flag ships; the predictor runs
+    it one image at a time, as predict and serve do) if ``int8``."""
+    from glocalclip.deploy import OnnxPredictor
     from glocalclip.deploy.export import export_onnx
 
     ckpt = workdir / "model.pth"
@@ -146,9 +146,7 @@ def onnx_sessions(model: GlocalCLIP, workdir: Path, int8: bool) -> dict[str, obj
         t0 = time.perf_counter()
         export_onnx(ckpt, path, sigma=4.0, int8="int8" in name)
         print(f"{name}: exported in {time.perf_counter() - t0:.1f} s", flush=True)
-    opts = ort.SessionOptions()
-    return {name: ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            for name, path in paths.items()}
+    return {name: OnnxPredictor(path, device="cpu") for name, path in paths.items()}
 
 
 def measure(kind: str, batch: int, repeats: int, onnx: bool, int8: bool, image_size: int | None) -> dict:
@@ -172,8 +170,8 @@ def measure(kind: str, batch: int, repeats: int, onnx: bool, int8: bool, image_s
     peak_of = {"original code's encoder, fp32": "fp32", "ours, fp32": "fp32", "ours, bf16": "bf16"}
     with tempfile.TemporaryDirectory(prefix="cpu_limit-") as tmp:
         sessions = onnx_sessions(fp32, Path(tmp), int8) if onnx else {}
-        for name, sess in sessions.items():
-            paths[name] = (lambda s: lambda: s.run(None, {s.get_inputs()[0].name: pixels.numpy()}))(sess)
+        for name, predictor in sessions.items():
+            paths[name] = (lambda p: lambda: p.run(pixels.numpy()))(predictor)
             peak_of[name] = "fp32" if "fp32" in name else "bf16"
         best = {name: float("inf") for name in paths}
         outputs = {}

@@ -133,7 +133,7 @@ def measure(name: str, checkpoint: Path, workdir: Path, args: argparse.Namespace
     sessions = {k: ort.InferenceSession(str(f), providers=["CPUExecutionProvider"]) for k, f in files.items()}
     outputs = {}
     for k, s in sessions.items():
-        parts = [s.run(None, {"images": pixels[i:i + 8]}) for i in range(0, len(pixels), 8)]
+        parts = [s.run(None, {"images": pixels[i:i + 1]}) for i in range(len(pixels))]  # one at a time, as shipped
         outputs[k] = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     batch = pixels[:args.batch]
     best = {k: float("inf") for k in sessions}
@@ -155,7 +155,7 @@ def measure(name: str, checkpoint: Path, workdir: Path, args: argparse.Namespace
                "mb": sum(f.stat().st_size for f in exported_files(files[k])) / 1e6,
                "score_max_diff": float(np.abs(s - s32).max()), "map_max_diff_of_range": float(np.abs(m - m32).max()) / span}
         if meta.threshold is not None:
-            row["label_flips"] = int(((s > meta.threshold) != (s32 > meta.threshold)).sum())
+            row["label_flips"] = int(((s >= meta.threshold) != (s32 >= meta.threshold)).sum())  # label_of's rule
         rows.append(row)
     return {"model": name, "image_size": meta.image_size, "images": len(pixels), "batch": len(batch),
             "map_range": span, "threshold": meta.threshold, "rows": rows}

@@ -97,3 +97,15 @@ def test_a_mistyped_flag_is_refused_before_torch_loads(no_torch):
     run = _glocalclip(no_torch, "convert", "old.pth", "new.pt", "--n_ctxx", "3")
     assert run.returncode == 2 and "unrecognized arguments: --n_ctxx" in run.stderr, run.stderr
     assert "needs torch" not in run.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "test", "export", "convert"])
+def test_the_flags_of_parsers_py_load_no_numpy(command):
+    """``apps/parsers.py`` serves these commands' flags; it reads ``deploy.metadata`` for --int8/--half,
+    and the deploy package loads its runtime (numpy, Pillow) only on first use."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['glocalclip', {command!r}, '--help']\n"
+            "try:\n    runpy.run_module('glocalclip', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', 'numpy' in sys.modules, 'PIL' in sys.modules, file=sys.stderr)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert "LOADED False False" in run.stderr, run.stderr

@@ -65,6 +65,30 @@ def test_int8_scores_and_maps_stay_close_to_the_float32_graph(tiny_onnx, tiny_in
     assert np.abs(s8 - s32).max() < SCORE_ERROR and np.abs(m8 - m32).max() < MAP_ERROR_OF_RANGE * np.ptp(m32)
 
 
+def test_an_int8_image_scores_the_same_whatever_else_is_in_its_batch(tiny_int8_onnx):
+    """The graph quantizes each product's input with one scale for the whole batch: an image beside a
+    high-contrast one would get another score and map (the graph itself shows it), so OnnxPredictor
+    runs an int8 file one image at a time, and labels and maps do not depend on the batch."""
+    import onnxruntime as ort
+
+    from glocalclip.deploy import OnnxPredictor
+    from glocalclip.deploy.metadata import INPUT_NAME
+
+    rng = np.random.default_rng(5)
+    image = rng.integers(96, 160, (1, 112, 112, 3), dtype=np.uint8)  # low contrast
+    loud = np.where(rng.random((1, 112, 112, 3)) < 0.5, 0, 255).astype(np.uint8)
+    session = ort.InferenceSession(str(tiny_int8_onnx), providers=["CPUExecutionProvider"])
+    alone_graph = session.run(None, {INPUT_NAME: image})
+    batched_graph = session.run(None, {INPUT_NAME: np.concatenate([image, loud])})
+    assert np.abs(batched_graph[1][0] - alone_graph[1][0]).max() > 1e-4  # the file alone: batch-dependent
+    int8 = OnnxPredictor(tiny_int8_onnx, batch_size=8)
+    alone, beside = int8.run(image), int8.run(np.concatenate([image, loud, image]))
+    assert beside[0].shape == (3,) and beside[1].shape == (3, 112, 112)
+    np.testing.assert_array_equal(beside[0][[0, 2]], np.repeat(alone[0], 2))
+    np.testing.assert_array_equal(beside[1][0], alone[1][0])
+    np.testing.assert_array_equal(beside[1][2], alone[1][0])
+
+
 def test_the_file_and_the_service_say_int8(tiny_int8_onnx):
     from glocalclip.deploy import OnnxPredictor
     from glocalclip.deploy.serve import model_info

@@ -23,6 +23,7 @@ LAZY_LEFT = {
     "model/__init__.py": "GlocalCLIP on first use: the config (and --help) load without torch",
     "engine/__init__.py": "metrics on first use: engine.settings loads without torch",
     "datasets/__init__.py": "the torch Dataset on first use: meta.json and pixels load without torch",
+    "deploy/__init__.py": "OnnxPredictor on first use: the flags (deploy.metadata) load without numpy or Pillow",
     "model/checkpoint_format.py": "__version__ from the package root, which imports nothing heavy",
     "engine/settings.py": "the dataset catalogue, read when a --dataset is given",
     "datasets/synthetic.py": "meta.json written when a dataset is made",

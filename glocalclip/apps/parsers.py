@@ -59,8 +59,9 @@ class ExportSettings:
     half: bool = setting(False, switch=True, help="store the weight matrices as float16: about half the file; "
                                                   "computed in float32, so scores move by ~1e-4")
     int8: bool = setting(False, switch=True, help="store the transformer blocks' weight matrices as int8 and multiply "
-                                                  "them in int8 (ONNX Runtime's dynamic quantization): 1.4-1.7x "
-                                                  "faster on a CPU (ViT-L 1.65x) and a third of the file; maps move "
+                                                  "them in int8 (ONNX Runtime's dynamic quantization): on a CPU "
+                                                  "1.4-1.75x faster for ViT-B/L-sized backbones (slower for tiny "
+                                                  "ones) and a third of the file; maps move "
                                                   "by 0.5-1.2 % of their range, scores by up to ~2e-2 "
                                                   "(docs/speed.md). Not with --half")
     image_size: Optional[int] = setting(None, parse=int, minimum=1, help="input side S fixed in the file; the "

@@ -80,6 +80,9 @@ class OnnxPredictor:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"ONNX file {path} does not exist; write it with `glocalclip export CKPT --out {path}`")
         options = ort.SessionOptions()
+        # int8 products (export --int8) in ONNX Runtime's exact-precision path on x86 CPUs without VNNI,
+        # whose fast U8S8 kernel can overflow (its session option; no effect on other files or on VNNI)
+        options.add_session_config_entry("session.x64quantprecision", "1")
         if threads:
             options.intra_op_num_threads = int(threads)
         providers = _providers(device)
@@ -117,11 +120,18 @@ class OnnxPredictor:
         return self.metadata.map_value_range
 
     def run(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The graph alone: uint8 [B, S, S, 3] -> (pred_score [B], anomaly_map [B, S, S]) float32."""
+        """The graph alone: uint8 [B, S, S, 3] -> (pred_score [B], anomaly_map [B, S, S]) float32.
+
+        An int8 file (``export --int8``) quantizes each product's input with one scale for the
+        whole tensor, batch included, so in a batch an image's score and map would depend on the
+        other images (by ~1 % of the map's range, measured): it runs one image at a time."""
         pixels = np.ascontiguousarray(pixels, dtype=np.uint8)
         s = self.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (s, s, 3):
             raise ValueError(f"{self.path} takes uint8 images [B, {s}, {s}, 3], got shape {pixels.shape}")
+        if self.weights == "int8" and len(pixels) > 1:
+            scores, amaps = zip(*(self.session.run(None, {INPUT_NAME: pixels[i:i + 1]}) for i in range(len(pixels))))
+            return np.concatenate(scores), np.concatenate(amaps)
         score, amap = self.session.run(None, {INPUT_NAME: pixels})
         return score, amap
 
