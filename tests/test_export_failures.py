@@ -222,3 +222,28 @@ def test_an_export_refuses_a_folder_at_out_and_clears_a_killed_exports_scratch(t
     with pytest.raises(AssertionError, match="the checkpoint was loaded"):
         export_module.export_onnx(tiny_checkpoint, tmp_path / "other.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.slow
+def test_the_vision_tower_is_freed_before_quantization(tiny_checkpoint, tmp_path, traced_once, monkeypatch):
+    """The quantizer holds the float32 graph and its int8 copy; the PyTorch model (~1.2 GB at ViT-L)
+    must be gone by then: no name in export_onnx may keep its vision tower alive."""
+    import gc
+    import weakref
+
+    load, quantize, tower = export_module.load_model_and_checkpoint, export_module.quantize_int8, []
+
+    def remember_tower(*args, **kwargs):
+        model, ckpt = load(*args, **kwargs)
+        tower.append(weakref.ref(model.clip.visual))
+        return model, ckpt
+
+    def tower_gone_first(*args):
+        gc.collect()
+        assert tower[0]() is None, "the vision tower is still alive during quantization"
+        return quantize(*args)
+
+    monkeypatch.setattr(export_module, "load_model_and_checkpoint", remember_tower)
+    monkeypatch.setattr(export_module, "quantize_int8", tower_gone_first)
+    export_module.export_onnx(tiny_checkpoint, tmp_path / "int8.onnx", int8=True)
+    assert OnnxPredictor(tmp_path / "int8.onnx").weights == "int8"
