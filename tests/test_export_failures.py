@@ -114,7 +114,11 @@ def graph_save_fails(monkeypatch) -> None:
 def blocks_miscounted(monkeypatch) -> None:
     """The real block-count refusal of deploy/int8.py (told a wrong MLP width, no block matches)."""
     quantize = export_module.quantize_int8
-    monkeypatch.setattr(export_module, "quantize_int8", lambda fp32, out, width, mlp: quantize(fp32, out, width, mlp + 1))
+
+    def wrong_mlp_width(fp32, out, width, mlp_width):
+        return quantize(fp32, out, width, mlp_width + 1)
+
+    monkeypatch.setattr(export_module, "quantize_int8", wrong_mlp_width)
 
 
 FAILURES = {
