@@ -120,7 +120,7 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
     """fsync a folder so a rename in it survives a power cut (where the file system allows)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -297,7 +297,7 @@ def write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview, r
         except BaseException:
             _unlink_quietly(tmp)
             raise
-    _sync_folder(path.parent)
+    sync_folder(path.parent)
     return path
 
 

@@ -142,3 +142,42 @@ def test_int8_weights_past_the_protobuf_limit_go_beside_the_file(tiny_checkpoint
     pixels = np.random.default_rng(4).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
     for a, b in zip(OnnxPredictor(out).run(pixels), OnnxPredictor(tiny_int8_onnx).run(pixels)):
         np.testing.assert_array_equal(a, b)
+
+
+def block_graph(extra: tuple[int, int] | None = None) -> "onnx.ModelProto":
+    """One tiny-config block's three quantized products (qkv, MLP in, MLP out) as constant MatMuls
+    (weights zero: only their shapes count), and ``extra``: one more constant MatMul of that shape."""
+    from onnx import TensorProto, helper
+
+    shapes = [(TINY_WIDTH, 3 * TINY_WIDTH), (TINY_WIDTH, TINY_MLP), (TINY_MLP, TINY_WIDTH)] + ([extra] if extra else [])
+    nodes, weights = [], []
+    for i, (k, n) in enumerate(shapes):
+        weights.append(helper.make_tensor(f"w{i}", TensorProto.FLOAT, [k, n], np.zeros(k * n, np.float32)))
+        nodes.append(helper.make_node("MatMul", [f"x{i}", f"w{i}"], [f"y{i}"], name=f"matmul{i}"))
+    inputs = [helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, [1, k]) for i, (k, _) in enumerate(shapes)]
+    outputs = [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]) for i, (_, n) in enumerate(shapes)]
+    return helper.make_model(helper.make_graph(nodes, "block", inputs, outputs, weights))
+
+
+def test_a_constant_with_a_block_shape_outside_the_blocks_is_one_message_naming_int8(capsys):
+    """A fourth constant MatMul of the qkv shape [128, 384] makes the counts unequal: nothing is
+    quantized, and the error is a SettingError that the command line prints as one line naming
+    --int8 and the fix (exit 2, no traceback)."""
+    from glocalclip.apps.cli import run_command
+    from glocalclip.deploy.int8 import nodes_to_quantize
+    from glocalclip.settings import SettingError
+
+    assert nodes_to_quantize(block_graph(), TINY_WIDTH, TINY_MLP) == ["matmul0", "matmul1", "matmul2"]
+    with pytest.raises(SettingError, match=r"weights per shape 128x384: 2, 128x512: 1, 512x128: 1\); "
+                                           r"export without int8") as caught:
+        nodes_to_quantize(block_graph(extra=(TINY_WIDTH, 3 * TINY_WIDTH)), TINY_WIDTH, TINY_MLP)
+    assert caught.value.field == "int8"
+
+    def command(argv):
+        nodes_to_quantize(block_graph(extra=(TINY_WIDTH, 3 * TINY_WIDTH)), TINY_WIDTH, TINY_MLP)
+
+    assert run_command("glocalclip export", command, []) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith("glocalclip export: error: --int8 cannot tell the transformer blocks' matrices")
+    assert "export without --int8, and please report it" in err[0]

@@ -21,6 +21,8 @@ from collections import Counter
 from contextlib import contextmanager
 from typing import Iterator
 
+from ..settings import SettingError
+
 
 def block_weight_shapes(width: int, mlp_width: int) -> set[tuple[int, int]]:
     """The [in, out] shapes of the block matrices that are quantized: qkv [W, 3W], MLP [W, M] and [M, W].
@@ -32,7 +34,8 @@ def nodes_to_quantize(model, width: int, mlp_width: int) -> list[str]:
     """Names of the MatMul nodes of ``model`` (an ``onnx.ModelProto``, weights not needed) whose
     second input is a constant of :func:`block_weight_shapes`. Every block has one MatMul of each of
     those shapes; unequal counts mean that another constant (a few-shot bank slice, say) has a block's
-    shape, and nothing is quantized rather than the wrong product."""
+    shape, and nothing is quantized rather than the wrong product: a :class:`SettingError` naming
+    ``int8`` (one message on the command line), raised before the export's output is touched."""
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
     per_block = Counter([(width, 3 * width), (width, mlp_width), (mlp_width, width)])
     found: dict[tuple[int, int], list[str]] = {s: [] for s in per_block}
@@ -41,10 +44,11 @@ def nodes_to_quantize(model, width: int, mlp_width: int) -> list[str]:
             found[dims[n.input[1]]].append(n.name)
     blocks = len(found[(width, 3 * width)]) // per_block[(width, 3 * width)]
     if not blocks or any(len(found[s]) != blocks * k for s, k in per_block.items()):
-        counts = {s: len(names) for s, names in found.items()}
-        raise RuntimeError(f"the exported graph's MatMuls do not divide into transformer blocks of width {width} "
-                           f"and MLP {mlp_width} (constant weights per shape: {counts}); export without --int8, "
-                           f"and please report it")
+        counts = ", ".join(f"{a}x{b}: {len(names)}" for (a, b), names in found.items())
+        raise SettingError("int8", f"{{int8}} cannot tell the transformer blocks' matrices in the exported graph: its "
+                                   f"constant MatMul weights do not divide into blocks of width {width} and MLP "
+                                   f"{mlp_width} (weights per shape {counts}); export without {{int8}}, and please "
+                                   f"report it")
     return [name for s in per_block for name in found[s]]
 
 
