@@ -200,8 +200,13 @@ def test_ctrl_c_between_the_two_renames_waits_until_both_are_done(tiny_checkpoin
                 signal.raise_signal(signal.SIGINT)
 
     monkeypatch.setattr(export_module.os, "replace", then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        export_module.export_onnx(tiny_checkpoint, out, sigma=1.0, threshold=0.5)
+    # Ctrl-C's own handler: a run started in the background (a CI job, nohup) inherits SIGINT ignored
+    ignored_or_not = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export_module.export_onnx(tiny_checkpoint, out, sigma=1.0, threshold=0.5)
+    finally:
+        signal.signal(signal.SIGINT, ignored_or_not)
     assert renamed == ["model.onnx.data", "model.onnx"]
     assert OnnxPredictor(out).sigma == 1.0 and outputs(out)[0].shape == (2,)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
