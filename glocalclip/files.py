@@ -270,8 +270,7 @@ def _place_new(tmp: Path, path: Path) -> None:
     except OSError as e:
         if e.errno not in _NO_HARD_LINKS:
             raise
-        if os.path.lexists(path):
-            raise _kept(path) from None
+        refuse_existing(path)
         os.replace(tmp, path)
         return
     _unlink_quietly(tmp)  # the file is in place: a temp name left behind (held open elsewhere) is no failure

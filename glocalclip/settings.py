@@ -102,6 +102,11 @@ class SettingError(ValueError):
         return self.template.format(**{f: name_of(f) for f in self.fields})
 
 
+def template_literal(text: str) -> str:
+    """``text`` (a path, a user's value) inside a :class:`SettingError` template, its braces shown as they are."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 def known_fields_only(cls: Any, d: dict[str, Any], what: str) -> dict[str, Any]:
     """``d`` when every key is a field of ``cls``; a saved dict from a newer version is refused by
     name (``what`` names the settings in the message)."""

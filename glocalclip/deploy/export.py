@@ -90,8 +90,7 @@ def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike, sigma: Op
         staged = staging / out.name  # its external data, if any, is staged / OUT.data: the final name
         if not int8:
             with translated(out):
-                program.save(os.fspath(staged),
-                             external_data=_weight_bytes(program.model) > PROTOBUF_LIMIT - GRAPH_HEADROOM)
+                program.save(os.fspath(staged), external_data=_needs_external_data(_weight_bytes(program.model)))
         else:
             width, mlp_width = _block_widths(model)
             del model, detector, bank  # the quantizer holds the float32 graph and its int8 copy: ~2.5x the weights
@@ -188,10 +187,15 @@ def _save_proto(proto, out: str | os.PathLike) -> None:
     """``onnx.save`` with the weights in ``OUT.data`` only when one protobuf cannot hold them."""
     import onnx
 
-    weights = sum(len(t.raw_data) for t in proto.graph.initializer)
-    external = weights > PROTOBUF_LIMIT - GRAPH_HEADROOM
+    external = _needs_external_data(sum(len(t.raw_data) for t in proto.graph.initializer))
     onnx.save(proto, os.fspath(out), save_as_external_data=external, all_tensors_to_one_file=True,
               location=Path(out).name + ".data")
+
+
+def _needs_external_data(weight_bytes: int) -> bool:
+    """The one rule for both writers: weights that one protobuf (with room for the graph) cannot hold
+    go to ``OUT.data``."""
+    return weight_bytes > PROTOBUF_LIMIT - GRAPH_HEADROOM
 
 
 def _require_exporter() -> None:

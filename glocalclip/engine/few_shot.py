@@ -21,7 +21,7 @@ from ..datasets.scan import NO_SUCH_PATH, expand_image_inputs
 from ..model.config import FewShotSettings, is_bank_name
 from ..model.few_shot import ReferenceBank
 from ..model.glocalclip import GlocalCLIP
-from ..settings import SettingError
+from ..settings import SettingError, template_literal
 
 
 def draw_shots(train_split: dict[str, list[dict]], classes: Sequence[str], shots: int, seed: int,
@@ -128,9 +128,9 @@ def load_reference(model: GlocalCLIP, spec: str, settings: FewShotChoice = None,
         differ = [k for k, v in chosen.items() if v != stored[k]]
         if differ:
             what = ", ".join(f"{{{k}}} {stored[k]} (not {chosen[k]})" for k in differ)
-            raise SettingError(differ[0], f"--reference {_braced(spec)} is a saved bank built with {what}: leave "
-                                          f"{' '.join(f'{{{k}}}' for k in differ)} out to score with the bank's, "
-                                          "or build the bank again from the images", also=differ[1:])
+            raise SettingError(differ[0], f"--reference {template_literal(spec)} is a saved bank built with {what}: "
+                                          f"leave {' '.join(f'{{{k}}}' for k in differ)} out to score with the "
+                                          "bank's, or build the bank again from the images", also=differ[1:])
         return bank.to(model.device)
     files = reference_files(spec)
     x = reference_pixels(files, model.cfg.image_size).to(model.device)
@@ -138,7 +138,3 @@ def load_reference(model: GlocalCLIP, spec: str, settings: FewShotChoice = None,
         return model.reference_bank(normalize_image(x), FewShotSettings(**chosen),
                                     sources=[os.fspath(f) for f in files], batch_size=batch_size)
 
-
-def _braced(text: str) -> str:
-    """``text`` inside a SettingError template, its braces kept as they are."""
-    return text.replace("{", "{{").replace("}", "}}")

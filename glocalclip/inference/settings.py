@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..model.config import BANK_SUFFIXES, PRECISIONS, is_bank_name
-from ..settings import SettingError, check_settings, setting
+from ..settings import SettingError, check_settings, setting, template_literal
 
 SIGMA_RULE = "the σ the checkpoint's threshold was measured with (test.py stores it), else the paper's 8"
 
@@ -84,7 +84,7 @@ class ReferenceSettings:
         if self.reference is None:
             raise SettingError("save_reference", "{save_reference} saves the bank of {reference} images: give "
                                                  "{reference} DIR too", also=("reference",))
-        target = self.save_reference.replace("{", "{{").replace("}", "}}")
+        target = template_literal(self.save_reference)
         if not is_bank_name(self.save_reference):
             raise SettingError("save_reference", f"{{save_reference}} {target}: a bank's file name ends in "
                                                  f"{', '.join(BANK_SUFFIXES)}, which {{reference}} reads back as a "
