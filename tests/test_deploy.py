@@ -178,7 +178,9 @@ def test_half_rounds_weights_and_keeps_unit_vector_tables_float32(tmp_path):
     nodes = [onnx.helper.make_node("MatMul", ["x32" if n in ("rows", "near") else "x", n], [f"y_{n}"]) for n in tables]
     graph = onnx.helper.make_graph(nodes, "g", [x, x32], outs,
                                    [onnx.numpy_helper.from_array(a, n) for n, a in tables.items()])
-    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
+    # IR version 10: what the oldest supported onnxruntime (1.20) reads; onnx 1.18+ would write 11
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=10),
+              tmp_path / "f.onnx")
     model = ir.load(str(tmp_path / "f.onnx"))
     assert store_weights_half(model) == 2  # weight and near
     ir.save(model, str(tmp_path / "h.onnx"))
